@@ -1,0 +1,112 @@
+"""Resumable training checkpoints, without pickle.
+
+A checkpoint is one safetensors file written atomically (temporary file,
+fsync, rename). Its tensors are the model weights (``model/<name>``), the
+optimiser's state tensors (``optim/<param index>/<name>``) and the torch RNG
+state (``rng``); everything else — stage, phase, epoch, batch, scheduler and
+gradient-scaler state, the optimiser's non-tensor state, the history of
+phases — is JSON in the file's metadata. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .io import atomic_save_safetensors, read_safetensors
+
+CHECKPOINT_FORMAT = "kdtoolkit.checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """Trainer state at a point of a stage.
+
+    ``phase``/``epoch``/``batch`` say where training continues: phase index,
+    epoch within it, batch within that epoch (0 at an epoch boundary).
+    """
+
+    stage: str
+    stage_hash: str
+    phase: int
+    epoch: int
+    batch: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    rng: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    flags: dict[str, Any] = field(default_factory=dict)
+    watch: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        entry: dict[str, Any] = {}
+        for k, v in pstate.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{pid}/{k}"] = v
+                entry[k] = {"__tensor__": f"optim/{pid}/{k}"}
+            else:
+                entry[k] = v
+        plain_state[str(pid)] = entry
+    return tensors, {"state": plain_state, "param_groups": state["param_groups"]}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for pid, entry in plain["state"].items():
+        state[int(pid)] = {
+            k: tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v else v for k, v in entry.items()
+        }
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_checkpoint(path: Path, ck: Checkpoint) -> None:
+    """Write ``ck`` atomically to ``path``."""
+    tensors = {f"model/{k}": v for k, v in ck.model.items()}
+    meta: dict[str, Any] = {
+        "stage": ck.stage, "stage_hash": ck.stage_hash, "phase": ck.phase, "epoch": ck.epoch, "batch": ck.batch,
+        "scheduler": ck.scheduler, "scaler": ck.scaler, "history": ck.history, "flags": ck.flags, "watch": ck.watch,
+        "seconds": ck.seconds, "optimizer": None,
+    }
+    if ck.optimizer is not None:
+        otensors, oplain = _split_optimizer(ck.optimizer)
+        tensors.update(otensors)
+        meta["optimizer"] = oplain
+    if ck.rng is not None:
+        tensors["rng"] = ck.rng
+    encoded = {"format": CHECKPOINT_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_save_safetensors(tensors, path, encoded)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    :raises CheckpointError: for a missing, truncated or foreign file.
+    """
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError("not a kdtoolkit checkpoint (metadata 'format' missing)", source=str(path))
+    try:
+        m = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+        ck = Checkpoint(
+            stage=m["stage"], stage_hash=m["stage_hash"], phase=int(m["phase"]), epoch=int(m["epoch"]), batch=int(m["batch"]),
+            model={k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+            optimizer=_join_optimizer(tensors, m["optimizer"]) if m.get("optimizer") else None,
+            scheduler=m.get("scheduler"), scaler=m.get("scaler"), rng=tensors.get("rng"),
+            history=m.get("history") or [], flags=m.get("flags") or {}, watch=m.get("watch") or {},
+            seconds=float(m.get("seconds") or 0.0),
+        )
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupt checkpoint metadata ({type(exc).__name__}: {exc})", source=str(path)) from None
+    return ck

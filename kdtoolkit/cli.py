@@ -1,0 +1,151 @@
+"""The ``kdt`` command line.
+
+Commands: ``run``, ``validate``, ``plugins``, plus those plugins add through
+``kdt_add_commands`` (the Proto2Proto bundle adds ``metrics``). Errors in
+user input print one line on stderr and exit with code 2; Ctrl-C during
+``run`` saves a checkpoint and exits with 130. See ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import KdtError
+from .plugins import get_manager
+
+
+def _err(message: str) -> None:
+    click.echo(f"kdt: error: {' '.join(str(message).split())}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kdtoolkit", prog_name="kdt")
+def cli() -> None:
+    """kdtoolkit: knowledge distillation recipes, Proto2Proto and interpretability metrics."""
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=True, path_type=Path), default=None,
+              help="Run directory (default: runs/<recipe name>).")
+@click.option("--device", type=str, default=None, help="auto, cpu, cuda, cuda:N or mps (default: the recipe's, auto).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set stages.kd.phases[0].epochs=3 (repeatable).")
+@click.option("--force", is_flag=True, help="Retrain stages whose stored results came from a different recipe.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines; the summary still prints.")
+def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str, ...], force: bool, quiet: bool) -> None:
+    """Run every stage of RECIPE (teachers first) and write the run directory."""
+    from rich.console import Console
+
+    from .distributed import Dist
+    from .progress import Progress
+    from .recipe import load_recipe
+    from .report import collect_tables
+    from .trainer import RunOptions, resolve_device, run_recipe
+
+    plugins = get_manager()
+    rec = load_recipe(recipe, overrides, plugins=plugins)
+    if device is not None:
+        if not __import__("re").match(r"^(auto|cpu|mps|cuda(:\d+)?)$", device):
+            raise KdtError(f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}", source="--device")
+        resolve_device(device)
+    out = out or Path("runs") / rec.resolved["name"]
+    dist = Dist.from_env()
+    opts = RunOptions(out=out, device=device, force=force, quiet=quiet,
+                      command="kdt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    with Progress(enabled=not quiet and dist.is_main) as progress:
+        results = run_recipe(rec, opts, plugins, progress)
+    if dist.is_main:
+        console = Console()
+        for table in collect_tables(results, rec.resolved, plugins):
+            console.print(table.to_rich())
+        console.print(f"results: {out / 'results.md'}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE completely and print it resolved (defaults filled in)."""
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe, overrides, plugins=get_manager())
+    click.echo(f"# {recipe}: valid; stages in order: {', '.join(rec.order)}")
+    click.echo(rec.to_toml(), nl=False)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List plugins (name, version, origin, status) and what each contributes."""
+    pm = get_manager()
+    infos = list(pm.infos.values())
+    if as_json:
+        click.echo(json.dumps([i.to_json() for i in infos], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from .registry import PLURALS
+
+    t = Table(title="kdt plugins")
+    for col in ("plugin", "version", "from", "status", "contributes"):
+        t.add_column(col, overflow="fold")
+    for i in infos:
+        contributes = "; ".join(f"{PLURALS[kind]}: {', '.join(names)}" for kind, names in sorted(i.components.items()))
+        if i.status != "loaded":
+            contributes = f"[red]{i.error}[/]" if i.error else i.status
+        extra = [h for h in i.hooks if not h.startswith("kdt_register_")]
+        if extra and i.status == "loaded":
+            contributes += ("; " if contributes else "") + "hooks: " + ", ".join(extra)
+        status = {"loaded": "[green]loaded[/]", "failed": "[red]failed[/]"}.get(i.status, f"[yellow]{i.status}[/]")
+        t.add_row(i.name, i.version or "—", i.source or i.module, status, contributes or "—")
+    Console(width=160).print(t)
+
+
+def build_cli() -> click.Group:
+    """The root command with plugin commands added (once)."""
+    if not getattr(cli, "_kdt_plugins_added", False):
+        pm = get_manager()
+        try:
+            pm.call("kdt_add_commands", cli=cli)
+        except KdtError as exc:
+            _err(exc)
+        cli._kdt_plugins_added = True  # type: ignore[attr-defined]
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kdt`` script; returns the exit code."""
+    from .trainer import Interrupted
+
+    group = build_cli()
+    try:
+        group.main(args=argv, prog_name="kdt", standalone_mode=False)
+    except click.exceptions.Abort:
+        _err("aborted")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except KdtError as exc:
+        _err(exc)
+        return exc.exit_code
+    except Interrupted:
+        _err("interrupted: checkpoint saved; run the same command again to resume")
+        return 130
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # python -m kdtoolkit.cli
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Building blocks shared by the core and plugins: the model and the step.
+
+A model is a backbone followed by a head (:class:`Model`). During training,
+losses receive a :class:`Step` describing the current batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    """``head(backbone(x))``: images ``[B,3,S,S]`` to a dict of outputs.
+
+    Parameter names start with ``backbone.`` or ``head.`` — the selectors that
+    phase ``groups`` and ``init_from_teacher`` use.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.head(self.backbone(x))
+        if not isinstance(out, dict) or "logits" not in out:
+            raise TypeError(f"head {type(self.head).__name__} must return a dict with 'logits'")
+        return out
+
+
+@dataclass
+class Step:
+    """What a loss sees for one training batch.
+
+    :ivar inputs: the images ``[B,3,S,S]``.
+    :ivar targets: the labels ``[B]`` (int64).
+    :ivar outputs: the student's outputs (dict from its head).
+    :ivar model: the student :class:`Model` (unwrapped from DDP).
+    :ivar teacher_outputs: the frozen teacher's outputs, computed without
+        gradients, or ``None`` in a stage without teacher.
+    :ivar teacher: the frozen teacher :class:`Model`, or ``None``.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    outputs: dict[str, Any]
+    model: Model
+    teacher_outputs: dict[str, Any] | None = None
+    teacher: Model | None = None
+
+
+def select_parameters(model: nn.Module, selectors: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters matched by any selector (a dotted name or prefix)."""
+    out = []
+    for name, p in model.named_parameters():
+        if any(name == s or name.startswith(s + ".") for s in selectors):
+            out.append((name, p))
+    return out

@@ -1,0 +1,243 @@
+"""Plugin discovery and the plugin manager.
+
+Plugins are Python modules exposing ``@hookimpl`` functions (see
+:mod:`kdtoolkit.hookspecs`). They are found through the ``kdt`` entry-point
+group — the built-in bundles in ``plugins/`` register exactly as a
+third-party package does.
+
+Environment variables:
+
+``KDT_DISABLE_PLUGIN_AUTOLOAD=1``
+    Load no entry-point plugins except kdtoolkit's own built-in bundles.
+``KDT_BLOCK_PLUGINS=name[,name...]``
+    Do not load the named entry-point plugins (built-in bundles included).
+
+A plugin that fails to import, or whose hook raises during registration, is
+recorded as *failed* with its error; other commands keep working and
+``kdt plugins`` shows the failure.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .registry import HOOKS, KINDS, Registry
+
+ENTRY_POINT_GROUP = "kdt"
+AUTOLOAD_ENV = "KDT_DISABLE_PLUGIN_AUTOLOAD"
+BLOCK_ENV = "KDT_BLOCK_PLUGINS"
+CORE_PLUGIN = "kdt.core"
+
+
+@dataclass
+class PluginInfo:
+    """What is known about one plugin, for ``kdt plugins``."""
+
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    source: str | None = None
+    status: str = "loaded"  # loaded | failed | blocked | disabled
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    components: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "distribution": self.distribution,
+            "version": self.version,
+            "source": self.source,
+            "status": self.status,
+            "error": self.error,
+            "hooks": self.hooks,
+            "components": self.components,
+        }
+
+
+def _blocked_names() -> set[str]:
+    return {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()}
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _short_error(exc: BaseException) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class PluginManager:
+    """kdtoolkit's wrapper around :class:`pluggy.PluginManager`.
+
+    :param autoload: discover plugins from the ``kdt`` entry-point group
+        (subject to the environment variables above).
+    :param extra: ``(plugin object, name)`` pairs registered after discovery
+        (tests use this to add throwaway plugins).
+    """
+
+    def __init__(self, *, autoload: bool = True, extra: list[tuple[Any, str]] | None = None):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        from . import builtin
+
+        self._register(builtin, CORE_PLUGIN, PluginInfo(CORE_PLUGIN, builtin.__name__, "kdtoolkit", _version("kdtoolkit"), "built-in"))
+        if autoload:
+            self._discover()
+        for obj, name in extra or []:
+            self._register(obj, name, PluginInfo(name, getattr(obj, "__name__", repr(obj)), source="registered at run time"))
+        self.registries: dict[str, Registry] = {}
+        self._collect()
+
+    # -- discovery ------------------------------------------------------
+    def _discover(self) -> None:
+        blocked = _blocked_names()
+        no_autoload = _autoload_disabled()
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            info = PluginInfo(
+                name=ep.name,
+                module=ep.value,
+                distribution=dist_name,
+                version=dist.version if dist is not None else None,
+                source=f"entry point of {dist_name}" if dist_name else "entry point",
+            )
+            if ep.name in self.infos:
+                info.status, info.error = "failed", f"plugin name '{ep.name}' is already taken by {self.infos[ep.name].module}"
+                self.infos[ep.name + f" ({ep.value})"] = info
+                continue
+            if ep.name in blocked:
+                info.status = "blocked"
+                self.infos[ep.name] = info
+                continue
+            if no_autoload and (dist_name or "").lower() != "kdtoolkit":
+                info.status = "disabled"
+                self.infos[ep.name] = info
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plugin must not break the CLI
+                info.status, info.error = "failed", _short_error(exc)
+                self.infos[ep.name] = info
+                continue
+            self._register(obj, ep.name, info)
+
+    def _register(self, obj: Any, name: str, info: PluginInfo) -> None:
+        file = getattr(obj, "__file__", None)
+        if file and info.source in (None, "registered at run time"):
+            info.source = file
+        try:
+            self.pm.register(obj, name=name)
+        except Exception as exc:
+            info.status, info.error = "failed", _short_error(exc)
+            self.infos[name] = info
+            return
+        # Hook implementations that match no spec are typos: refuse the plugin.
+        unknown = [
+            h for h in dir(obj)
+            if h.startswith("kdt_") and callable(getattr(obj, h)) and not hasattr(self.pm.hook, h)
+        ]
+        if unknown:
+            self.pm.unregister(obj)
+            info.status = "failed"
+            info.error = f"unknown hook(s) {', '.join(unknown)}; see docs/plugins.md for the hook names"
+        else:
+            try:
+                self.pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                self.pm.unregister(obj)
+                info.status, info.error = "failed", _short_error(exc)
+        if info.status == "loaded":
+            info.hooks = sorted(
+                h.name for h in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []
+            )
+        self.infos[name] = info
+
+    # -- registries -----------------------------------------------------
+    def _collect(self) -> None:
+        for kind in KINDS:
+            registry = Registry(kind)
+            hook = getattr(self.pm.hook, HOOKS[kind])
+            for impl in reversed(hook.get_hookimpls()):  # registration order
+                info = self.infos.get(impl.plugin_name)
+                if info is not None and info.status != "loaded":
+                    continue
+                before = set(registry.names())
+                try:
+                    impl.function(registry=registry.bound(impl.plugin_name))
+                except PluginError as exc:
+                    self._fail(impl.plugin_name, exc.message)
+                    continue
+                except Exception as exc:
+                    self._fail(impl.plugin_name, f"{HOOKS[kind]} raised {_short_error(exc)}")
+                    continue
+                added = sorted(set(registry.names()) - before)
+                if info is not None and added:
+                    info.components.setdefault(kind, []).extend(added)
+            self.registries[kind] = registry
+
+    def _fail(self, name: str, error: str) -> None:
+        info = self.infos.get(name)
+        if info is not None:
+            info.status, info.error = "failed", error
+
+    def registry(self, kind: str) -> Registry:
+        """The registry of component ``kind`` (``backbone``, ``head``, ...)."""
+        return self.registries[kind]
+
+    # -- hooks ----------------------------------------------------------
+    def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
+        """Call a collect-all hook; a plugin that raises is reported by name.
+
+        :raises PluginError: ``plugin 'x' failed in kdt_after_epoch: ...``.
+        """
+        hook = getattr(self.pm.hook, hook_name)
+        results = []
+        for impl in reversed(hook.get_hookimpls()):
+            args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
+            try:
+                res = impl.function(**args)
+            except Exception as exc:
+                raise PluginError(f"plugin '{impl.plugin_name}' failed in {hook_name}: {_short_error(exc)}") from exc
+            if res is not None:
+                results.append(res)
+        return results
+
+    def failed(self) -> list[PluginInfo]:
+        return [i for i in self.infos.values() if i.status == "failed"]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+_MANAGER: PluginManager | None = None
+
+
+def get_manager() -> PluginManager:
+    """The process-wide plugin manager, created (and plugins loaded) once."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = PluginManager()
+    return _MANAGER
+
+
+def set_manager(manager: PluginManager | None) -> None:
+    """Replace the process-wide manager (tests; ``None`` forces a reload)."""
+    global _MANAGER
+    _MANAGER = manager

@@ -1,0 +1,74 @@
+"""Evaluation records: per-image model outputs over a test set, as safetensors.
+
+One forward pass of a model over the (un-augmented) test set gives its
+records: ``logits`` ``[N,K]``, ``labels`` ``[N]`` and whatever the head lists
+in ``record_keys`` (the Proto2Proto bundle adds ``min_distances`` ``[N,P]`` and
+``argmin`` ``[N,P]``). Every metric is computed from records, so any number of
+thresholds costs no extra forward pass. Records are saved as safetensors with
+JSON-valued string metadata (``stage``, ``dataset``, ``H``, ``W``, ...): safe
+to share and fast to load; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .io import atomic_save_safetensors, read_safetensors
+
+RECORDS_FORMAT = "kdtoolkit.records/1"
+
+
+@dataclass
+class Records:
+    """Per-image outputs of one model over a dataset.
+
+    :ivar tensors: name → tensor, all with the same first dimension N.
+    :ivar meta: JSON-serialisable metadata (``stage``, ``dataset``,
+        ``num_classes``, ``H``, ``W``, ...).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors
+
+    @property
+    def n(self) -> int:
+        return int(self.tensors["labels"].shape[0])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically as safetensors (metadata values JSON-encoded)."""
+        meta = {"format": RECORDS_FORMAT, **{k: json.dumps(v) for k, v in self.meta.items()}}
+        atomic_save_safetensors({k: v.contiguous().cpu() for k, v in self.tensors.items()}, Path(path), meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Records":
+        """Read a records file.
+
+        :raises CheckpointError: for a missing, truncated or foreign file.
+        """
+        tensors, meta = read_safetensors(Path(path))
+        if meta.get("format") != RECORDS_FORMAT:
+            raise CheckpointError("not a kdtoolkit records file (metadata 'format' missing)", source=str(path))
+        try:
+            decoded = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+        except json.JSONDecodeError:
+            raise CheckpointError("corrupt metadata", source=str(path)) from None
+        if "labels" not in tensors or "logits" not in tensors:
+            raise CheckpointError("records need 'labels' and 'logits'", source=str(path))
+        n = tensors["labels"].shape[0]
+        for k, v in tensors.items():
+            if v.dim() == 0 or v.shape[0] != n:
+                raise CheckpointError(f"tensor '{k}' has {tuple(v.shape)} rows, expected {n}", source=str(path))
+        return cls(tensors, decoded)

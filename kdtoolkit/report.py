@@ -1,0 +1,102 @@
+"""Result tables: ``results.md``, ``results.json`` and the summary printed at the end.
+
+Plugins add tables through the ``kdt_report_tables`` hook (the Proto2Proto
+bundle adds the reproduction's Table 1 and Table 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class Table:
+    """A titled table of strings/numbers, rendered as Markdown or with rich.
+
+    :ivar title: the heading.
+    :ivar columns: column names.
+    :ivar rows: rows of cells (numbers are formatted with :func:`fmt`).
+    :ivar note: a paragraph printed under the table.
+    """
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+    key: str = field(default="")
+
+    def to_markdown(self) -> str:
+        lines = [f"## {self.title}", ""]
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
+        for row in self.rows:
+            lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
+        if self.note:
+            lines += ["", self.note]
+        return "\n".join(lines) + "\n"
+
+    def to_rich(self):
+        from rich.table import Table as RichTable
+
+        t = RichTable(title=self.title, caption=self.note or None)
+        for c in self.columns:
+            t.add_column(c)
+        for row in self.rows:
+            t.add_row(*[fmt(c) for c in row])
+        return t
+
+
+def fmt(value: Any) -> str:
+    """Cells: floats with 4 significant decimals, ``None`` as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "∞"
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def stages_table(results: dict[str, Any]) -> Table:
+    """Every stage's scalar test metrics (accuracy first)."""
+    stages = results["stages"]
+    keys: list[str] = []
+    for res in stages.values():
+        for k, v in res.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in (
+                "num_parameters", "train_seconds", "test_images") and k not in keys:
+                keys.append(k)
+    keys.sort(key=lambda k: (k != "accuracy", k))
+    rows = []
+    for name, res in stages.items():
+        rows.append([name, res.get("description", ""), res.get("teacher") or "—", *[res.get(k) for k in keys],
+                     f"{res.get('num_parameters', 0) / 1e6:.2f}M", f"{res.get('train_seconds', 0):.1f}"])
+    return Table("Test metrics per stage", ["stage", "description", "teacher", *keys, "parameters", "train s"], rows, key="stages")
+
+
+def collect_tables(results: dict[str, Any], recipe: dict[str, Any], plugins) -> list[Table]:
+    tables = [stages_table(results)]
+    for contributed in plugins.call("kdt_report_tables", results=results, recipe=recipe):
+        tables.extend(contributed)
+    return tables
+
+
+def write_reports(out: Path, results: dict[str, Any], recipe: dict[str, Any], plugins) -> list[Table]:
+    """Write ``results.json`` and ``results.md`` into ``out``; return the tables."""
+    tables = collect_tables(results, recipe, plugins)
+    atomic_write_json(out / "results.json", results)
+    md = [f"# Results: {recipe.get('name', '')}", ""]
+    if recipe.get("description"):
+        md += [recipe["description"], ""]
+    md += [t.to_markdown() for t in tables]
+    atomic_write_text(out / "results.md", "\n".join(md))
+    return tables

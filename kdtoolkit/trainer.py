@@ -1,0 +1,795 @@
+"""The trainer: runs a recipe's stages, phases and evaluation.
+
+A run writes into its directory ``DIR``::
+
+    DIR/recipe.resolved.toml      the validated recipe, defaults filled in
+    DIR/run.json                  versions, seed, device, command
+    DIR/<stage>/model.safetensors final weights + JSON metadata
+    DIR/<stage>/checkpoint.safetensors  resumable state while a stage trains
+    DIR/<stage>/metrics.jsonl     one line per epoch
+    DIR/<stage>/records.safetensors  evaluation records on the test set
+    DIR/<stage>/result.json       the stage's test metrics
+    DIR/results.json, DIR/results.md
+
+Stages run in dependency order (teachers first). A stage whose
+``result.json`` carries the same stage hash is not trained again. A stage
+interrupted mid-way resumes from its checkpoint (see :mod:`kdtoolkit.checkpoint`).
+
+Repeatability: at the start of every epoch the torch RNG is reseeded from
+(stage seed, phase index, epoch) and the data order is a permutation drawn
+from a generator seeded the same way, so CPU runs are bit-for-bit repeatable
+and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .components import Model, Step, select_parameters
+from .distributed import Dist
+from .errors import CheckpointError, KdtError, RecipeError
+from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_external_state_dict, read_safetensors
+from .plugins import PluginManager
+from .progress import Progress
+from .recipe import Recipe
+from .records import Records
+from .report import write_reports
+
+MODEL_FORMAT = "kdtoolkit.model/1"
+
+
+class TrainingError(KdtError):
+    """Training cannot go on (e.g. a non-finite loss); the last checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Raised after SIGINT once a checkpoint has been written."""
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → CUDA if available, else CPU; otherwise the named device.
+
+    :raises KdtError: when the named device is not available.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdtError(f"device '{spec}' requested but CUDA is not available (use --device cpu or auto)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise KdtError(f"device '{spec}' requested but MPS is not available")
+    return dev
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived deterministically from integers."""
+    h = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def versions(plugins: PluginManager | None = None) -> dict[str, Any]:
+    """Versions of Python, torch, kdtoolkit and every loaded plugin."""
+    out: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "kdtoolkit": __version__,
+    }
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except Exception:  # pragma: no cover - timm is a dependency
+        pass
+    if plugins is not None:
+        out["plugins"] = {i.name: i.version for i in plugins.infos.values() if i.status == "loaded"}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# model building
+
+
+def build_model(stage: dict[str, Any], num_classes: int, plugins: PluginManager) -> Model:
+    """Build the stage's backbone + head (random or pretrained init)."""
+    bspec = dict(stage["model"]["backbone"])
+    hspec = dict(stage["model"]["head"])
+    backbone = plugins.registry("backbone").get(bspec.pop("name")).factory(**bspec)
+    head = plugins.registry("head").get(hspec.pop("name")).factory(backbone.out_channels, num_classes, **hspec)
+    model = Model(backbone, head)
+    if stage["model"].get("weights"):
+        path = Path(stage["model"]["weights"])
+        state = load_external_state_dict(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or len(missing) == len(model.state_dict()):
+            raise CheckpointError(
+                f"weights do not fit this model ({len(unexpected)} unexpected, {len(missing)} missing keys)",
+                source=str(path),
+            )
+    return model
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and decoded metadata of a ``model.safetensors``."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError("not a kdtoolkit model file (metadata 'format' missing)", source=str(path))
+    try:
+        decoded = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    except json.JSONDecodeError:
+        raise CheckpointError("corrupt metadata", source=str(path)) from None
+    return tensors, decoded
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (missing and f"missing {missing[0]}") or (unexpected and f"unexpected {unexpected[0]}") or f"shape of {wrong[0]}"
+        raise CheckpointError(f"weights do not match the model ({detail})", source=source)
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class StageData:
+    """The datasets of a stage: augmented train, un-augmented train, test."""
+
+    train: Any
+    train_eval: Any
+    test: Any
+    spec: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train.num_classes)
+
+
+def build_data(stage: dict[str, Any], plugins: PluginManager) -> StageData:
+    spec = dict(stage["data"])
+    comp = plugins.registry("dataset").get(spec["dataset"])
+    params = {k: v for k, v in spec.items() if k in comp.params}
+    train = comp.factory("train", True, **params)
+    train_eval = comp.factory("train", False, **params)
+    test = comp.factory("test", False, **params)
+    return StageData(train, train_eval, test, spec)
+
+
+def batches(dataset: Any, batch_size: int, *, shuffle: bool, seed: int, start: int = 0,
+            drop_last: bool = False, num_workers: int = 0, dist: Dist | None = None,
+            limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of ``dataset`` in a seeded order, from batch ``start`` on.
+
+    Under DDP each rank receives its shard of every global batch.
+    """
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    idx = order.tolist()
+    nb = n // batch_size if drop_last else math.ceil(n / batch_size)
+    if limit is not None:
+        nb = min(nb, limit)
+    plan = [idx[b * batch_size : (b + 1) * batch_size] for b in range(start, nb)]
+    if dist is not None and dist.world > 1:
+        plan = [p[dist.rank :: dist.world] for p in plan]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=num_workers)
+    yield from loader
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool, limit: int | None) -> int:
+    nb = n // batch_size if drop_last else math.ceil(n / batch_size)
+    return min(nb, limit) if limit is not None else nb
+
+
+# ---------------------------------------------------------------------------
+# contexts
+
+
+@dataclass
+class PhaseContext:
+    """What a phase sees.
+
+    :ivar stage: the stage name.
+    :ivar phase: the phase's resolved recipe table.
+    :ivar model: the student model (unwrapped).
+    :ivar teacher: the frozen teacher, or ``None``.
+    :ivar data: the stage's :class:`StageData`.
+    :ivar device: the torch device.
+    :ivar progress: the run's :class:`~kdtoolkit.progress.Progress`.
+    :ivar seed: a seed derived for this phase.
+    :ivar dist: the distributed context (rank, world size).
+    """
+
+    stage: str
+    phase: dict[str, Any]
+    model: Model
+    teacher: Model | None
+    data: StageData
+    device: torch.device
+    progress: Progress
+    seed: int
+    dist: Dist
+    precision: str = "fp32"
+
+    def loader(self, split: str = "train_eval", batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Un-shuffled batches of ``split`` (``train``, ``train_eval``, ``test``)."""
+        ds = getattr(self.data, split)
+        return batches(ds, batch_size or self.data.spec["eval_batch_size"], shuffle=False, seed=0,
+                       num_workers=self.data.spec["num_workers"], dist=self.dist)
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for ``bf16``/``fp16``; a no-op for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# evaluation
+
+
+@torch.inference_mode()
+def evaluate(model: Model, dataset: Any, *, batch_size: int, device: torch.device, record_keys: tuple[str, ...],
+             meta: dict[str, Any], progress: Progress | None = None, dist: Dist | None = None,
+             precision: str = "fp32", num_workers: int = 0) -> Records:
+    """One forward pass over ``dataset``: the model's evaluation records."""
+    model.eval()
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "labels", *record_keys)}
+    grid = None
+    n = len(dataset)
+    task = progress.add(f"evaluate {meta.get('stage', '')}", total=num_batches(n, batch_size, False, None)) if progress else None
+    for x, y in batches(dataset, batch_size, shuffle=False, seed=0, dist=dist, num_workers=num_workers):
+        with autocast(device, precision):
+            o = model(x.to(device))
+        out["labels"].append(y.cpu())
+        for k in ("logits", *record_keys):
+            v = o[k].detach()
+            out[k].append((v.float() if v.is_floating_point() else v).cpu())
+        if grid is None and isinstance(o.get("features"), torch.Tensor):
+            grid = tuple(o["features"].shape[-2:])
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.finish(task)
+    tensors = {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
+    if dist is not None and dist.world > 1:
+        tensors = dist.gather_records(tensors, n, batch_size)
+    meta = dict(meta)
+    if grid is not None:
+        meta["H"], meta["W"] = int(grid[0]), int(grid[1])
+    meta["n"] = int(tensors["labels"].shape[0])
+    return Records(tensors, meta)
+
+
+def compute_metrics(stage: dict[str, Any], records: Records, reference: Records | None, plugins: PluginManager) -> dict[str, Any]:
+    """All of the stage's metrics from records (one forward pass, any thresholds)."""
+    result: dict[str, Any] = {}
+    for spec in stage["metrics"]:
+        spec = dict(spec)
+        comp = plugins.registry("metric").get(spec.pop("name"))
+        metric = comp.factory(**spec)
+        ref = reference
+        if ref is None and comp.attr("requires_reference", False):
+            ref = records  # a model against itself: the teacher's AJS is 1 by construction
+        result.update(metric(records, ref))
+    return result
+
+
+# ---------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class RunOptions:
+    """Options of :func:`run_recipe` from the command line."""
+
+    out: Path
+    device: str | None = None
+    force: bool = False
+    quiet: bool = False
+    command: str = ""
+
+
+class Runner:
+    """Runs the stages of one recipe into one run directory."""
+
+    def __init__(self, recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress, dist: Dist | None = None):
+        self.recipe = recipe
+        self.opt = options
+        self.plugins = plugins
+        self.progress = progress
+        self.dist = dist or Dist.from_env()
+        self.out = Path(options.out)
+        self.device = self.dist.device(resolve_device(options.device or recipe.resolved["device"]))
+        self.precision = recipe.resolved["precision"]
+        if self.precision == "fp16" and self.device.type == "cpu":
+            raise KdtError("precision 'fp16' needs a GPU; use bf16 or fp32 on the CPU", source=str(recipe.path), key="precision")
+        self.interrupted = False
+        self._records: dict[str, Records] = {}
+
+    # -- preflight --------------------------------------------------------
+    def preflight(self) -> None:
+        """Checks done before anything is written: output dir and stale stages."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise KdtError("output path exists and is not a directory", source=str(out))
+        probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not os.access(probe_dir, os.W_OK):
+            raise KdtError("output directory is not writable", source=str(out))
+        for name in self.recipe.order:
+            sdir = out / name
+            for fname in ("result.json", "checkpoint.safetensors"):
+                f = sdir / fname
+                if not f.exists():
+                    continue
+                found = self._stored_hash(f)
+                if found != self.recipe.stage_hash(name) and not self.opt.force:
+                    raise KdtError(
+                        f"stage '{name}' in this directory was produced by a different recipe (stage hash {found} != "
+                        f"{self.recipe.stage_hash(name)}); use --force to retrain it, or another --out",
+                        source=str(f),
+                    )
+        try:
+            usage = __import__("shutil").disk_usage(probe_dir)
+            if usage.free < 50 * 2**20:
+                raise KdtError(f"only {usage.free // 2**20} MiB free on the output disk", source=str(out))
+        except OSError:
+            pass
+
+    @staticmethod
+    def _stored_hash(path: Path) -> str | None:
+        try:
+            if path.suffix == ".json":
+                return json.loads(path.read_text()).get("stage_hash")
+            _, meta = read_safetensors(path)
+            return json.loads(meta.get("stage_hash", "null"))
+        except (OSError, json.JSONDecodeError, KdtError, AttributeError):
+            return "<unreadable>"
+
+    # -- main -------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.preflight()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "recipe.resolved.toml", self.recipe.to_toml())
+            atomic_write_json(self.out / "run.json", {
+                "recipe": str(self.recipe.path),
+                "name": self.recipe.resolved["name"],
+                "seed": self.recipe.resolved["seed"],
+                "device": str(self.device),
+                "world_size": self.dist.world,
+                "precision": self.precision,
+                "versions": versions(self.plugins),
+                "command": self.opt.command,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "stage_hashes": {s: self.recipe.stage_hash(s) for s in self.recipe.order},
+            })
+        self.dist.barrier()
+        results: dict[str, Any] = {"name": self.recipe.resolved["name"], "stages": {}}
+        for name in self.recipe.order:
+            results["stages"][name] = self.run_stage(name)
+        if self.dist.is_main:
+            write_reports(self.out, results, self.recipe.resolved, self.plugins)
+            self.plugins.call("kdt_after_run", run_dir=self.out, results=results)
+        self.dist.barrier()
+        return results
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def run_stage(self, name: str) -> dict[str, Any]:
+        st = self.recipe.stage(name)
+        sdir = self.stage_dir(name)
+        shash = self.recipe.stage_hash(name)
+        result_file = sdir / "result.json"
+        if result_file.exists() and (sdir / "model.safetensors").exists() and not self.opt.force:
+            try:
+                res = json.loads(result_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                res = {}
+            if res.get("stage_hash") == shash:
+                self.progress.log(f"stage [bold]{name}[/]: already complete in {sdir}, reused")
+                return res
+        if self.opt.force and self.dist.is_main:
+            for f in ("result.json", "checkpoint.safetensors", "records.safetensors", "metrics.jsonl"):
+                if (sdir / f).exists() and self._stored_hash(sdir / f) != shash if f != "metrics.jsonl" else False:
+                    (sdir / f).unlink()
+
+        data = build_data(st, self.plugins)
+        torch.manual_seed(st["seed"])
+        model = build_model(st, data.num_classes, self.plugins).to(self.device)
+        teacher = self._teacher(st, data) if st["teacher"] else None
+        if teacher is not None and st["model"]["init_from_teacher"]:
+            self._init_from_teacher(name, model, teacher, st["model"]["init_from_teacher"])
+        # Check every phase's parameter selectors against the built model now,
+        # before anything of this stage is written.
+        for i, ph in enumerate(st["phases"]):
+            if ph["kind"] == "train":
+                for g, grp in enumerate(ph["groups"]):
+                    if not select_parameters(model, grp["params"]):
+                        raise RecipeError(f"selects no parameter of this model ({', '.join(grp['params'])})",
+                                          source=str(self.recipe.path), key=f"stages.{name}.phases[{i}].groups[{g}].params")
+
+        if self.dist.is_main:
+            sdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        trainer = StageTrainer(self, name, st, model, teacher, data, shash)
+        history, flags = trainer.train()
+        train_seconds = time.perf_counter() - t0 + trainer.previous_seconds
+
+        meta = {"stage": name, "dataset": data.test.name if hasattr(data.test, "name") else st["data"]["dataset"],
+                "num_classes": data.num_classes, "stage_hash": shash}
+        if self.dist.is_main:
+            atomic_save_safetensors(model_state(model), sdir / "model.safetensors", {
+                "format": MODEL_FORMAT,
+                **{k: json.dumps(v) for k, v in {
+                    "stage": name, "stage_hash": shash, "recipe": str(self.recipe.path),
+                    "epochs": sum(h.get("epochs", 0) for h in history), "history": history, "flags": flags,
+                    "num_classes": data.num_classes, "model": st["model"], "versions": versions(self.plugins),
+                }.items()},
+            })
+        records = self.evaluate_stage(name, st, model, data, meta)
+        reference_name = st["teacher"] or st["compare_to"]
+        reference = self.records_of(reference_name) if reference_name else None
+        metrics = compute_metrics(st, records, reference, self.plugins)
+        result = {
+            "description": st["description"],
+            "teacher": st["teacher"],
+            "compare_to": st["compare_to"],
+            "reference": reference_name or "self",
+            **metrics,
+            "flags": flags,
+            "losses": {l["id"]: l["weight"] for l in st["losses"]},
+            "loss_names": {l["id"]: l["name"] for l in st["losses"]},
+            "history": history,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(train_seconds, 2),
+            "test_images": records.n,
+            "stage_hash": shash,
+        }
+        if self.dist.is_main:
+            atomic_write_json(sdir / "result.json", result)
+            ck = sdir / "checkpoint.safetensors"
+            if ck.exists():
+                ck.unlink()
+        self.plugins.call("kdt_after_stage", stage=name, result=result, stage_dir=sdir)
+        self.progress.log(f"stage [bold]{name}[/]: accuracy {result.get('accuracy', float('nan')):.4f} ({train_seconds:.1f} s)")
+        return result
+
+    def evaluate_stage(self, name: str, st: dict[str, Any], model: Model, data: StageData, meta: dict[str, Any]) -> Records:
+        head_cls = self.plugins.registry("head").get(st["model"]["head"]["name"])
+        records = evaluate(model, data.test, batch_size=st["data"]["eval_batch_size"], device=self.device,
+                           record_keys=tuple(head_cls.attr("record_keys", ())), meta=meta, progress=self.progress,
+                           dist=self.dist, precision=self.precision, num_workers=st["data"]["num_workers"])
+        if self.dist.is_main:
+            records.save(self.stage_dir(name) / "records.safetensors")
+        self._records[name] = records
+        return records
+
+    def records_of(self, name: str) -> Records:
+        if name not in self._records:
+            self._records[name] = Records.load(self.stage_dir(name) / "records.safetensors")
+        return self._records[name]
+
+    def _teacher(self, st: dict[str, Any], data: StageData) -> Model:
+        tname = st["teacher"]
+        tst = self.recipe.stage(tname)
+        teacher = build_model(tst, data.num_classes, self.plugins)
+        path = self.stage_dir(tname) / "model.safetensors"
+        state, _ = load_model_file(path)
+        load_state_strict(teacher, state, str(path))
+        teacher.to(self.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def _init_from_teacher(self, name: str, model: Model, teacher: Model, selectors: list[str]) -> None:
+        tstate = teacher.state_dict()
+        sstate = model.state_dict()
+        copied = 0
+        for k in sstate:
+            if any(k == s or k.startswith(s + ".") for s in selectors):
+                if k not in tstate or tstate[k].shape != sstate[k].shape:
+                    raise RecipeError(
+                        f"cannot copy '{k}' from the teacher: shapes {tuple(tstate[k].shape) if k in tstate else 'absent'} vs {tuple(sstate[k].shape)}",
+                        source=str(self.recipe.path), key=f"stages.{name}.model.init_from_teacher")
+                sstate[k] = tstate[k].detach().clone()
+                copied += 1
+        if not copied:
+            raise RecipeError("selects no parameter of the model", source=str(self.recipe.path), key=f"stages.{name}.model.init_from_teacher")
+        model.load_state_dict(sstate)
+
+
+# ---------------------------------------------------------------------------
+# one stage's phases
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+class StageTrainer:
+    """Runs the phases of one stage, with checkpoints and exact resume."""
+
+    def __init__(self, runner: Runner, name: str, st: dict[str, Any], model: Model, teacher: Model | None, data: StageData, shash: str):
+        self.r = runner
+        self.name = name
+        self.st = st
+        self.model = model
+        self.teacher = teacher
+        self.data = data
+        self.shash = shash
+        self.sdir = runner.stage_dir(name)
+        self.ckpt_path = self.sdir / "checkpoint.safetensors"
+        self.loss_specs = {l["id"]: l for l in st["losses"]}
+        self.losses = {}
+        for l in st["losses"]:
+            params = {k: v for k, v in l.items() if k not in ("name", "id", "weight")}
+            self.losses[l["id"]] = runner.plugins.registry("loss").get(l["name"]).factory(**params)
+        self.previous_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.flags: dict[str, Any] = {}
+        self.watch: dict[str, str] = {}
+
+    # -- checkpoints --------------------------------------------------------
+    def save(self, phase_idx: int, epoch: int, batch: int, optimizer=None, scheduler=None, scaler=None, rng: bool = False) -> None:
+        if not self.r.dist.is_main:
+            return
+        ck = Checkpoint(
+            stage=self.name, stage_hash=self.shash, phase=phase_idx, epoch=epoch, batch=batch,
+            model=model_state(self.model), optimizer=optimizer.state_dict() if optimizer else None,
+            scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict() if scaler else None,
+            rng=torch.get_rng_state() if rng else None, history=self.history, flags=self.flags, watch=self.watch,
+            seconds=self.previous_seconds + time.perf_counter() - self.t0,
+        )
+        save_checkpoint(self.ckpt_path, ck)
+
+    def _metrics_line(self, obj: dict[str, Any]) -> None:
+        if self.r.dist.is_main:
+            with open(self.sdir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(obj) + "\n")
+
+    # -- main loop ------------------------------------------------------------
+    def train(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        self.t0 = time.perf_counter()
+        start = None
+        if self.ckpt_path.exists():
+            start = load_checkpoint(self.ckpt_path)
+            if start.stage_hash != self.shash:
+                start = None  # preflight already refused unless --force
+            else:
+                load_state_strict(self.model, start.model, str(self.ckpt_path))
+                self.model.to(self.r.device)
+                self.history, self.flags, self.watch = list(start.history), dict(start.flags), dict(start.watch)
+                self.previous_seconds = start.seconds
+                self.r.progress.log(f"stage [bold]{self.name}[/]: resuming from {self.ckpt_path.name} "
+                                    f"(phase {start.phase + 1}, epoch {start.epoch}, batch {start.batch})")
+        elif self.r.dist.is_main and (self.sdir / "metrics.jsonl").exists():
+            (self.sdir / "metrics.jsonl").unlink()
+        for i, ph in enumerate(self.st["phases"]):
+            if start is not None and i < start.phase:
+                continue
+            resume = start if start is not None and i == start.phase else None
+            if ph["kind"] == "train":
+                entry = self.train_phase(i, ph, resume)
+            else:
+                if resume is not None and resume.epoch > 0:
+                    continue  # finished plugin phase: checkpoint was written after it
+                entry = self.plugin_phase(i, ph)
+            if entry is not None:
+                self.history.append(entry)
+            self.save(i + 1, 0, 0)
+        return self.history, self.flags
+
+    def plugin_phase(self, i: int, ph: dict[str, Any]) -> dict[str, Any]:
+        comp = self.r.plugins.registry("phase").get(ph["kind"])
+        params = {k: v for k, v in ph.items() if k not in ("name", "kind")}
+        phase = comp.factory(**params)
+        ctx = PhaseContext(self.name, ph, self.model, self.teacher, self.data, self.r.device, self.r.progress,
+                           derive_seed(self.st["seed"], i), self.r.dist, self.r.precision)
+        self.model.eval()
+        out = phase.run(ctx) or {}
+        for flag, value in (out.get("flags") or {}).items():
+            self.flags[flag] = value
+        for flag, sel in (out.get("watch") or {}).items():
+            self.watch[flag] = sel
+        entry = {"name": ph["name"], "kind": ph["kind"], **{k: v for k, v in out.items() if k not in ("flags", "watch")}}
+        self._metrics_line({"stage": self.name, "phase": ph["name"], "kind": ph["kind"], **entry})
+        return entry
+
+    def _selected_losses(self, ph: dict[str, Any]) -> list[str]:
+        return [lid for lid in ph["losses"] if self.loss_specs[lid]["weight"] != 0]
+
+    def train_phase(self, i: int, ph: dict[str, Any], resume: Checkpoint | None) -> dict[str, Any] | None:
+        active = self._selected_losses(ph)
+        if not active or ph["epochs"] == 0:
+            why = "no loss with a non-zero weight" if not active else "epochs = 0"
+            self.r.progress.log(f"stage [bold]{self.name}[/]: phase '{ph['name']}' skipped ({why})")
+            return {"name": ph["name"], "kind": "train", "epochs": 0, "skipped": why}
+        selectors = [s for g in ph["groups"] for s in g["params"]]
+        # a phase training a watched parameter invalidates the flag (e.g. prototypes moved after a push)
+        for flag, sel in list(self.watch.items()):
+            if any(_overlaps(sel, s) for s in selectors):
+                self.flags[flag] = False
+        trainable: set[int] = set()
+        groups = []
+        for g in ph["groups"]:
+            params = [p for _, p in select_parameters(self.model, g["params"]) if id(p) not in trainable]
+            trainable.update(id(p) for p in params)
+            groups.append({"params": params, "lr": g["lr"], "weight_decay": g["weight_decay"]})
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        model = self.r.dist.wrap(self.model)
+        opt = make_optimizer(ph["optimizer"], groups)
+        sched = make_scheduler(ph["scheduler"], opt, ph["epochs"])
+        scaler = torch.amp.GradScaler(self.r.device.type) if self.r.precision == "fp16" else None
+        start_epoch, start_batch = 0, 0
+        if resume is not None:
+            start_epoch, start_batch = resume.epoch, resume.batch
+            if resume.optimizer is not None:
+                opt.load_state_dict(resume.optimizer)
+            if resume.scheduler is not None and sched is not None:
+                sched.load_state_dict(resume.scheduler)
+            if resume.scaler is not None and scaler is not None:
+                scaler.load_state_dict(resume.scaler)
+        spec = self.data.spec
+        nb = num_batches(len(self.data.train), spec["batch_size"], spec["drop_last"], ph["limit_batches"])
+        task = self.r.progress.add(f"{self.name} · {ph['name']}", total=ph["epochs"] * nb, completed=start_epoch * nb + start_batch)
+        every = self.r.recipe.resolved["checkpoint_every"]
+        seed = self.st["seed"]
+        for epoch in range(start_epoch, ph["epochs"]):
+            first = epoch == start_epoch and resume is not None and start_batch > 0
+            if first and resume.rng is not None:
+                torch.set_rng_state(resume.rng)
+            else:
+                torch.manual_seed(derive_seed(seed, i, epoch, 1))
+            model.train()
+            sums: dict[str, float] = {}
+            count = 0
+            correct = 0
+            seen = 0
+            b = start_batch if first else 0
+            it = batches(self.data.train, spec["batch_size"], shuffle=True, seed=derive_seed(seed, i, epoch, 2),
+                         start=b, drop_last=spec["drop_last"], num_workers=spec["num_workers"], dist=self.r.dist,
+                         limit=ph["limit_batches"])
+            opt.zero_grad(set_to_none=True)
+            for x, y in it:
+                x, y = x.to(self.r.device, non_blocking=True), y.to(self.r.device, non_blocking=True)
+                with autocast(self.r.device, self.r.precision):
+                    outputs = model(x)
+                    t_out = None
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            t_out = self.teacher(x)
+                    step = Step(x, y, outputs, self.model, t_out, self.teacher)
+                    terms = {lid: self.losses[lid](step) for lid in active}
+                    total = sum(self.loss_specs[lid]["weight"] * v.float() for lid, v in terms.items())
+                values = {lid: float(v.detach()) for lid, v in terms.items()}
+                tval = float(total.detach())
+                if not math.isfinite(tval):
+                    raise TrainingError(
+                        f"non-finite loss in stage '{self.name}', phase '{ph['name']}', epoch {epoch + 1}, step {b + 1}: total {tval}; "
+                        + ", ".join(f"{k} = {v}" for k, v in values.items())
+                        + f" (last good checkpoint kept: {self.ckpt_path if self.ckpt_path.exists() else 'none yet'})")
+                if not total.requires_grad:
+                    raise TrainingError(f"stage '{self.name}', phase '{ph['name']}': the losses {', '.join(active)} do not depend on the trained parameters")
+                loss = total / ph["accumulate"]
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                if (b + 1) % ph["accumulate"] == 0 or b + 1 == nb:
+                    if ph["clip_grad_norm"]:
+                        if scaler is not None:
+                            scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], ph["clip_grad_norm"])
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                sums["total"] = sums.get("total", 0.0) + tval
+                count += 1
+                with torch.no_grad():
+                    correct += int((outputs["logits"].argmax(1) == y).sum())
+                    seen += int(y.shape[0])
+                b += 1
+                self.r.progress.advance(task, loss=tval, epoch=f"{epoch + 1}/{ph['epochs']}")
+                if self.r.interrupted:
+                    self.save(i, epoch, b, opt, sched, scaler, rng=True)
+                    raise Interrupted()
+            if sched is not None:
+                sched.step()
+            line = {"stage": self.name, "phase": ph["name"], "epoch": epoch + 1,
+                    **{f"loss/{k}": v / max(count, 1) for k, v in sums.items()},
+                    "train_accuracy": correct / max(seen, 1),
+                    "lr": [g["lr"] for g in opt.param_groups]}
+            self._metrics_line(line)
+            self.r.plugins.call("kdt_after_epoch", stage=self.name, phase=ph["name"], epoch=epoch, metrics=line)
+            if every and (epoch + 1) % every == 0 and epoch + 1 < ph["epochs"]:
+                self.save(i, epoch + 1, 0, opt, sched, scaler)
+        self.r.progress.finish(task)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        return {"name": ph["name"], "kind": "train", "epochs": ph["epochs"], "trained": selectors, "losses": active}
+
+
+def make_optimizer(spec: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The phase's optimiser over its parameter groups."""
+    name = spec["name"]
+    if name == "adam":
+        return torch.optim.Adam(groups, betas=tuple(spec["betas"]), eps=spec["eps"])
+    if name == "adamw":
+        return torch.optim.AdamW(groups, betas=tuple(spec["betas"]), eps=spec["eps"])
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=spec["momentum"], nesterov=spec["nesterov"])
+
+
+def make_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer, epochs: int):
+    """The phase's learning-rate schedule, stepped once per epoch (or ``None``)."""
+    name = spec["name"]
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=spec["step_size"], gamma=spec["gamma"])
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=spec["milestones"], gamma=spec["gamma"])
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=spec["min_lr"])
+    if name == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=spec["gamma"])
+    return None
+
+
+def run_recipe(recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress) -> dict[str, Any]:
+    """Run every stage of ``recipe`` into ``options.out``.
+
+    SIGINT (Ctrl-C) writes a checkpoint at the current step and raises
+    :class:`Interrupted`; a second Ctrl-C exits at once.
+    """
+    runner = Runner(recipe, options, plugins, progress)
+    previous = None
+
+    def on_sigint(signum, frame):  # pragma: no cover - exercised through a subprocess test
+        if runner.interrupted:
+            os._exit(130)
+        runner.interrupted = True
+        progress.log("interrupt: saving a checkpoint (Ctrl-C again to exit at once)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return runner.run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

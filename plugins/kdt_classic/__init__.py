@@ -1,0 +1,1 @@
+"""Classic distillation components: a linear classification head, cross-entropy and Hinton KD."""

@@ -1,0 +1,1 @@
+"""Dataset factories for kdtoolkit: scikit-learn digits and image folders."""

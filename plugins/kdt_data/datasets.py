@@ -1,0 +1,374 @@
+"""Dataset factories: scikit-learn's bundled digits and a class-per-folder image tree.
+
+A factory is called as ``factory(split, augment, **params)``; ``split`` is
+``"train"`` or ``"test"`` and ``augment`` turns training augmentation on.  The
+keyword parameters come from a recipe and are documented in each docstring.
+
+Every dataset returned here is a :class:`torch.utils.data.Dataset` whose items
+are ``(image, label)`` with ``image`` a float32 tensor ``[3, S, S]`` and
+``label`` an ``int``, and which carries ``classes``, ``num_classes``,
+``image_size`` and ``name``.  Augmentation draws from torch's global RNG only,
+so seeding torch makes runs repeatable.  Problems with user data raise
+:class:`kdtoolkit.errors.DataError`.
+"""
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from kdtoolkit.errors import DataError
+
+__all__ = ["digits", "image_folder", "describe_dataset", "IMAGE_EXTENSIONS",
+           "DigitsDataset", "ImageFolderDataset"]
+
+SPLITS = ("train", "test")
+
+# Fixed statistics of the digits images scaled to [0, 1] (same for every channel).
+DIGITS_MEAN = 0.305
+DIGITS_STD = 0.33
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _check_split(split, source):
+    if split not in SPLITS:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}", source=source, key="split")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- digits
+
+_DIGITS_CACHE = {}
+
+
+def _load_digits():
+    """Load scikit-learn's digits once: (images float32 [N,8,8] in [0,1], labels int64 [N])."""
+    if "arrays" not in _DIGITS_CACHE:
+        try:
+            from sklearn.datasets import load_digits
+            bunch = load_digits()
+        except Exception as exc:  # pragma: no cover - depends on the installation
+            raise DataError(f"cannot load scikit-learn's digits data: {exc}", source="digits") from exc
+        images = torch.as_tensor(bunch.images, dtype=torch.float32) / 16.0
+        labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+        _DIGITS_CACHE["arrays"] = (images, labels)
+    return _DIGITS_CACHE["arrays"]
+
+
+def _digits_split(test_fraction, split_seed):
+    """Stratified (train_idx, test_idx) from ``split_seed`` alone; cached per (fraction, seed)."""
+    key = ("split", float(test_fraction), int(split_seed))
+    if key not in _DIGITS_CACHE:
+        _, labels = _load_digits()
+        gen = torch.Generator().manual_seed(int(split_seed))
+        train_parts, test_parts = [], []
+        for cls in range(int(labels.max()) + 1):
+            idx = torch.nonzero(labels == cls).flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            n_test = min(max(int(round(len(idx) * test_fraction)), 1), len(idx) - 1)
+            test_parts.append(idx[:n_test])
+            train_parts.append(idx[n_test:])
+        train_idx = torch.sort(torch.cat(train_parts)).values
+        test_idx = torch.sort(torch.cat(test_parts)).values
+        _DIGITS_CACHE[key] = (train_idx, test_idx)
+    return _DIGITS_CACHE[key]
+
+
+def _random_affine(img, max_shift_px, max_degrees=10.0, scale_range=(0.9, 1.1)):
+    """Random rotation/scale/translation of ``img`` [C,S,S] with torch's global RNG."""
+    size = img.shape[-1]
+    r = torch.rand(4)
+    angle = math.radians((2 * r[0].item() - 1) * max_degrees)
+    scale = scale_range[0] + (scale_range[1] - scale_range[0]) * r[1].item()
+    # Translation in normalized coordinates: 2 / size per pixel.
+    tx = (2 * r[2].item() - 1) * max_shift_px * 2.0 / size
+    ty = (2 * r[3].item() - 1) * max_shift_px * 2.0 / size
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=img.dtype).unsqueeze(0)
+    grid = F.affine_grid(theta, [1, *img.shape], align_corners=False)
+    out = F.grid_sample(img.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.squeeze(0)
+
+
+class DigitsDataset(Dataset):
+    """One split of scikit-learn's 8x8 digits, upsampled to RGB ``image_size`` squares."""
+
+    def __init__(self, split, augment, image_size, test_fraction, split_seed, normalize):
+        images, labels = _load_digits()
+        train_idx, test_idx = _digits_split(test_fraction, split_seed)
+        self.indices = train_idx if split == "train" else test_idx
+        self._images = images
+        self._labels = labels
+        self.split = split
+        self.augment = bool(augment)
+        self.image_size = int(image_size)
+        self.normalize = bool(normalize)
+        self.classes = [str(c) for c in range(10)]
+        self.num_classes = len(self.classes)
+        self.name = "digits"
+        self.targets = [int(labels[i]) for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = int(self.indices[i])
+        img = self._images[j].reshape(1, 1, 8, 8)
+        img = F.interpolate(img, size=(self.image_size, self.image_size), mode="bilinear",
+                            align_corners=False).squeeze(0)  # [1,S,S]
+        if self.augment:
+            img = _random_affine(img, max_shift_px=2.0 * self.image_size / 32.0)
+        img = img.clamp_(0.0, 1.0).expand(3, -1, -1).contiguous()
+        if self.normalize:
+            img = (img - DIGITS_MEAN) / DIGITS_STD
+        return img, int(self._labels[j])
+
+    def __repr__(self):
+        return (f"DigitsDataset(split={self.split!r}, size={len(self)}, image_size={self.image_size}, "
+                f"augment={self.augment})")
+
+
+def digits(split: str, augment: bool = False, *, image_size: int = 32, test_fraction: float = 0.2,
+           split_seed: int = 0, normalize: bool = True) -> Dataset:
+    """scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes; no download).
+
+    Each image is scaled to [0, 1], bilinearly upsampled to ``image_size`` and
+    replicated to 3 channels.  The train/test split is stratified by class and
+    fixed by ``split_seed`` alone (the same every run, whatever the training
+    seed).  Training augmentation is a small random rotation (up to 10 degrees),
+    scale (0.9 to 1.1) and translation (up to 2 px at 32 px, scaled with
+    ``image_size``).
+
+    Parameters:
+        image_size: side in pixels of the square RGB images (at least 8).
+        test_fraction: fraction of each class held out as the test split (between 0 and 1).
+        split_seed: seed of the fixed stratified train/test split.
+        normalize: subtract a fixed mean (0.305) and divide by a fixed std (0.33).
+    """
+    source = "digits"
+    _check_split(split, source)
+    if not _is_int(image_size) or image_size < 8:
+        raise DataError(f"image_size must be an integer of at least 8, got {image_size!r}",
+                        source=source, key="image_size")
+    if not _is_number(test_fraction) or not 0.0 < float(test_fraction) < 1.0:
+        raise DataError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}",
+                        source=source, key="test_fraction")
+    if not _is_int(split_seed):
+        raise DataError(f"split_seed must be an integer, got {split_seed!r}", source=source, key="split_seed")
+    return DigitsDataset(split, augment, image_size, float(test_fraction), split_seed, normalize)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _class_dirs(split_dir):
+    """Sorted class names (non-hidden sub-folders) of ``split_dir``."""
+    try:
+        entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(f"cannot list folder: {exc.strerror or exc}", source=str(split_dir)) from exc
+    return [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+
+
+def _split_dir(root, sub, key):
+    path = root / sub
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise DataError(f"{sub!r} split folder {what} (set {key} to the sub-folder of root)",
+                        source=str(path))
+    return path
+
+
+def _image_files(class_dir):
+    try:
+        entries = sorted(os.scandir(class_dir), key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(f"cannot list folder: {exc.strerror or exc}", source=str(class_dir)) from exc
+    return [Path(e.path) for e in entries
+            if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file()]
+
+
+def _load_rgb(path):
+    """Open ``path`` with Pillow as a fully decoded RGB image, or raise DataError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        detail = str(exc).strip() or type(exc).__name__
+        raise DataError(f"cannot read image: {detail}", source=str(path)) from exc
+
+
+class ImageFolderDataset(Dataset):
+    """Images under ``<split_dir>/<class>/``; loaded lazily, one file per item."""
+
+    def __init__(self, split, augment, root, split_dir, classes, samples, image_size, resize,
+                 mean, std, hflip, random_crop):
+        self.split = split
+        self.augment = bool(augment)
+        self.root = root
+        self.split_dir = split_dir
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.samples = samples  # list of (path str, label int)
+        self.targets = [label for _, label in samples]
+        self.image_size = int(image_size)
+        self.resize = int(resize)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.hflip = bool(hflip)
+        self.random_crop = bool(random_crop)
+        self.name = f"image_folder:{root}"
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _resize_shorter(self, im):
+        from PIL import Image
+
+        w, h = im.size
+        short = min(w, h)
+        if short != self.resize:
+            nw = max(1, int(round(w * self.resize / short)))
+            nh = max(1, int(round(h * self.resize / short)))
+            if w <= h:
+                nw = self.resize
+            else:
+                nh = self.resize
+            im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+        return im
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        im = self._resize_shorter(_load_rgb(path))
+        w, h = im.size
+        s = self.image_size
+        if self.augment and self.random_crop:
+            top = int(torch.randint(0, h - s + 1, ()).item())
+            left = int(torch.randint(0, w - s + 1, ()).item())
+        else:
+            top = int(round((h - s) / 2.0))
+            left = int(round((w - s) / 2.0))
+        im = im.crop((left, top, left + s, top + s))
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        img = data.view(s, s, 3).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        if self.augment and self.hflip and torch.rand(()).item() < 0.5:
+            img = img.flip(-1)
+        img = (img - self.mean) / self.std
+        return img.contiguous(), int(label)
+
+    def __repr__(self):
+        return (f"ImageFolderDataset(root={self.root!r}, split={self.split!r}, size={len(self)}, "
+                f"classes={self.num_classes}, image_size={self.image_size}, augment={self.augment})")
+
+
+def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str = "train",
+                 test_dir: str = "test", image_size: int = 224, resize: int | None = None,
+                 mean: list[float] = [0.485, 0.456, 0.406], std: list[float] = [0.229, 0.224, 0.225],
+                 hflip: bool = True, random_crop: bool = True) -> Dataset:
+    """Images in one sub-folder per class: ``root/<train_dir>/<class>/*`` and ``root/<test_dir>/<class>/*``.
+
+    Classes are the sorted sub-folder names; the test split must have the same
+    classes as the train split.  Files are read with Pillow (jpg, jpeg, png,
+    bmp, gif, tif, tiff, webp, ppm, pgm; other files are ignored) when an item
+    is loaded, converted to RGB, resized so the shorter side is ``resize``,
+    then center-cropped (evaluation) or randomly cropped and optionally
+    flipped (training augmentation), and normalized with ``mean``/``std``.
+
+    Parameters:
+        root: dataset folder holding the train and test split folders.
+        train_dir: name of the train split folder inside root.
+        test_dir: name of the test split folder inside root.
+        image_size: side in pixels of the square crops fed to the model.
+        resize: shorter side in pixels before cropping (default: image_size * 8 / 7, rounded).
+        mean: per-channel (R, G, B) mean subtracted after scaling to [0, 1].
+        std: per-channel (R, G, B) std divided by after subtracting the mean.
+        hflip: with augmentation, flip images horizontally with probability 0.5.
+        random_crop: with augmentation, crop at a random position instead of the center.
+    """
+    source = "image_folder"
+    _check_split(split, source)
+    if not isinstance(root, (str, os.PathLike)) or not str(root):
+        raise DataError(f"root must be a folder path, got {root!r}", source=source, key="root")
+    if not _is_int(image_size) or image_size < 1:
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}",
+                        source=source, key="image_size")
+    if resize is None:
+        resize = int(round(image_size * 8 / 7))
+    if not _is_int(resize) or resize < image_size:
+        raise DataError(f"resize must be an integer of at least image_size ({image_size}), got {resize!r}",
+                        source=source, key="resize")
+    for key, values in (("mean", mean), ("std", std)):
+        if (not isinstance(values, (list, tuple)) or len(values) != 3
+                or not all(_is_number(v) for v in values)):
+            raise DataError(f"{key} must be a list of 3 numbers (R, G, B), got {values!r}",
+                            source=source, key=key)
+    if any(float(v) <= 0 for v in std):
+        raise DataError(f"std values must be positive, got {list(std)!r}", source=source, key="std")
+    for key, sub in (("train_dir", train_dir), ("test_dir", test_dir)):
+        if not isinstance(sub, str) or not sub:
+            raise DataError(f"{key} must be a folder name, got {sub!r}", source=source, key=key)
+
+    root_path = Path(root).expanduser().resolve()
+    if not root_path.is_dir():
+        what = "is not a folder" if root_path.exists() else "does not exist"
+        raise DataError(f"dataset root folder {what}", source=str(root_path))
+
+    train_path = _split_dir(root_path, train_dir, "train_dir")
+    train_classes = _class_dirs(train_path)
+    if not train_classes:
+        raise DataError("no class sub-folders found (expected one sub-folder of images per class)",
+                        source=str(train_path))
+    if split == "train":
+        split_path, classes = train_path, train_classes
+    else:
+        split_path = _split_dir(root_path, test_dir, "test_dir")
+        classes = _class_dirs(split_path)
+        if not classes:
+            raise DataError("no class sub-folders found (expected one sub-folder of images per class)",
+                            source=str(split_path))
+        if classes != train_classes:
+            only_train = sorted(set(train_classes) - set(classes))
+            only_test = sorted(set(classes) - set(train_classes))
+            raise DataError(f"test classes differ from train classes ({train_path}): "
+                            f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}",
+                            source=str(split_path))
+
+    samples = []
+    for label, cls in enumerate(classes):
+        class_dir = split_path / cls
+        files = _image_files(class_dir)
+        if not files:
+            raise DataError(f"class folder has no images (extensions: {', '.join(IMAGE_EXTENSIONS)})",
+                            source=str(class_dir))
+        samples.extend((str(p), label) for p in files)
+
+    return ImageFolderDataset(split, augment, str(root_path), str(split_path), classes, samples,
+                              image_size, resize, [float(v) for v in mean], [float(v) for v in std],
+                              hflip, random_crop)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def describe_dataset(ds) -> dict:
+    """Run metadata of a dataset: ``{name, num_classes, size, image_size}``."""
+    return {
+        "name": str(getattr(ds, "name", type(ds).__name__)),
+        "num_classes": int(ds.num_classes),
+        "size": len(ds),
+        "image_size": int(ds.image_size),
+    }

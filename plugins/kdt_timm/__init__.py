@@ -1,0 +1,1 @@
+"""Backbones from timm, as a kdtoolkit plugin bundle."""

@@ -1,0 +1,261 @@
+"""Tests of the dataset factories in plugins/kdt_data/datasets.py."""
+
+import inspect
+import os
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from kdt_data import datasets as D
+from kdtoolkit.errors import DataError
+
+ALLOWED_TYPES = {int, float, bool, str, list[int], list[float], list[str], str | None, int | None, float | None}
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+@pytest.mark.parametrize("factory", [D.digits, D.image_folder])
+def test_factory_params_are_typed_keywords_and_documented(factory):
+    sig = inspect.signature(factory)
+    names = list(sig.parameters)
+    assert names[:2] == ["split", "augment"]
+    doc = inspect.getdoc(factory)
+    for name in names[2:]:
+        p = sig.parameters[name]
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert p.annotation in ALLOWED_TYPES, (name, p.annotation)
+        assert f"{name}:" in doc, f"{name} not documented"
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_items_shapes_dtypes_labels():
+    ds = D.digits("train", image_size=16)
+    assert isinstance(ds, Dataset)
+    assert ds.classes == [str(i) for i in range(10)]
+    assert ds.num_classes == 10 and ds.image_size == 16 and ds.name == "digits"
+    img, label = ds[0]
+    assert img.dtype == torch.float32 and img.shape == (3, 16, 16)
+    assert type(label) is int and 0 <= label < 10
+    assert torch.equal(img[0], img[1]) and torch.equal(img[0], img[2])
+    labels = {ds[i][1] for i in range(len(ds))}
+    assert labels == set(range(10))
+
+
+def test_digits_normalize_and_range():
+    raw, _ = D.digits("test", normalize=False)[3]
+    assert raw.min() >= 0.0 and raw.max() <= 1.0 and raw.max() > 0.5
+    norm, _ = D.digits("test", normalize=True)[3]
+    assert torch.allclose(norm, (raw - D.DIGITS_MEAN) / D.DIGITS_STD, atol=1e-6)
+
+
+def test_digits_split_sizes_and_stratification():
+    train, test = D.digits("train"), D.digits("test")
+    assert len(train) + len(test) == 1797
+    assert abs(len(test) - 0.2 * 1797) <= 10
+    train_counts, test_counts = Counter(train.targets), Counter(test.targets)
+    for c in range(10):
+        total = train_counts[c] + test_counts[c]
+        assert abs(test_counts[c] - 0.2 * total) <= 1, c
+    half = D.digits("test", test_fraction=0.5)
+    assert abs(len(half) - 1797 / 2) <= 10
+
+
+def test_digits_split_disjoint_fixed_and_independent_of_torch_seed():
+    torch.manual_seed(1)
+    D._DIGITS_CACHE.pop(("split", 0.2, 0), None)
+    a_train, a_test = D.digits("train"), D.digits("test")
+    assert set(a_train.indices.tolist()).isdisjoint(a_test.indices.tolist())
+    assert len(set(a_train.indices.tolist()) | set(a_test.indices.tolist())) == 1797
+    torch.manual_seed(12345)
+    D._DIGITS_CACHE.pop(("split", 0.2, 0), None)  # recompute under another torch seed
+    b_test = D.digits("test")
+    assert torch.equal(a_test.indices, b_test.indices)
+    assert torch.equal(a_test[5][0], b_test[5][0])
+    other = D.digits("test", split_seed=1)
+    assert not torch.equal(a_test.indices, other.indices)
+
+
+def test_digits_augmentation_changes_images_keeps_shape_and_is_repeatable():
+    plain = D.digits("train", image_size=32)
+    aug = D.digits("train", True, image_size=32)
+    torch.manual_seed(0)
+    first = torch.stack([aug[i][0] for i in range(8)])
+    torch.manual_seed(0)
+    second = torch.stack([aug[i][0] for i in range(8)])
+    base = torch.stack([plain[i][0] for i in range(8)])
+    assert first.shape == base.shape == (8, 3, 32, 32)
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, base, atol=1e-3)
+    assert [aug[i][1] for i in range(8)] == [plain[i][1] for i in range(8)]
+    third = torch.stack([aug[i][0] for i in range(8)])  # RNG moved on: different draws
+    assert not torch.equal(first, third)
+    # Un-augmented items do not touch the RNG and are deterministic.
+    torch.manual_seed(0)
+    plain[0]
+    after_item = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_item, torch.rand(3))
+
+
+@pytest.mark.parametrize("params, key", [
+    ({"image_size": 4}, "image_size"),
+    ({"image_size": 32.0}, "image_size"),
+    ({"test_fraction": 0.0}, "test_fraction"),
+    ({"test_fraction": 1.0}, "test_fraction"),
+    ({"test_fraction": -0.3}, "test_fraction"),
+])
+def test_digits_param_validation(params, key):
+    with pytest.raises(DataError) as info:
+        D.digits("train", **params)
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+def test_bad_split_name():
+    with pytest.raises(DataError, match="split"):
+        D.digits("validation")
+
+
+def test_describe_dataset():
+    ds = D.digits("test", image_size=12)
+    assert D.describe_dataset(ds) == {"name": "digits", "num_classes": 10, "size": len(ds), "image_size": 12}
+
+
+# --------------------------------------------------------------------------- image folders
+
+COLORS = {"zebra": (250, 10, 10), "apple": (10, 250, 10), "mango": (10, 10, 250)}
+
+
+def _make_tree(root, classes=("zebra", "apple", "mango"), per_class=3, splits=("train", "test"), size=12):
+    for split in splits:
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                im = Image.new("RGB", (size, size), COLORS.get(cls, (128, 128, 128)))
+                for x in range(size):  # a gradient so crops/flips are visible
+                    im.putpixel((x, k % size), (x * 20 % 256, 0, 0))
+                im.save(folder / f"img{k}.png")
+    return root
+
+
+def test_image_folder_items_and_class_order(tmp_path):
+    root = _make_tree(tmp_path / "data")
+    (root / "train" / "apple" / "notes.txt").write_text("not an image")
+    ds = D.image_folder("train", root=str(root), image_size=8)
+    assert ds.classes == ["apple", "mango", "zebra"]
+    assert ds.num_classes == 3 and len(ds) == 9 and ds.image_size == 8
+    assert ds.name == f"image_folder:{root.resolve()}"
+    img, label = ds[0]
+    assert img.dtype == torch.float32 and img.shape == (3, 8, 8) and type(label) is int
+    assert ds.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # Class 'apple' is green: after normalization green channel is the largest at a plain pixel.
+    assert img[1, 6, 6] > img[0, 6, 6] and img[1, 6, 6] > img[2, 6, 6]
+    test = D.image_folder("test", root=str(root), image_size=8)
+    assert test.classes == ds.classes and len(test) == 9
+    assert D.describe_dataset(test)["size"] == 9
+
+
+def test_image_folder_eval_transform_deterministic_and_normalized(tmp_path):
+    root = _make_tree(tmp_path / "data")
+    ds = D.image_folder("test", root=str(root), image_size=12, resize=12, mean=[0.0, 0.0, 0.0],
+                        std=[1.0, 1.0, 1.0])
+    torch.manual_seed(0)
+    a = ds[4][0]
+    torch.manual_seed(99)
+    b = ds[4][0]
+    assert torch.equal(a, b)
+    # With resize == image_size and identity normalization the pixels are exact.
+    expected = torch.tensor([10, 10, 250], dtype=torch.float32) / 255
+    assert torch.allclose(a[:, 6, 6], expected)
+
+
+def test_image_folder_augmentation_repeatable(tmp_path):
+    root = _make_tree(tmp_path / "data", size=24)
+    ds = D.image_folder("train", True, root=str(root), image_size=12, resize=24)
+    torch.manual_seed(3)
+    first = torch.stack([ds[i][0] for i in range(len(ds))])
+    torch.manual_seed(3)
+    second = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert first.shape == (9, 3, 12, 12)
+    assert torch.equal(first, second)
+    draws = {tuple(ds[0][0].flatten().tolist()) for _ in range(20)}
+    assert len(draws) > 1
+    fixed = D.image_folder("train", True, root=str(root), image_size=12, resize=24, hflip=False,
+                           random_crop=False)
+    assert len({tuple(fixed[0][0].flatten().tolist()) for _ in range(5)}) == 1
+
+
+def test_image_folder_missing_root(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError) as info:
+        D.image_folder("train", root=str(missing))
+    assert str(missing) in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_image_folder_missing_split_folder(tmp_path):
+    root = _make_tree(tmp_path / "data", splits=("train",))
+    with pytest.raises(DataError) as info:
+        D.image_folder("test", root=str(root))
+    assert str(root / "test") in str(info.value)
+
+
+def test_image_folder_no_class_folders(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="no class sub-folders") as info:
+        D.image_folder("train", root=str(tmp_path / "data"))
+    assert str(tmp_path / "data" / "train") in str(info.value)
+
+
+def test_image_folder_empty_class_folder(tmp_path):
+    root = _make_tree(tmp_path / "data")
+    (root / "train" / "kiwi").mkdir()
+    (root / "train" / "kiwi" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no images") as info:
+        D.image_folder("train", root=str(root))
+    assert str(root / "train" / "kiwi") in str(info.value)
+
+
+def test_image_folder_mismatched_class_sets(tmp_path):
+    root = _make_tree(tmp_path / "data", splits=("train",))
+    _make_tree(root, classes=("apple", "mango", "pear"), splits=("test",))
+    with pytest.raises(DataError) as info:
+        D.image_folder("test", root=str(root))
+    msg = str(info.value)
+    assert "zebra" in msg and "pear" in msg and "apple" not in msg.split("differ")[1]
+    assert len(msg.splitlines()) == 1
+
+
+def test_image_folder_corrupt_image_names_file(tmp_path):
+    root = _make_tree(tmp_path / "data")
+    bad = root / "train" / "apple" / "img9.png"
+    bad.write_bytes(os.urandom(200))
+    truncated = root / "train" / "mango" / "img9.png"
+    good_bytes = (root / "train" / "mango" / "img0.png").read_bytes()
+    truncated.write_bytes(good_bytes[: len(good_bytes) // 2])
+    ds = D.image_folder("train", root=str(root), image_size=8)  # lazy: construction succeeds
+    paths = [p for p, _ in ds.samples]
+    for broken in (bad, truncated):
+        with pytest.raises(DataError) as info:
+            ds[paths.index(str(broken.resolve()))]
+        assert str(broken.resolve()) in str(info.value)
+        assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("params, key", [
+    ({"mean": [0.5, 0.5]}, "mean"),
+    ({"std": [0.2, 0.0, 0.2]}, "std"),
+    ({"resize": 4, "image_size": 8}, "resize"),
+    ({"image_size": 0}, "image_size"),
+])
+def test_image_folder_param_validation(tmp_path, params, key):
+    root = _make_tree(tmp_path / "data")
+    with pytest.raises(DataError) as info:
+        D.image_folder("train", root=str(root), **params)
+    assert info.value.key == key
