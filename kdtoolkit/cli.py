@@ -36,7 +36,7 @@ def cli() -> None:
 @click.option("--device", type=str, default=None, help="auto, cpu, cuda, cuda:N or mps (default: the recipe's, auto).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key, e.g. --set stages.kd.phases[0].epochs=3 (repeatable).")
-@click.option("--force", is_flag=True, help="Retrain stages whose stored results came from a different recipe.")
+@click.option("--force", is_flag=True, help="Retrain stages whose stored results came from a different recipe (others are reused).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines; the summary still prints.")
 def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str, ...], force: bool, quiet: bool) -> None:
     """Run every stage of RECIPE (teachers first) and write the run directory."""

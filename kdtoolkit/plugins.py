@@ -142,12 +142,16 @@ class PluginManager:
             self.pm.register(obj, name=name)
         except Exception as exc:
             info.status, info.error = "failed", _short_error(exc)
-            self.infos[name] = info
+            # never overwrite (and so disable) the plugin already holding the name
+            self.infos[name if name not in self.infos else f"{name} ({info.module})"] = info
             return
         # Hook implementations that match no spec are typos: refuse the plugin.
+        # (pluggy adds a spec-less caller to pm.hook for every unknown name it
+        # has seen, so test for the spec, not for the attribute.)
         unknown = [
             h for h in dir(obj)
-            if h.startswith("kdt_") and callable(getattr(obj, h)) and not hasattr(self.pm.hook, h)
+            if h.startswith("kdt_") and callable(getattr(obj, h))
+            and getattr(getattr(self.pm.hook, h, None), "spec", None) is None
         ]
         if unknown:
             self.pm.unregister(obj)
@@ -170,7 +174,7 @@ class PluginManager:
         for kind in KINDS:
             registry = Registry(kind)
             hook = getattr(self.pm.hook, HOOKS[kind])
-            for impl in reversed(hook.get_hookimpls()):  # registration order
+            for impl in hook.get_hookimpls():  # registration order
                 info = self.infos.get(impl.plugin_name)
                 if info is not None and info.status != "loaded":
                     continue
@@ -178,20 +182,24 @@ class PluginManager:
                 try:
                     impl.function(registry=registry.bound(impl.plugin_name))
                 except PluginError as exc:
-                    self._fail(impl.plugin_name, exc.message)
+                    self._fail(impl.plugin_name, exc.message, registry)
                     continue
                 except Exception as exc:
-                    self._fail(impl.plugin_name, f"{HOOKS[kind]} raised {_short_error(exc)}")
+                    self._fail(impl.plugin_name, f"{HOOKS[kind]} raised {_short_error(exc)}", registry)
                     continue
                 added = sorted(set(registry.names()) - before)
                 if info is not None and added:
                     info.components.setdefault(kind, []).extend(added)
             self.registries[kind] = registry
 
-    def _fail(self, name: str, error: str) -> None:
+    def _fail(self, name: str, error: str, current: Registry | None = None) -> None:
         info = self.infos.get(name)
         if info is not None:
             info.status, info.error = "failed", error
+            info.components = {}
+        # A failed plugin contributes nothing: drop what it registered before failing.
+        for registry in [*self.registries.values(), *([current] if current is not None else [])]:
+            registry.drop_owner(name)
 
     def registry(self, kind: str) -> Registry:
         """The registry of component ``kind`` (``backbone``, ``head``, ...)."""

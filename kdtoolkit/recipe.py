@@ -45,7 +45,7 @@ TOP_KEYS = (
 DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "num_workers", "drop_last")
 EVAL_KEYS = ("metrics", "batch_size")
 STAGE_KEYS = (
-    "description", "teacher", "compare_to", "seed", "data", "model", "losses",
+    "base", "description", "teacher", "compare_to", "seed", "data", "model", "losses",
     "phases", "metrics",
 )
 MODEL_KEYS = ("backbone", "head", "init_from_teacher", "weights")
@@ -334,6 +334,7 @@ class Validator:
         stages_raw = self.table(raw.get("stages"), "stages") if "stages" in raw else self.fail("stages", "missing required key: a recipe needs at least one stage")
         if not stages_raw:
             self.fail("stages", "a recipe needs at least one stage")
+        stages_raw = self.stage_bases(stages_raw)
         stages: dict[str, Any] = {}
         for sname, sraw in stages_raw.items():
             if not NAME_RE.match(sname):
@@ -344,6 +345,36 @@ class Validator:
         for sname in order:
             self.cross_check(sname, stages)
         return res, order
+
+    def stage_bases(self, stages_raw: dict[str, Any]) -> dict[str, Any]:
+        """Resolve ``base = "other"``: a stage starts as a copy of another stage's
+        table, and its own keys are merged over it (tables merge, lists replace)."""
+        out: dict[str, Any] = {}
+
+        def resolve(name: str, trail: tuple[str, ...]) -> dict[str, Any]:
+            if name in out:
+                return out[name]
+            raw = self.table(stages_raw[name], f"stages.{name}")
+            base = raw.get("base")
+            if base is None:
+                out[name] = raw
+                return raw
+            if not isinstance(base, str):
+                self.fail(f"stages.{name}.base", f"expected a stage name, got {describe_value(base)}")
+            if base not in stages_raw:
+                self.fail(f"stages.{name}.base", f"no stage named '{base}'{suggest(base, list(stages_raw))}")
+            if base in trail or base == name:
+                self.fail(f"stages.{name}.base", "stage bases form a cycle: " + " -> ".join(trail + (name, base)))
+            merged = deep_merge(resolve(base, trail + (name,)), {k: v for k, v in raw.items() if k != "base"})
+            merged.pop("base", None)
+            if "description" not in raw:
+                merged["description"] = name
+            out[name] = merged
+            return merged
+
+        for name in stages_raw:
+            resolve(name, ())
+        return {name: out[name] for name in stages_raw}
 
     def data(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
         raw = self.table(raw, key)
@@ -409,8 +440,20 @@ class Validator:
         head_outputs = set(hd.attr("outputs", ("logits",)))
         losses = []
         ids: set[str] = set()
-        for i, lraw in enumerate(self.array(raw.get("losses", []), f"{key}.losses")):
-            lkey = f"{key}.losses[{i}]"
+        losses_raw = raw.get("losses", [])
+        if isinstance(losses_raw, dict):  # table form: id -> {name = ..., weight = ...}
+            items = []
+            for lid, lraw in losses_raw.items():
+                lkey = f"{key}.losses.{lid}"
+                lraw = dict(self.table(lraw, lkey))
+                if "id" in lraw and lraw["id"] != lid:
+                    self.fail(f"{lkey}.id", "in the table form the key is the id")
+                lraw.setdefault("name", lid)
+                lraw["id"] = lid
+                items.append((lkey, lraw))
+        else:
+            items = [(f"{key}.losses[{i}]", l) for i, l in enumerate(self.array(losses_raw, f"{key}.losses"))]
+        for i, (lkey, lraw) in enumerate(items):
             lraw = self.table(lraw, lkey) if not isinstance(lraw, str) else {"name": lraw}
             comp, params = self.component("loss", lraw, lkey, LOSS_CORE_KEYS)
             lid = self.value(lraw, lkey, "id", str, comp.name)
@@ -425,6 +468,7 @@ class Validator:
                 self.fail(f"{lkey}.name", f"loss '{comp.name}' needs head outputs {', '.join(missing)}, which head '{hd.name}' does not produce")
             losses.append({"name": comp.name, "id": lid, "weight": weight, **params})
         st["losses"] = losses
+        st["_losses_list"] = not isinstance(losses_raw, dict)
 
         # phases
         phases_raw = self.array(raw.get("phases") if "phases" in raw else self.fail(f"{key}.phases", "missing required key: a stage needs at least one phase"), f"{key}.phases")
@@ -563,11 +607,13 @@ class Validator:
         st = stages[name]
         key = f"stages.{name}"
         hd = st.pop("_head_cls")
+        is_list = st.pop("_losses_list", True)
         teacher = st.get("teacher")
         for i, l in enumerate(st["losses"]):
             comp = self.plugins.registry("loss").get(l["name"])
             if comp.attr("requires_teacher", False) and not teacher and l["weight"] != 0:
-                self.fail(f"{key}.losses[{i}].name", f"loss '{l['name']}' needs a teacher: set {key}.teacher to an earlier stage")
+                self.fail(f"{key}.losses[{i}].name" if is_list else f"{key}.losses.{l['id']}.name",
+                          f"loss '{l['name']}' needs a teacher: set {key}.teacher to an earlier stage")
         if st["model"]["init_from_teacher"] and not teacher:
             self.fail(f"{key}.model.init_from_teacher", f"needs a teacher: set {key}.teacher")
         del hd

@@ -120,6 +120,13 @@ class Registry:
             params=params,
         )
 
+    def drop_owner(self, owner: str) -> list[str]:
+        """Remove every component registered by plugin ``owner`` (one that failed)."""
+        names = [n for n, c in self._items.items() if c.owner == owner]
+        for n in names:
+            del self._items[n]
+        return names
+
     # -- lookup -------------------------------------------------------
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -236,12 +236,16 @@ class PhaseContext:
     seed: int
     dist: Dist
     precision: str = "fp32"
+    stage_dir: Path | None = None
 
-    def loader(self, split: str = "train_eval", batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Un-shuffled batches of ``split`` (``train``, ``train_eval``, ``test``)."""
+    def loader(self, split: str = "train_eval", batch_size: int | None = None, *, shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Un-shuffled batches of ``split`` (``train``, ``train_eval``, ``test``).
+
+        Every rank of a distributed run sees the whole split unless ``shard``.
+        """
         ds = getattr(self.data, split)
         return batches(ds, batch_size or self.data.spec["eval_batch_size"], shuffle=False, seed=0,
-                       num_workers=self.data.spec["num_workers"], dist=self.dist)
+                       num_workers=self.data.spec["num_workers"], dist=self.dist if shard else None)
 
 
 def autocast(device: torch.device, precision: str):
@@ -334,6 +338,7 @@ class Runner:
             raise KdtError("precision 'fp16' needs a GPU; use bf16 or fp32 on the CPU", source=str(recipe.path), key="precision")
         self.interrupted = False
         self._records: dict[str, Records] = {}
+        self._data: dict[str, StageData] = {}
 
     # -- preflight --------------------------------------------------------
     def preflight(self) -> None:
@@ -357,12 +362,32 @@ class Runner:
                         f"{self.recipe.stage_hash(name)}); use --force to retrain it, or another --out",
                         source=str(f),
                     )
+        for name in self.recipe.order:
+            self.data_for(name)
         try:
             usage = __import__("shutil").disk_usage(probe_dir)
             if usage.free < 50 * 2**20:
                 raise KdtError(f"only {usage.free // 2**20} MiB free on the output disk", source=str(out))
         except OSError:
             pass
+
+    def data_for(self, name: str) -> StageData:
+        """The stage's datasets, built once per distinct data table.
+
+        Built during preflight for every stage, so a bad dataset (missing
+        folder, unreadable image list, bad parameter) stops the run before
+        anything is trained or written.
+        """
+        spec = self.recipe.stage(name)["data"]
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._data:
+            try:
+                self._data[key] = build_data(self.recipe.stage(name), self.plugins)
+            except KdtError as exc:
+                where = f"stages.{name}.data" + (f".{exc.key}" if exc.key else "")
+                src = f"{self.recipe.path}: {where}: {exc.source}" if exc.source else str(self.recipe.path)
+                raise type(exc)(exc.message, source=src, key=None if exc.source else where) from None
+        return self._data[key]
 
     @staticmethod
     def _stored_hash(path: Path) -> str | None:
@@ -410,7 +435,7 @@ class Runner:
         sdir = self.stage_dir(name)
         shash = self.recipe.stage_hash(name)
         result_file = sdir / "result.json"
-        if result_file.exists() and (sdir / "model.safetensors").exists() and not self.opt.force:
+        if result_file.exists() and (sdir / "model.safetensors").exists():
             try:
                 res = json.loads(result_file.read_text())
             except (OSError, json.JSONDecodeError):
@@ -419,11 +444,12 @@ class Runner:
                 self.progress.log(f"stage [bold]{name}[/]: already complete in {sdir}, reused")
                 return res
         if self.opt.force and self.dist.is_main:
-            for f in ("result.json", "checkpoint.safetensors", "records.safetensors", "metrics.jsonl"):
-                if (sdir / f).exists() and self._stored_hash(sdir / f) != shash if f != "metrics.jsonl" else False:
+            # --force: results of a different recipe are retrained (stages whose hash still matches are reused)
+            for f in ("result.json", "checkpoint.safetensors"):
+                if (sdir / f).exists() and self._stored_hash(sdir / f) != shash:
                     (sdir / f).unlink()
 
-        data = build_data(st, self.plugins)
+        data = self.data_for(name)
         torch.manual_seed(st["seed"])
         model = build_model(st, data.num_classes, self.plugins).to(self.device)
         teacher = self._teacher(st, data) if st["teacher"] else None
@@ -438,10 +464,18 @@ class Runner:
                         raise RecipeError(f"selects no parameter of this model ({', '.join(grp['params'])})",
                                           source=str(self.recipe.path), key=f"stages.{name}.phases[{i}].groups[{g}].params")
 
+        trainer = StageTrainer(self, name, st, model, teacher, data, shash)
+        # Losses that depend on both models (e.g. matching prototype counts) check them now.
+        for i, l in enumerate(st["losses"]):
+            check = getattr(trainer.losses[l["id"]], "check_models", None)
+            if check is not None and l["weight"] != 0:
+                try:
+                    check(model, teacher)
+                except ValueError as exc:
+                    raise RecipeError(str(exc), source=str(self.recipe.path), key=f"stages.{name}.losses[{i}]") from None
         if self.dist.is_main:
             sdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        trainer = StageTrainer(self, name, st, model, teacher, data, shash)
         history, flags = trainer.train()
         train_seconds = time.perf_counter() - t0 + trainer.previous_seconds
 
@@ -614,7 +648,7 @@ class StageTrainer:
         params = {k: v for k, v in ph.items() if k not in ("name", "kind")}
         phase = comp.factory(**params)
         ctx = PhaseContext(self.name, ph, self.model, self.teacher, self.data, self.r.device, self.r.progress,
-                           derive_seed(self.st["seed"], i), self.r.dist, self.r.precision)
+                           derive_seed(self.st["seed"], i), self.r.dist, self.r.precision, self.sdir)
         self.model.eval()
         out = phase.run(ctx) or {}
         for flag, value in (out.get("flags") or {}).items():
@@ -624,6 +658,15 @@ class StageTrainer:
         entry = {"name": ph["name"], "kind": ph["kind"], **{k: v for k, v in out.items() if k not in ("flags", "watch")}}
         self._metrics_line({"stage": self.name, "phase": ph["name"], "kind": ph["kind"], **entry})
         return entry
+
+    def _loss_terms(self, step: Step, active: list[str], ph: dict[str, Any]) -> dict[str, torch.Tensor]:
+        terms = {}
+        for lid in active:
+            try:
+                terms[lid] = self.losses[lid](step)
+            except (ValueError, TypeError) as exc:
+                raise TrainingError(f"stage '{self.name}', phase '{ph['name']}': loss '{lid}' cannot be computed: {exc}") from None
+        return terms
 
     def _selected_losses(self, ph: dict[str, Any]) -> list[str]:
         return [lid for lid in ph["losses"] if self.loss_specs[lid]["weight"] != 0]
@@ -690,7 +733,7 @@ class StageTrainer:
                         with torch.no_grad():
                             t_out = self.teacher(x)
                     step = Step(x, y, outputs, self.model, t_out, self.teacher)
-                    terms = {lid: self.losses[lid](step) for lid in active}
+                    terms = self._loss_terms(step, active, ph)
                     total = sum(self.loss_specs[lid]["weight"] * v.float() for lid, v in terms.items())
                 values = {lid: float(v.detach()) for lid, v in terms.items()}
                 tval = float(total.detach())

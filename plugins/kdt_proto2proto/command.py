@@ -1,0 +1,197 @@
+"""``kdt metrics``: AAP, AJS and PMS of students against their teacher.
+
+Each model is a stage directory of a run (evaluated once on its recipe's
+test set if it has no records yet; the records are then saved) or a records
+file. ``kdt metrics RUN_DIR`` compares every student stage of a run with its
+teacher. The PMS matching (teacher prototype → student prototype,
+similarity) is saved beside the student's records for explanations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import click
+
+from kdtoolkit.errors import CheckpointError, KdtError
+from kdtoolkit.io import atomic_write_json
+from kdtoolkit.records import Records
+
+from . import metrics as M
+from .evaluation import check_pair, grid_locations
+
+
+def _load_run_recipe(run_dir: Path):
+    from kdtoolkit.plugins import get_manager
+    from kdtoolkit.recipe import Validator, tomllib
+
+    path = run_dir / "recipe.resolved.toml"
+    if not path.is_file():
+        raise KdtError("not a run directory (no recipe.resolved.toml)", source=str(run_dir))
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise KdtError(f"invalid TOML: {exc}", source=str(path)) from None
+    resolved, order = Validator(str(path), get_manager()).recipe(raw, default_name=run_dir.name)
+    return resolved, order
+
+
+def records_for(source: Path, device: str = "auto", progress=None) -> Records:
+    """Records of a model given as a records file or a stage directory of a run."""
+    if source.is_file():
+        return Records.load(source)
+    if not source.is_dir():
+        raise KdtError("no such file or directory", source=str(source))
+    saved = source / "records.safetensors"
+    if saved.is_file():
+        return Records.load(saved)
+    weights = source / "model.safetensors"
+    if not weights.is_file():
+        raise KdtError("not a stage directory (no model.safetensors or records.safetensors)", source=str(source))
+    resolved, _ = _load_run_recipe(source.parent)
+    name = source.name
+    if name not in resolved["stages"]:
+        raise KdtError(f"stage '{name}' is not in the run's recipe", source=str(source))
+    from kdtoolkit.plugins import get_manager
+    from kdtoolkit.trainer import build_data, build_model, evaluate, load_model_file, load_state_strict, resolve_device
+
+    pm = get_manager()
+    st = resolved["stages"][name]
+    data = build_data(st, pm)
+    model = build_model(st, data.num_classes, pm)
+    state, _ = load_model_file(weights)
+    load_state_strict(model, state, str(weights))
+    dev = resolve_device(device)
+    model.to(dev)
+    head = pm.registry("head").get(st["model"]["head"]["name"])
+    recs = evaluate(model, data.test, batch_size=st["data"]["eval_batch_size"], device=dev,
+                    record_keys=tuple(head.attr("record_keys", ())), progress=progress,
+                    meta={"stage": name, "dataset": getattr(data.test, "name", st["data"]["dataset"]),
+                          "num_classes": data.num_classes})
+    recs.save(saved)
+    return recs
+
+
+def _name(source: Path, recs: Records) -> str:
+    return str(recs.meta.get("stage") or source.stem)
+
+
+def _matching_path(student_source: Path, teacher_name: str) -> Path:
+    base = student_source if student_source.is_dir() else student_source.parent
+    return base / f"pms_matching_vs_{teacher_name}.json"
+
+
+def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: tuple[float, ...], with_pms: bool,
+            teacher_name: str) -> dict:
+    """Metrics of a teacher and its students, keyed by model name."""
+    out: dict = {}
+    locations = grid_locations(teacher, "teacher")
+    acc = lambda r: float((r["logits"].argmax(1) == r["labels"]).float().mean())
+    out[teacher_name] = {"role": "teacher", "accuracy": acc(teacher),
+                         "aap": M.aap_by_tau(teacher["min_distances"], teacher["argmin"], locations, taus)}
+    for name, recs, source in students:
+        check_pair(teacher, recs)
+        entry = {"role": "student", "teacher": teacher_name, "accuracy": acc(recs),
+                 "aap": M.aap_by_tau(recs["min_distances"], recs["argmin"], locations, taus),
+                 "ajs": M.ajs_by_tau(teacher["min_distances"], teacher["argmin"], recs["min_distances"], recs["argmin"],
+                                     locations, taus)}
+        if with_pms:
+            t0 = time.perf_counter()
+            res = M.prototype_matching_score(teacher["argmin"], recs["argmin"], locations)
+            entry["pms"] = res.score
+            entry["pms_seconds"] = round(time.perf_counter() - t0, 3)
+            if res.reason:
+                entry["pms_note"] = res.reason
+            else:
+                path = _matching_path(source, teacher_name)
+                atomic_write_json(path, {"teacher": teacher_name, "student": name, **res.to_json()})
+                entry["pms_matching"] = str(path)
+        out[name] = entry
+    return out
+
+
+def _print(results: dict, taus: tuple[float, ...], with_pms: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdtoolkit.report import fmt
+
+    console = Console()
+    keys = [M.tau_key(t) for t in taus]
+    t = Table(title="Interpretability metrics (AAP, AJS per τ)")
+    for c in ["model", "role", "accuracy", "metric", *[f"τ={k}" for k in keys]]:
+        t.add_column(c)
+    for name, e in results.items():
+        t.add_row(name, e["role"], fmt(e["accuracy"]), "AAP", *[fmt(e["aap"][k]) for k in keys])
+        if "ajs" in e:
+            t.add_row("", "", "", f"AJS vs {e['teacher']}", *[fmt(e["ajs"][k]) for k in keys])
+    console.print(t)
+    if with_pms:
+        p = Table(title="Prototype Matching Score (τ = ∞)")
+        for c in ("student", "teacher", "PMS", "seconds", "matching / note"):
+            p.add_column(c)
+        for name, e in results.items():
+            if e["role"] == "student":
+                p.add_row(name, e["teacher"], fmt(e.get("pms")), fmt(e.get("pms_seconds")),
+                          e.get("pms_note") or e.get("pms_matching", ""))
+        console.print(p)
+
+
+@click.command()
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--teacher", type=click.Path(path_type=Path), help="Teacher: a stage directory or a records file.")
+@click.option("--student", "students", multiple=True, type=click.Path(path_type=Path),
+              help="Student: a stage directory or a records file (repeatable).")
+@click.option("--tau", "tau_text", default=None, help="Thresholds, e.g. 0.01,0.1,0.2,0.45,1,3,5,inf (default).")
+@click.option("--pms", "with_pms", is_flag=True, help="Also compute the Prototype Matching Score.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the metrics as JSON.")
+@click.option("--device", default="auto", help="Device for evaluating stages without records.")
+def metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path, ...], tau_text: str | None,
+            with_pms: bool, json_out: Path | None, device: str) -> None:
+    """AAP and AJS per τ, and PMS (--pms), of students against their teacher.
+
+    Either RUN_DIR (every student stage of a run against its teacher) or
+    --teacher T --student S [--student S2 ...].
+    """
+    try:
+        taus = M.parse_taus(tau_text) if tau_text else tuple(M.DEFAULT_TAUS)
+    except ValueError as exc:
+        raise KdtError(str(exc), source="--tau") from None
+    groups: list[tuple[Path, list[Path]]] = []
+    if run_dir is not None:
+        if teacher or students:
+            raise KdtError("give either RUN_DIR or --teacher/--student, not both", source="kdt metrics")
+        resolved, order = _load_run_recipe(run_dir)
+        refs: dict[str, list[str]] = {}
+        for name in order:
+            st = resolved["stages"][name]
+            ref = st.get("teacher") or st.get("compare_to")
+            if ref:
+                refs.setdefault(ref, []).append(name)
+        if not refs:
+            raise KdtError("the run has no stage with a teacher or compare_to stage", source=str(run_dir))
+        for ref, names in refs.items():
+            groups.append((run_dir / ref, [run_dir / n for n in names]))
+    else:
+        if teacher is None or not students:
+            raise KdtError("give RUN_DIR, or --teacher and at least one --student", source="kdt metrics")
+        groups.append((teacher, list(students)))
+    results: dict = {}
+    for tsrc, ssrcs in groups:
+        trec = records_for(tsrc, device)
+        tname = _name(tsrc, trec)
+        srecs = []
+        for s in ssrcs:
+            r = records_for(s, device)
+            srecs.append((_name(s, r), r, s))
+        for name, entry in compare(trec, srecs, taus, with_pms, tname).items():
+            if name in results and results[name]["role"] == "teacher" and entry["role"] == "teacher":
+                continue
+            results[name] = entry
+    _print(results, taus, with_pms)
+    if json_out is not None:
+        atomic_write_json(json_out, results)
+        click.echo(f"metrics: {json_out}")

@@ -1,0 +1,130 @@
+"""Interpretability metrics as registered components, computed from records.
+
+``aap``, ``ajs`` and ``pms`` read the ``min_distances``/``argmin`` records of
+a model (and of its teacher), so one forward pass per model serves every
+threshold. Teacher and student records must cover the same test images on
+the same latent grid: a mismatch is a clear error, never a silent number.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kdtoolkit.errors import KdtError
+from kdtoolkit.records import Records
+
+from . import metrics as M
+
+
+def grid_locations(records: Records, who: str = "model") -> int:
+    """``H·W`` of the records' latent grid."""
+    if "H" not in records.meta or "W" not in records.meta:
+        raise KdtError(f"{who} records carry no latent grid (metadata H, W): not a prototype model?")
+    return int(records.meta["H"]) * int(records.meta["W"])
+
+
+def check_pair(teacher: Records, student: Records) -> int:
+    """Teacher and student records are comparable; returns ``H·W``.
+
+    :raises KdtError: for different images, datasets, grids or labels.
+    """
+    for r, who in ((teacher, "teacher"), (student, "student")):
+        for key in ("min_distances", "argmin"):
+            if key not in r:
+                raise KdtError(f"{who} records have no '{key}': not a prototype model")
+    tg = (teacher.meta.get("H"), teacher.meta.get("W"))
+    sg = (student.meta.get("H"), student.meta.get("W"))
+    if tg != sg:
+        raise KdtError(f"teacher and student latent grids differ ({tg[0]}×{tg[1]} vs {sg[0]}×{sg[1]}): AJS and PMS compare "
+                       "locations directly; cut the backbones so that the grids match")
+    if teacher.n != student.n:
+        raise KdtError(f"teacher has records of {teacher.n} images, student of {student.n}: evaluate both on the same test set")
+    td, sd = teacher.meta.get("dataset"), student.meta.get("dataset")
+    if td and sd and td != sd:
+        raise KdtError(f"teacher records are of dataset '{td}', student records of '{sd}'")
+    if not bool((teacher["labels"] == student["labels"]).all()):
+        raise KdtError("teacher and student records list different labels: not the same test images in the same order")
+    return grid_locations(student, "student")
+
+
+def _check_taus(params: dict) -> None:
+    taus = params["taus"]
+    if not taus:
+        raise ValueError("taus", "give at least one threshold")
+    if any(not (t >= 0) for t in taus):
+        raise ValueError("taus", f"thresholds must be >= 0 (inf allowed), got {taus}")
+
+
+class AAP:
+    """AAP, the Average number of Active Patches, for every threshold τ.
+
+    A prototype is active in an image when its minimum distance is ≤ τ; the
+    active patches are the distinct locations of the active prototypes'
+    minima; AAP_τ is their number averaged over test images. Result key
+    ``aap``: a table keyed by τ (``"inf"`` for ∞).
+
+    :param taus: the thresholds (default {0.01, 0.1, 0.2, 0.45, 1, 3, 5, ∞},
+        the original evaluation code's set).
+    """
+
+    requires_reference = False
+    requires_records = ("min_distances", "argmin")
+
+    def __init__(self, *, taus: list[float] = list(M.DEFAULT_TAUS)):
+        self.taus = list(taus)
+
+    check_params = staticmethod(_check_taus)
+
+    def __call__(self, records: Records, reference: Records | None = None) -> dict:
+        return {"aap": M.aap_by_tau(records["min_distances"], records["argmin"], grid_locations(records), self.taus)}
+
+
+class AJS:
+    """AJS, the Average Jaccard Similarity of active patches with the teacher,
+    for every threshold τ: |S^t ∩ S^s| / |S^t ∪ S^s| averaged over test
+    images (0 when both sets are empty). Result key ``ajs``, keyed by τ. A
+    stage without a teacher or ``compare_to`` is compared with itself (1).
+
+    :param taus: the thresholds, as for ``aap``.
+    """
+
+    requires_reference = True
+    requires_records = ("min_distances", "argmin")
+
+    def __init__(self, *, taus: list[float] = list(M.DEFAULT_TAUS)):
+        self.taus = list(taus)
+
+    check_params = staticmethod(_check_taus)
+
+    def __call__(self, records: Records, reference: Records | None = None) -> dict:
+        reference = reference if reference is not None else records
+        locations = check_pair(reference, records)
+        return {"ajs": M.ajs_by_tau(reference["min_distances"], reference["argmin"], records["min_distances"],
+                                    records["argmin"], locations, self.taus)}
+
+
+class PMS:
+    """PMS, the Prototype Matching Score between the teacher's and the model's
+    prototypes (at τ = ∞): co-location counts, capped similarities, Hungarian
+    matching per cap, 1 − mean matched cost. Result keys ``pms`` (``None``
+    with ``pms_note`` when the test set has fewer than 10 images) and
+    ``pms_costs`` (per cap)."""
+
+    requires_reference = True
+    requires_records = ("argmin",)
+
+    def __call__(self, records: Records, reference: Records | None = None) -> dict:
+        reference = reference if reference is not None else records
+        locations = check_pair(reference, records)
+        res = M.prototype_matching_score(reference["argmin"], records["argmin"], locations)
+        out = {"pms": res.score, "pms_costs": res.costs}
+        if res.reason:
+            out["pms_note"] = res.reason
+        return out
+
+
+def at_tau(table: dict | None, tau: float = math.inf):
+    """The value of a per-τ result table at ``tau`` (``None`` if absent)."""
+    if not isinstance(table, dict):
+        return None
+    return table.get(M.tau_key(tau))

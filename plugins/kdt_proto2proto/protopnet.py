@@ -1,0 +1,114 @@
+"""The ProtoPNet head (method notes §1) as an ``nn.Module``.
+
+``features → add-on → squared-L2 patch distances to P class-specific
+prototypes → min-pool (keeping the argmin location) → similarity → last layer``.
+The arithmetic lives in :mod:`kdt_proto2proto.functional`; this module holds
+the parameters and their initialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+
+def _kaiming(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def add_on_layers(in_channels: int, depth: int, kind: str) -> nn.Sequential:
+    """ProtoPNet's add-on layers, ending in a Sigmoid so z ∈ (0, 1).
+
+    ``regular``: 1×1 conv C→D, ReLU, 1×1 conv D→D, Sigmoid.
+    ``bottleneck``: pairs of 1×1 conv–ReLU–conv halving the channels from C
+    down to D (ReLU between pairs, Sigmoid at the end).
+    Kaiming-normal (fan-out) init, zero bias.
+    """
+    layers: list[nn.Module] = []
+    if kind == "regular":
+        layers = [nn.Conv2d(in_channels, depth, 1), nn.ReLU(), nn.Conv2d(depth, depth, 1), nn.Sigmoid()]
+    else:
+        current = in_channels
+        while True:
+            nxt = max(depth, current // 2)
+            layers += [nn.Conv2d(current, nxt, 1), nn.ReLU(), nn.Conv2d(nxt, nxt, 1)]
+            current = nxt
+            if current == depth:
+                layers.append(nn.Sigmoid())
+                break
+            layers.append(nn.ReLU())
+    seq = nn.Sequential(*layers)
+    _kaiming(seq)
+    return seq
+
+
+class ProtoPNetHead(nn.Module):
+    """ProtoPNet head: class-specific prototypes compared to every latent patch.
+
+    Outputs: ``logits`` ``[B,K]``, ``min_distances`` ``[B,P]`` (squared L2),
+    ``argmin`` ``[B,P]`` (flat location h·W+w of each minimum), ``features``
+    (the add-on output z ``[B,D,H,W]``) and ``similarities`` ``[B,P]``.
+    Parameter groups: ``head.add_on``, ``head.prototypes``, ``head.last_layer``.
+
+    :param prototypes_per_class: prototypes per class (paper: 10); P = K × this.
+    :param prototype_depth: D, the channels of the add-on output and of each
+        prototype (paper: 256 for ResNets, 128 for VGG).
+    :param add_on: ``regular`` or ``bottleneck`` add-on layers.
+    :param similarity: ``log`` — log((d+1)/(d+1e-4)) — or ``linear`` — −d.
+    :param incorrect_strength: initial last-layer weight from a prototype to
+        the other classes (own class: +1); paper −0.5.
+    """
+
+    outputs = ("logits", "min_distances", "argmin", "features", "similarities")
+    param_groups = ("add_on", "prototypes", "last_layer")
+    record_keys = ("min_distances", "argmin")
+
+    def __init__(self, in_channels: int, num_classes: int, *, prototypes_per_class: int = 10,
+                 prototype_depth: int = 128, add_on: Literal["regular", "bottleneck"] = "regular",
+                 similarity: Literal["log", "linear"] = "log", incorrect_strength: float = -0.5):
+        super().__init__()
+        self.num_classes = num_classes
+        self.prototypes_per_class = prototypes_per_class
+        self.similarity = similarity
+        self.add_on = add_on_layers(in_channels, prototype_depth, add_on)
+        p = num_classes * prototypes_per_class
+        self.prototypes = nn.Parameter(torch.rand(p, prototype_depth))
+        self.register_buffer("class_identity", F.prototype_class_identity(num_classes, prototypes_per_class), persistent=False)
+        self.last_layer = nn.Linear(p, num_classes, bias=False)
+        with torch.no_grad():
+            self.last_layer.weight.copy_(F.last_layer_init(self.class_identity, incorrect_strength))
+
+    @staticmethod
+    def check_params(params: dict) -> None:
+        if params["prototypes_per_class"] < 1:
+            raise ValueError("prototypes_per_class", f"must be >= 1, got {params['prototypes_per_class']}")
+        if params["prototype_depth"] < 1:
+            raise ValueError("prototype_depth", f"must be >= 1, got {params['prototype_depth']}")
+
+    @property
+    def num_prototypes(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    def latent(self, f: torch.Tensor) -> torch.Tensor:
+        """The add-on output z ∈ (0,1)^{B×D×H×W} for backbone features ``f``."""
+        return self.add_on(f)
+
+    def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.add_on(f)
+        # Distances in float32 even under bf16/fp16 autocast: ||z||² − 2<z,p> + ||p||²
+        # cancels badly in low precision.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            distances = F.squared_l2_distances(z, self.prototypes.float())
+            min_d, argmin = F.min_pool_distances(distances)
+            sim = F.distance_to_similarity(min_d, self.similarity)
+            logits = self.last_layer(sim)
+        return {"logits": logits, "min_distances": min_d, "argmin": argmin, "features": z, "similarities": sim}

@@ -1,0 +1,84 @@
+"""The push (prototype projection) phase, method notes §1 phase 3.
+
+Each prototype is replaced by the nearest latent patch among the
+un-augmented training images of its own class. The pass streams over the
+push set in batches (:class:`~kdt_proto2proto.functional.PrototypeProjector`):
+memory is O(P·D + one batch), whatever the size of the dataset. Where each
+prototype came from (image index, h, w, distance) is written to
+``push.json`` in the stage directory, for explanations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdtoolkit.io import atomic_write_json
+
+from .functional import PrototypeProjector
+
+
+class PushPhase:
+    """Project every prototype onto its nearest training patch of its own class.
+
+    After a push the stage's ``pushed`` flag is true; a later train phase that
+    updates ``head.prototypes`` sets it back to false, so results say which
+    model was evaluated.
+
+    :param batch_size: images per batch of the push pass (default: the
+        stage's ``eval_batch_size``).
+    :param class_specific: project only onto images of the prototype's own
+        class (ProtoPNet); ``false`` allows any image.
+    """
+
+    requires_outputs = ("min_distances",)
+
+    def __init__(self, *, batch_size: int | None = None, class_specific: bool = True):
+        self.batch_size = batch_size
+        self.class_specific = class_specific
+
+    @staticmethod
+    def check_params(params: dict) -> None:
+        if params["batch_size"] is not None and params["batch_size"] < 1:
+            raise ValueError("batch_size", f"must be >= 1, got {params['batch_size']}")
+
+    @torch.inference_mode()
+    def run(self, ctx) -> dict:
+        model = ctx.model
+        head = model.head
+        model.eval()
+        allowed = head.class_identity.bool() if self.class_specific else None
+        projector = PrototypeProjector(head.prototypes.detach(), allowed)
+        bs = self.batch_size or ctx.data.spec["eval_batch_size"]
+        n = len(ctx.data.train_eval)
+        task = ctx.progress.add(f"{ctx.stage} · {ctx.phase['name']} (push)", total=-(-n // bs))
+        offset = 0
+        for x, y in ctx.loader("train_eval", bs):
+            z = head.latent(model.backbone(x.to(ctx.device))).float()
+            ids = torch.arange(offset, offset + x.shape[0])
+            projector.update(z, y.to(z.device), ids.to(z.device))
+            offset += x.shape[0]
+            ctx.progress.advance(task)
+        ctx.progress.finish(task)
+        res = projector.result()  # every rank pushed over the full set: identical prototypes
+        old = head.prototypes.detach().clone()
+        with torch.no_grad():
+            head.prototypes.copy_(res.prototypes.to(head.prototypes.device, head.prototypes.dtype))
+        moved = (head.prototypes.detach() - old).norm(dim=1)
+        info = {
+            "prototypes": [
+                {"prototype": j, "class": int(head.class_identity[j].argmax()) if self.class_specific else None,
+                 "image": int(res.sample_id[j]), "h": int(res.h[j]), "w": int(res.w[j]),
+                 "distance": float(res.distance[j]), "found": bool(res.found[j])}
+                for j in range(head.num_prototypes)
+            ]
+        }
+        if ctx.dist.is_main and ctx.stage_dir is not None:
+            atomic_write_json(ctx.stage_dir / f"push-{ctx.phase['name']}.json", info)
+        return {
+            "flags": {"pushed": True},
+            "watch": {"pushed": "head.prototypes"},
+            "prototypes": head.num_prototypes,
+            "not_found": int((~res.found).sum()),
+            "mean_distance_moved": float(moved.mean()),
+            "images": n,
+        }
