@@ -136,7 +136,7 @@ def kdt_after_epoch(stage, phase, epoch, metrics):
 
     :param stage: the stage name.
     :param phase: the phase name.
-    :param epoch: the epoch index within the phase, from 0.
+    :param epoch: the epoch number within the phase, from 1 (as in ``metrics.jsonl``).
     :param metrics: the dict written to ``metrics.jsonl`` for this epoch.
     :return: nothing (collect-all, return values ignored).
     """

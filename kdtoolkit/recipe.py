@@ -42,7 +42,7 @@ TOP_KEYS = (
     "extends", "name", "description", "seed", "device", "precision", "data",
     "evaluate", "checkpoint_every", "stages",
 )
-DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "num_workers", "drop_last")
+DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "num_workers", "drop_last", "augment")
 EVAL_KEYS = ("metrics", "batch_size")
 STAGE_KEYS = (
     "base", "description", "teacher", "compare_to", "seed", "data", "model", "losses",
@@ -297,11 +297,14 @@ class Validator:
         spec = self.table(spec, key)
         name = self.value(spec, key, "name", str)
         comp = self.plugins.registry(kind).get(name, source=self.source, key=f"{key}.name")
-        params = {k: v for k, v in spec.items() if k not in core_keys}
-        self.known(params, key, list(core_keys) + list(comp.params))
+        return comp, self.params(comp, spec, key, core_keys)
+
+    def params(self, comp: Component, spec: dict[str, Any], key: str, core_keys: tuple[str, ...]) -> dict[str, Any]:
+        """The component's parameters from ``spec`` (other keys: ``core_keys``), checked."""
+        self.known(spec, key, list(core_keys) + list(comp.params))
         out: dict[str, Any] = {}
         for pname, p in comp.params.items():
-            out[pname] = self.value(params, key, pname, p.annotation, p.default)
+            out[pname] = self.value(spec, key, pname, p.annotation, p.default)
         check = getattr(comp.factory, "check_params", None)
         if check is not None:
             try:
@@ -310,7 +313,7 @@ class Validator:
                 if len(exc.args) == 2:
                     self.fail(f"{key}.{exc.args[0]}", str(exc.args[1]))
                 self.fail(key, str(exc))
-        return comp, out
+        return out
 
     # -- sections --------------------------------------------------------
     def recipe(self, raw: dict[str, Any], default_name: str) -> tuple[dict[str, Any], list[str]]:
@@ -380,13 +383,16 @@ class Validator:
         raw = self.table(raw, key)
         if "dataset" not in raw:
             self.fail(f"{key}.dataset", "missing required key: name a dataset (e.g. \"digits\")")
-        comp, params = self.component("dataset", {"name": raw["dataset"], **{k: v for k, v in raw.items() if k not in DATA_KEYS}}, key)
+        name = self.value(raw, key, "dataset", str)
+        comp = self.plugins.registry("dataset").get(name, source=self.source, key=f"{key}.dataset")
+        params = self.params(comp, raw, key, DATA_KEYS)
         out = {
             "dataset": comp.name,
             "batch_size": self.number(raw, key, "batch_size", 64, lo=1, integer=True),
             "eval_batch_size": self.number(raw, key, "eval_batch_size", 256, lo=1, integer=True),
             "num_workers": self.number(raw, key, "num_workers", 0, lo=0, integer=True),
             "drop_last": self.value(raw, key, "drop_last", bool, False),
+            "augment": self.value(raw, key, "augment", bool, True),
         }
         out.update(params)
         return out
@@ -487,6 +493,9 @@ class Validator:
             if kind == "train":
                 phases.append(self.train_phase(praw, pkey, pname, ids, groups_ok, losses))
             else:
+                if kind not in self.plugins.registry("phase"):
+                    kinds = ["train"] + self.plugins.registry("phase").names()
+                    self.fail(f"{pkey}.kind", f"unknown phase {kind!r}{suggest(kind, kinds)}; registered: {', '.join(kinds)}")
                 comp = self.plugins.registry("phase").get(kind, source=self.source, key=f"{pkey}.kind")
                 _, params = self.component("phase", {"name": kind, **{k: v for k, v in praw.items() if k not in PHASE_CORE_KEYS}}, pkey, ("name",))
                 required_outputs = [o for o in comp.attr("requires_outputs", ()) if o not in head_outputs]
@@ -587,20 +596,23 @@ class Validator:
         order: list[str] = []
         state: dict[str, int] = {}
 
-        def visit(n: str, trail: list[str]) -> None:
+        def visit(n: str, trail: list[tuple[str, str]], via: str) -> None:
             if state.get(n) == 2:
                 return
             if state.get(n) == 1:
-                self.fail(f"stages.{n}.teacher", "stages depend on each other in a cycle: " + " -> ".join(trail + [n]))
+                nodes = [t for t, _ in trail]
+                i = nodes.index(n)
+                first_edge = trail[i + 1][1] if i + 1 < len(trail) else via  # the key leaving n
+                self.fail(first_edge, "stages depend on each other in a cycle: " + " -> ".join(nodes[i:] + [n]))
             state[n] = 1
             for ref in ("teacher", "compare_to"):
                 if stages[n].get(ref):
-                    visit(stages[n][ref], trail + [n])
+                    visit(stages[n][ref], trail + [(n, via)], f"stages.{n}.{ref}")
             state[n] = 2
             order.append(n)
 
         for n in stages:
-            visit(n, [])
+            visit(n, [], f"stages.{n}")
         return order
 
     def cross_check(self, name: str, stages: dict[str, Any]) -> None:

@@ -176,7 +176,7 @@ def build_data(stage: dict[str, Any], plugins: PluginManager) -> StageData:
     spec = dict(stage["data"])
     comp = plugins.registry("dataset").get(spec["dataset"])
     params = {k: v for k, v in spec.items() if k in comp.params}
-    train = comp.factory("train", True, **params)
+    train = comp.factory("train", bool(spec.get("augment", True)), **params)
     train_eval = comp.factory("train", False, **params)
     test = comp.factory("test", False, **params)
     return StageData(train, train_eval, test, spec)
@@ -779,7 +779,7 @@ class StageTrainer:
                     "train_accuracy": correct / max(seen, 1),
                     "lr": [g["lr"] for g in opt.param_groups]}
             self._metrics_line(line)
-            self.r.plugins.call("kdt_after_epoch", stage=self.name, phase=ph["name"], epoch=epoch, metrics=line)
+            self.r.plugins.call("kdt_after_epoch", stage=self.name, phase=ph["name"], epoch=epoch + 1, metrics=line)
             if every and (epoch + 1) % every == 0 and epoch + 1 < ph["epochs"]:
                 self.save(i, epoch + 1, 0, opt, sched, scaler)
         self.r.progress.finish(task)
