@@ -113,6 +113,7 @@ def type_name(ann: Any) -> str:
 
 
 def describe_value(value: Any) -> str:
+    """How a value reads in an error message (strings quoted, TOML spellings)."""
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, bool):

@@ -84,6 +84,7 @@ def stages_table(results: dict[str, Any]) -> Table:
 
 
 def collect_tables(results: dict[str, Any], recipe: dict[str, Any], plugins) -> list[Table]:
+    """The core's table of stages followed by every plugin's ``kdt_report_tables``."""
     tables = [stages_table(results)]
     for contributed in plugins.call("kdt_report_tables", results=results, recipe=recipe):
         tables.extend(contributed)

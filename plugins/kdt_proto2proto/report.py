@@ -37,6 +37,7 @@ def _evaluated(res: dict) -> str:
 
 
 def report_tables(results: dict, recipe: dict) -> list[Table]:
+    """Table 1, Table 2 (one per teacher) and the per-τ table for a run's prototype stages."""
     stages = {n: r for n, r in results["stages"].items() if _is_proto(r)}
     if not stages:
         return []
