@@ -91,13 +91,58 @@ def collect_tables(results: dict[str, Any], recipe: dict[str, Any], plugins) -> 
     return tables
 
 
+def training_curves(out: Path, stages: list[str]) -> Path | None:
+    """``training.png``: total loss and training accuracy per epoch of every stage.
+
+    Read from each stage's ``metrics.jsonl``; phases follow each other on one
+    epoch axis. Returns the path, or ``None`` when no stage logged an epoch.
+    """
+    import json
+
+    series = {}
+    for name in stages:
+        f = out / name / "metrics.jsonl"
+        if not f.exists():
+            continue
+        rows = [json.loads(l) for l in f.read_text(encoding="utf-8").splitlines() if l.strip()]
+        rows = [r for r in rows if "epoch" in r and "loss/total" in r]
+        if rows:
+            series[name] = rows
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in series.items():
+        x = list(range(1, len(rows) + 1))
+        ax1.plot(x, [r["loss/total"] for r in rows], label=name)
+        ax2.plot(x, [r.get("train_accuracy", float("nan")) for r in rows], label=name)
+    ax1.set_yscale("log")
+    ax1.set_title("total training loss")
+    ax2.set_title("training accuracy (augmented batches)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("epoch (all phases of the stage in order)")
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "training.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_reports(out: Path, results: dict[str, Any], recipe: dict[str, Any], plugins) -> list[Table]:
-    """Write ``results.json`` and ``results.md`` into ``out``; return the tables."""
+    """Write ``results.json``, ``results.md`` and ``training.png`` into ``out``; return the tables."""
     tables = collect_tables(results, recipe, plugins)
     atomic_write_json(out / "results.json", results)
     md = [f"# Results: {recipe.get('name', '')}", ""]
     if recipe.get("description"):
         md += [recipe["description"], ""]
     md += [t.to_markdown() for t in tables]
+    if training_curves(out, list(results["stages"])):
+        md += ["![training curves](training.png)", ""]
     atomic_write_text(out / "results.md", "\n".join(md))
     return tables

@@ -28,13 +28,38 @@ class PushPhase:
         stage's ``eval_batch_size``).
     :param class_specific: project only onto images of the prototype's own
         class (ProtoPNet); ``false`` allows any image.
+    :param figure: also save ``prototypes-<phase>.png``: every prototype's
+        source image with its activation box (95th percentile of the upsampled
+        similarity map).
     """
 
     requires_outputs = ("min_distances",)
 
-    def __init__(self, *, batch_size: int | None = None, class_specific: bool = True):
+    def __init__(self, *, batch_size: int | None = None, class_specific: bool = True, figure: bool = True):
         self.batch_size = batch_size
         self.class_specific = class_specific
+        self.figure = figure
+
+    def _figure(self, ctx, res) -> None:
+        """``prototypes-<phase>.png``: each prototype's source image and activation box."""
+        from .figures import activation_box, prototype_figure
+
+        head = ctx.model.head
+        ds = ctx.data.train_eval
+        images, boxes, labels = [], [], []
+        for j in range(head.num_prototypes):
+            if not bool(res.found[j]):
+                continue
+            img, lab = ds[int(res.sample_id[j])]
+            z = head.latent(ctx.model.backbone(img[None].to(ctx.device))).float()
+            d = ((z[0] - head.prototypes[j].float()[:, None, None]) ** 2).sum(0)
+            sim = torch.log((d + 1) / (d + 1e-4))
+            boxes.append(activation_box(sim.cpu(), tuple(img.shape[-2:])))
+            images.append(img)
+            name = ds.classes[lab] if hasattr(ds, "classes") else str(lab)
+            labels.append(f"p{j} · {name}")
+        prototype_figure(ctx.stage_dir / f"prototypes-{ctx.phase['name']}.png", images, boxes, labels,
+                         f"{ctx.stage}: prototypes after push '{ctx.phase['name']}' (source image, 95th-percentile box)")
 
     @staticmethod
     def check_params(params: dict) -> None:
@@ -74,6 +99,8 @@ class PushPhase:
         }
         if ctx.dist.is_main and ctx.stage_dir is not None:
             atomic_write_json(ctx.stage_dir / f"push-{ctx.phase['name']}.json", info)
+            if self.figure:
+                self._figure(ctx, res)
         return {
             "flags": {"pushed": True},
             "watch": {"pushed": "head.prototypes"},
