@@ -104,8 +104,9 @@ def kdt_register_phases(registry):
 
     A phase factory is called with the phase's own recipe parameters and
     returns an object with ``run(ctx) -> dict`` where ``ctx`` is a
-    :class:`kdtoolkit.trainer.PhaseContext`. The core registers ``train``;
-    the Proto2Proto bundle registers ``push``.
+    :class:`kdtoolkit.trainer.PhaseContext`. The ``train`` kind is built into
+    the trainer (its keys are part of the recipe schema); the Proto2Proto
+    bundle registers ``push``.
     """
 
 

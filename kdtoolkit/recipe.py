@@ -43,7 +43,7 @@ TOP_KEYS = (
     "evaluate", "checkpoint_every", "stages",
 )
 DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "num_workers", "drop_last", "augment")
-EVAL_KEYS = ("metrics", "batch_size")
+EVAL_KEYS = ("metrics",)
 STAGE_KEYS = (
     "base", "description", "teacher", "compare_to", "seed", "data", "model", "losses",
     "phases", "metrics",
@@ -222,6 +222,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         raise RecipeError("recipe file not found" if not path.exists() else "not a file", source=str(path))
     data = _load_with_extends(path)
     for assignment in overrides:
+        if assignment.partition("=")[0].strip() == "extends":
+            raise RecipeError("'extends' is resolved before overrides; edit the recipe file instead", source="--set", key="extends")
         apply_override(data, assignment)
     resolved, order = Validator(str(path), plugins or get_manager()).recipe(data, default_name=path.stem)
     return Recipe(path=path, resolved=resolved, order=order)
@@ -331,8 +333,7 @@ class Validator:
         evaluate = self.table(raw.get("evaluate", {}), "evaluate")
         self.known(evaluate, "evaluate", EVAL_KEYS)
         default_metrics = evaluate.get("metrics", [{"name": "accuracy"}])
-        res["evaluate"] = {"batch_size": self.number(evaluate, "evaluate", "batch_size", 256, lo=1, integer=True)}
-        res["evaluate"]["metrics"] = self.metrics(default_metrics, "evaluate.metrics")
+        res["evaluate"] = {"metrics": self.metrics(default_metrics, "evaluate.metrics")}
 
         stages_raw = self.table(raw.get("stages"), "stages") if "stages" in raw else self.fail("stages", "missing required key: a recipe needs at least one stage")
         if not stages_raw:

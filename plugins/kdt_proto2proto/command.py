@@ -160,6 +160,10 @@ def metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path, ..
         taus = M.parse_taus(tau_text) if tau_text else tuple(M.DEFAULT_TAUS)
     except ValueError as exc:
         raise KdtError(str(exc), source="--tau") from None
+    import re
+
+    if not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", device):
+        raise KdtError(f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}", source="--device")
     groups: list[tuple[Path, list[Path]]] = []
     if run_dir is not None:
         if teacher or students:

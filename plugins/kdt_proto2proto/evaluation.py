@@ -53,6 +53,8 @@ def _check_taus(params: dict) -> None:
         raise ValueError("taus", "give at least one threshold")
     if any(not (t >= 0) for t in taus):
         raise ValueError("taus", f"thresholds must be >= 0 (inf allowed), got {taus}")
+    if len({float(t) for t in taus}) != len(taus):
+        raise ValueError("taus", f"thresholds repeat: {taus}")
 
 
 class AAP:
@@ -83,7 +85,9 @@ class AJS:
     """AJS, the Average Jaccard Similarity of active patches with the teacher,
     for every threshold τ: |S^t ∩ S^s| / |S^t ∪ S^s| averaged over test
     images (0 when both sets are empty). Result key ``ajs``, keyed by τ. A
-    stage without a teacher or ``compare_to`` is compared with itself (1).
+    stage without a teacher or ``compare_to`` is compared with itself: 1,
+    except at thresholds where some images have no active patch at all (those
+    images count 0).
 
     :param taus: the thresholds, as for ``aap``.
     """

@@ -5,7 +5,8 @@ un-augmented training images of its own class. The pass streams over the
 push set in batches (:class:`~kdt_proto2proto.functional.PrototypeProjector`):
 memory is O(P·D + one batch), whatever the size of the dataset. Where each
 prototype came from (image index, h, w, distance) is written to
-``push.json`` in the stage directory, for explanations.
+``push-<phase>.json`` in the stage directory, for explanations, with a
+figure ``prototypes-<phase>.png``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class PushPhase:
     def _figure(self, ctx, res) -> None:
         """``prototypes-<phase>.png``: each prototype's source image and activation box."""
         from .figures import activation_box, prototype_figure
+        from .functional import distance_to_similarity
 
         head = ctx.model.head
         ds = ctx.data.train_eval
@@ -53,7 +55,7 @@ class PushPhase:
             img, lab = ds[int(res.sample_id[j])]
             z = head.latent(ctx.model.backbone(img[None].to(ctx.device))).float()
             d = ((z[0] - head.prototypes[j].float()[:, None, None]) ** 2).sum(0)
-            sim = torch.log((d + 1) / (d + 1e-4))
+            sim = distance_to_similarity(d, head.similarity)
             boxes.append(activation_box(sim.cpu(), tuple(img.shape[-2:])))
             images.append(img)
             name = ds.classes[lab] if hasattr(ds, "classes") else str(lab)
