@@ -31,6 +31,9 @@ def test_run_dir_with_pms_and_json(proto_run, tmp_path, capsys):
         assert e["accuracy"] == results["stages"][name]["accuracy"]
         matching = json.loads((out / name / "pms_matching_vs_teacher.json").read_text())
         assert len(matching["matching"]) == 20 and matching["score"] == e["pms"]
+        # best-matched pairs as a figure (both are stage directories of one pushed run)
+        assert e["pms_figure"].endswith("pms_matching_vs_teacher.png")
+        assert (out / name / "pms_matching_vs_teacher.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ajs" not in data["teacher"] and data["teacher"]["role"] == "teacher"
 
 

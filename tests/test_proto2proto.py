@@ -50,6 +50,10 @@ def test_kd_stage_reused_and_push_recorded(proto_run):
     assert hist[0]["losses"] == ["global_explanation", "patch_prototype_correspondence"]
     push = json.loads((out / "kd" / "push-push.json").read_text())
     assert len(push["prototypes"]) == 20 and all(p["found"] for p in push["prototypes"])
+    for p in push["prototypes"]:
+        top, left, bottom, right = p["box"]
+        assert 0 <= top <= bottom < 16 and 0 <= left <= right < 16  # inside the 16 px source image
+    assert (out / "kd" / "prototypes-push.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_records_reproduce_run_metrics(proto_run):

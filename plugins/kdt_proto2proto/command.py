@@ -84,8 +84,55 @@ def _matching_path(student_source: Path, teacher_name: str) -> Path:
     return base / f"pms_matching_vs_{teacher_name}.json"
 
 
+def _last_push(stage_dir: Path) -> dict | None:
+    """The push record (``push-<phase>.json``) of the stage's last push, if any."""
+    try:
+        res = json.loads((stage_dir / "result.json").read_text())
+        pushes = [h["name"] for h in res.get("history", []) if h.get("kind") == "push"]
+        return json.loads((stage_dir / f"push-{pushes[-1]}.json").read_text()) if pushes else None
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list, path: Path, top: int = 20) -> Path | None:
+    """PNG of the best-matched teacher/student prototype pairs, side by side.
+
+    Each pair shows the training patch each prototype was pushed onto (its
+    activation box on the source image). Needs both models as stage
+    directories of one run whose last phase with prototypes was a push;
+    returns ``None`` (no figure) otherwise.
+    """
+    if teacher_dir is None or not (teacher_dir.is_dir() and student_dir.is_dir() and teacher_dir.parent == student_dir.parent):
+        return None
+    tpush, spush = _last_push(teacher_dir), _last_push(student_dir)
+    if tpush is None or spush is None:
+        return None
+    from kdtoolkit.plugins import get_manager
+    from kdtoolkit.trainer import build_data
+
+    from .figures import prototype_figure
+
+    resolved, _ = _load_run_recipe(student_dir.parent)
+    tdata = build_data(resolved["stages"][teacher_dir.name], get_manager()).train_eval
+    sdata = build_data(resolved["stages"][student_dir.name], get_manager()).train_eval
+    images, boxes, labels = [], [], []
+    for i, j, sim in sorted(matching, key=lambda m: -m[2])[:top]:
+        tp, sp = tpush["prototypes"][i], spush["prototypes"][j]
+        if "box" not in tp or "box" not in sp:
+            return None
+        for p, ds, who, k in ((tp, tdata, "t", i), (sp, sdata, "s", j)):
+            images.append(ds[p["image"]][0])
+            boxes.append(tuple(p["box"]))
+            labels.append(f"{who} p{k}" + (f" · sim {sim:.2f}" if who == "s" else ""))
+    if not images:
+        return None
+    prototype_figure(path, images, boxes, labels,
+                     f"PMS matching: {teacher_dir.name} (t) ↔ {student_dir.name} (s), best {len(images) // 2} pairs", cols=10)
+    return path
+
+
 def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: tuple[float, ...], with_pms: bool,
-            teacher_name: str) -> dict:
+            teacher_name: str, teacher_source: Path | None = None) -> dict:
     """Metrics of a teacher and its students, keyed by model name."""
     out: dict = {}
     locations = grid_locations(teacher, "teacher")
@@ -109,6 +156,9 @@ def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: t
                 path = _matching_path(source, teacher_name)
                 atomic_write_json(path, {"teacher": teacher_name, "student": name, **res.to_json()})
                 entry["pms_matching"] = str(path)
+                fig = matching_figure(teacher_source, source, res.matching, path.with_suffix(".png"))
+                if fig is not None:
+                    entry["pms_figure"] = str(fig)
         out[name] = entry
     return out
 
@@ -191,7 +241,7 @@ def metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path, ..
         for s in ssrcs:
             r = records_for(s, device)
             srecs.append((_name(s, r), r, s))
-        for name, entry in compare(trec, srecs, taus, with_pms, tname).items():
+        for name, entry in compare(trec, srecs, taus, with_pms, tname, tsrc).items():
             if name in results and results[name]["role"] == "teacher" and entry["role"] == "teacher":
                 continue
             results[name] = entry

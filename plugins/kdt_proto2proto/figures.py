@@ -31,8 +31,8 @@ def _display(img: torch.Tensor) -> torch.Tensor:
 
 
 def prototype_figure(path: Path, images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]],
-                     labels: list[str], title: str) -> None:
-    """Save a grid of images with one box each as a PNG."""
+                     labels: list[str], title: str, cols: int = 10) -> None:
+    """Save a grid of images with one box each as a PNG (``cols`` images a row)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +40,7 @@ def prototype_figure(path: Path, images: list[torch.Tensor], boxes: list[tuple[i
     from matplotlib.patches import Rectangle
 
     n = len(images)
-    cols = min(10, max(1, n))
+    cols = min(cols, max(1, n))
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows + 0.5), squeeze=False)
     for ax in axes.flat:

@@ -31,7 +31,7 @@ class PushPhase:
         class (ProtoPNet); ``false`` allows any image.
     :param figure: also save ``prototypes-<phase>.png``: every prototype's
         source image with its activation box (95th percentile of the upsampled
-        similarity map).
+        similarity map); the boxes are also written to ``push-<phase>.json``.
     """
 
     requires_outputs = ("min_distances",)
@@ -41,26 +41,35 @@ class PushPhase:
         self.class_specific = class_specific
         self.figure = figure
 
-    def _figure(self, ctx, res) -> None:
-        """``prototypes-<phase>.png``: each prototype's source image and activation box."""
-        from .figures import activation_box, prototype_figure
+    @staticmethod
+    def boxes(ctx, res) -> dict[int, tuple[int, int, int, int]]:
+        """Each found prototype's activation box on its source image (pixels, inclusive)."""
+        from .figures import activation_box
         from .functional import distance_to_similarity
 
         head = ctx.model.head
         ds = ctx.data.train_eval
-        images, boxes, labels = [], [], []
+        out = {}
         for j in range(head.num_prototypes):
             if not bool(res.found[j]):
                 continue
-            img, lab = ds[int(res.sample_id[j])]
+            img, _ = ds[int(res.sample_id[j])]
             z = head.latent(ctx.model.backbone(img[None].to(ctx.device))).float()
             d = ((z[0] - head.prototypes[j].float()[:, None, None]) ** 2).sum(0)
-            sim = distance_to_similarity(d, head.similarity)
-            boxes.append(activation_box(sim.cpu(), tuple(img.shape[-2:])))
+            out[j] = activation_box(distance_to_similarity(d, head.similarity).cpu(), tuple(img.shape[-2:]))
+        return out
+
+    def _figure(self, ctx, res, boxes) -> None:
+        """``prototypes-<phase>.png``: each prototype's source image and activation box."""
+        from .figures import prototype_figure
+
+        ds = ctx.data.train_eval
+        images, labels = [], []
+        for j in boxes:
+            img, lab = ds[int(res.sample_id[j])]
             images.append(img)
-            name = ds.classes[lab] if hasattr(ds, "classes") else str(lab)
-            labels.append(f"p{j} · {name}")
-        prototype_figure(ctx.stage_dir / f"prototypes-{ctx.phase['name']}.png", images, boxes, labels,
+            labels.append(f"p{j} · {ds.classes[lab] if hasattr(ds, 'classes') else lab}")
+        prototype_figure(ctx.stage_dir / f"prototypes-{ctx.phase['name']}.png", images, list(boxes.values()), labels,
                          f"{ctx.stage}: prototypes after push '{ctx.phase['name']}' (source image, 95th-percentile box)")
 
     @staticmethod
@@ -100,9 +109,12 @@ class PushPhase:
             ]
         }
         if ctx.dist.is_main and ctx.stage_dir is not None:
+            boxes = self.boxes(ctx, res) if self.figure else {}
+            for j, box in boxes.items():
+                info["prototypes"][j]["box"] = list(box)
             atomic_write_json(ctx.stage_dir / f"push-{ctx.phase['name']}.json", info)
             if self.figure:
-                self._figure(ctx, res)
+                self._figure(ctx, res, boxes)
         return {
             "flags": {"pushed": True},
             "watch": {"pushed": "head.prototypes"},
