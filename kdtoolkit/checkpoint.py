@@ -2,10 +2,13 @@
 
 A checkpoint is one safetensors file written atomically (temporary file,
 fsync, rename). Its tensors are the model weights (``model/<name>``), the
-optimiser's state tensors (``optim/<param index>/<name>``) and the torch RNG
-state (``rng``); everything else — stage, phase, epoch, batch, scheduler and
-gradient-scaler state, the optimiser's non-tensor state, the history of
-phases — is JSON in the file's metadata. Loading never unpickles anything.
+optimiser's state tensors (``optim/<param index>/<name>``) and, for a
+checkpoint taken mid-epoch, the torch RNG states (``rng``: one row per rank of
+the run; ``rng_cuda``: the current CUDA device's); everything else — stage,
+phase, epoch, batch, scheduler and gradient-scaler state, the optimiser's
+non-tensor state, the history of phases, the running sums of the epoch's
+metrics line and the length of ``metrics.jsonl`` when the checkpoint was
+written — is JSON in the file's metadata. Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ class Checkpoint:
 
     ``phase``/``epoch``/``batch`` say where training continues: phase index,
     epoch within it, batch within that epoch (0 at an epoch boundary).
+    ``rng`` is ``[world, n]`` (one CPU RNG state per rank) or ``[n]``;
+    ``running`` holds the partial sums of the current epoch's metrics line
+    (mid-epoch checkpoints); ``metrics_bytes`` is the size ``metrics.jsonl``
+    had when the checkpoint was written (``None``: unknown), so that lines of
+    epochs redone after a resume are not written twice.
     """
 
     stage: str
@@ -45,6 +53,18 @@ class Checkpoint:
     flags: dict[str, Any] = field(default_factory=dict)
     watch: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    rng_cuda: torch.Tensor | None = None
+    running: dict[str, Any] | None = None
+    metrics_bytes: int | None = None
+
+    def rng_for(self, rank: int, world: int) -> torch.Tensor | None:
+        """The CPU RNG state of ``rank`` (rank 0's when the world size changed)."""
+        if self.rng is None:
+            return None
+        if self.rng.dim() == 1:
+            return self.rng
+        # a copy: torch.set_rng_state misreads a row view (storage offset) of the stacked tensor
+        return (self.rng[rank] if self.rng.shape[0] == world else self.rng[0]).clone()
 
 
 def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -77,7 +97,7 @@ def save_checkpoint(path: Path, ck: Checkpoint) -> None:
     meta: dict[str, Any] = {
         "stage": ck.stage, "stage_hash": ck.stage_hash, "phase": ck.phase, "epoch": ck.epoch, "batch": ck.batch,
         "scheduler": ck.scheduler, "scaler": ck.scaler, "history": ck.history, "flags": ck.flags, "watch": ck.watch,
-        "seconds": ck.seconds, "optimizer": None,
+        "seconds": ck.seconds, "optimizer": None, "running": ck.running, "metrics_bytes": ck.metrics_bytes,
     }
     if ck.optimizer is not None:
         otensors, oplain = _split_optimizer(ck.optimizer)
@@ -85,6 +105,8 @@ def save_checkpoint(path: Path, ck: Checkpoint) -> None:
         meta["optimizer"] = oplain
     if ck.rng is not None:
         tensors["rng"] = ck.rng
+    if ck.rng_cuda is not None:
+        tensors["rng_cuda"] = ck.rng_cuda
     encoded = {"format": CHECKPOINT_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_save_safetensors(tensors, path, encoded)
 
@@ -105,8 +127,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
             optimizer=_join_optimizer(tensors, m["optimizer"]) if m.get("optimizer") else None,
             scheduler=m.get("scheduler"), scaler=m.get("scaler"), rng=tensors.get("rng"),
             history=m.get("history") or [], flags=m.get("flags") or {}, watch=m.get("watch") or {},
-            seconds=float(m.get("seconds") or 0.0),
+            seconds=float(m.get("seconds") or 0.0), rng_cuda=tensors.get("rng_cuda"),
+            running=m.get("running"),
+            metrics_bytes=int(m["metrics_bytes"]) if m.get("metrics_bytes") is not None else None,
         )
+        if ck.rng is not None and (ck.rng.dtype != torch.uint8 or ck.rng.dim() not in (1, 2)):
+            raise ValueError("tensor 'rng' is not an RNG state")
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"corrupt checkpoint metadata ({type(exc).__name__}: {exc})", source=str(path)) from None
     return ck

@@ -55,11 +55,11 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
             raise KdtError(f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}", source="--device")
         resolve_device(device)
     out = out or Path("runs") / rec.resolved["name"]
-    dist = Dist.from_env()
+    dist = Dist.from_env()  # the process group is destroyed in main(), once the outcome is printed
     opts = RunOptions(out=out, device=device, force=force, quiet=quiet,
                       command="kdt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with Progress(enabled=not quiet and dist.is_main) as progress:
-        results = run_recipe(rec, opts, plugins, progress)
+        results = run_recipe(rec, opts, plugins, progress, dist)
     if dist.is_main:
         console = Console()
         for table in collect_tables(results, rec.resolved, plugins):
@@ -121,7 +121,21 @@ def build_cli() -> click.Group:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kdt`` script; returns the exit code."""
+    """Entry point of the ``kdt`` script; returns the exit code.
+
+    A process of a distributed run (torchrun) destroys its process group
+    here, once its outcome is printed, and ends with
+    :func:`kdtoolkit.distributed.exit_now` instead of returning.
+    """
+    from .distributed import Dist, exit_now
+
+    code = _main(argv)
+    Dist.shutdown(sync=code in (0, 130))  # after other failures, other ranks may be gone or stuck: no barrier
+    exit_now(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from .trainer import Interrupted
 
     group = build_cli()
@@ -138,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except KdtError as exc:
         _err(exc)
         return exc.exit_code
-    except Interrupted:
-        _err("interrupted: checkpoint saved; run the same command again to resume")
+    except Interrupted as exc:
+        _err(str(exc) or "interrupted: checkpoint saved; run the same command again to resume")
         return 130
     except KeyboardInterrupt:
         _err("interrupted")

@@ -140,6 +140,9 @@ def kdt_after_epoch(stage, phase, epoch, metrics):
     :param epoch: the epoch number within the phase, from 1 (as in ``metrics.jsonl``).
     :param metrics: the dict written to ``metrics.jsonl`` for this epoch.
     :return: nothing (collect-all, return values ignored).
+
+    In a distributed run it is called on rank 0 only, with metrics of the
+    global batch.
     """
 
 
@@ -151,6 +154,8 @@ def kdt_after_stage(stage, result, stage_dir):
     :param result: the stage's result dict (as in ``results.json``).
     :param stage_dir: ``pathlib.Path`` of the stage's run directory.
     :return: nothing (collect-all, return values ignored).
+
+    In a distributed run it is called on rank 0 only.
     """
 
 

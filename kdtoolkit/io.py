@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,35 @@ from safetensors.torch import load as st_load, save as st_save
 
 from .errors import CheckpointError
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Permissions of new files, as ``open()`` would give them (``mkstemp`` alone gives 0600).
+_FILE_MODE = 0o666 & ~_umask()
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temporary file, fsync, rename.
 
     A crash at any point leaves either the old file or the new one, never a
-    half-written file.
+    half-written file (a killed process may leave a ``.<name>.*.tmp`` file
+    behind; :func:`remove_stale_temps` removes those). The new file gets the
+    permissions an ordinary ``open()`` would give it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        try:
+            os.fchmod(fd, _FILE_MODE)
+        except OSError:  # pragma: no cover - e.g. filesystems without permissions
+            pass
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -49,6 +68,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Delete temporary files that a killed :func:`atomic_write_bytes` left in ``directory``."""
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return
+    for f in entries:
+        if f.name.startswith(".") and f.name.endswith(TEMP_SUFFIX) and f.is_file():
+            try:
+                f.unlink()
+            except OSError:
+                pass
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -107,26 +140,52 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, dict(meta)
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < 2**27 and head[8:9] == b"{"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _torch_load_reason(exc: BaseException) -> str:
+    """A short, one-line reason from ``torch.load``'s (long, multi-line) error."""
+    text = _ANSI.sub("", str(exc))
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return (f"it pickles a Python object ({m.group(1)}), not only tensors; torch.load(weights_only=True) refuses it, "
+                "and kdtoolkit never unpickles arbitrary objects: save a plain state dict or a .safetensors file")
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [l.strip() for l in text.replace("WeightsUnpickler error:", "\n").splitlines() if l.strip()]
+    useful = [l for l in lines if not l.startswith(boiler)]
+    detail = (useful[0] if useful else type(exc).__name__).split(". ")[0].rstrip(".")
+    return f"not a PyTorch state dict file, or a corrupt one ({detail[:160]})"
+
+
 def load_external_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights for initialisation from a ``.safetensors`` or PyTorch file.
 
-    PyTorch files are read with ``torch.load(weights_only=True)``; a pickle
-    that needs more than tensors and plain containers is refused.
+    A safetensors file (recognised by its suffix or its content) is read
+    without any pickle. A PyTorch file is read with
+    ``torch.load(weights_only=True)``: a pickle that needs more than tensors
+    and plain containers (e.g. a pickled custom class) is refused, and nothing
+    in it is executed.
 
     :raises CheckpointError: for unreadable files or non-tensor content.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return read_safetensors(path)[0]
     if not path.is_file():
         raise CheckpointError("file not found", source=str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"refused or unreadable PyTorch file (only plain state dicts load safely, weights_only=True): {' '.join(str(exc).split())[:160]}",
-            source=str(path),
-        ) from None
+        raise CheckpointError(f"refused or unreadable PyTorch file: {_torch_load_reason(exc)}", source=str(path)) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):

@@ -13,12 +13,20 @@ A run writes into its directory ``DIR``::
 
 Stages run in dependency order (teachers first). A stage whose
 ``result.json`` carries the same stage hash is not trained again. A stage
-interrupted mid-way resumes from its checkpoint (see :mod:`kdtoolkit.checkpoint`).
+interrupted mid-way resumes from its checkpoint (see :mod:`kdtoolkit.checkpoint`):
+one is written every ``checkpoint_every`` epochs, at the end of every phase
+and on Ctrl-C (mid-epoch, with the RNG state and the batch index); a
+checkpoint stays until the stage's ``result.json`` is written.
 
-Repeatability: at the start of every epoch the torch RNG is reseeded from
-(stage seed, phase index, epoch) and the data order is a permutation drawn
-from a generator seeded the same way, so CPU runs are bit-for-bit repeatable
-and a resumed run continues exactly where it stopped.
+Repeatability: at the start of every epoch (and of every plugin phase) the
+torch RNG is reseeded from (stage seed, phase index, epoch) and the data
+order is a permutation drawn from a generator seeded the same way; the data
+loader draws nothing from the global RNG. So CPU runs are bit-for-bit
+repeatable, and a run killed at any point (even with SIGKILL) and run again
+ends with the same weights and the same ``metrics.jsonl`` as an uninterrupted
+run: lines of epochs redone after a resume are not written twice. (With
+``num_workers > 0`` and augmentation, a resume from a mid-epoch Ctrl-C
+checkpoint replays the rest of that epoch with other augmentation draws.)
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +52,8 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .components import Model, Step, select_parameters
 from .distributed import Dist
 from .errors import CheckpointError, KdtError, RecipeError
-from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_external_state_dict, read_safetensors
+from .io import (atomic_save_safetensors, atomic_write_json, atomic_write_text, load_external_state_dict,
+                 read_safetensors, remove_stale_temps)
 from .plugins import PluginManager
 from .progress import Progress
 from .recipe import Recipe
@@ -58,7 +68,7 @@ class TrainingError(KdtError):
 
 
 class Interrupted(Exception):
-    """Raised after SIGINT once a checkpoint has been written."""
+    """Raised after SIGINT once a checkpoint has been written (the message says where)."""
 
 
 # ---------------------------------------------------------------------------
@@ -93,10 +103,10 @@ def versions(plugins: PluginManager | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "kdtoolkit": __version__,
     }
-    try:
-        import timm
+    try:  # the installed version, without importing timm (slow) in runs that do not use it
+        from importlib import metadata
 
-        out["timm"] = timm.__version__
+        out["timm"] = metadata.version("timm")
     except Exception:  # pragma: no cover - timm is a dependency
         pass
     if plugins is not None:
@@ -118,8 +128,13 @@ def build_model(stage: dict[str, Any], num_classes: int, plugins: PluginManager)
     if stage["model"].get("weights"):
         path = Path(stage["model"]["weights"])
         state = load_external_state_dict(path)
+        own = model.state_dict()
+        wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        if wrong:
+            raise CheckpointError(f"weights do not fit this model (shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} "
+                                  f"in the file, {tuple(own[wrong[0]].shape)} in the model)", source=str(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or len(missing) == len(model.state_dict()):
+        if unexpected or len(missing) == len(own):
             raise CheckpointError(
                 f"weights do not fit this model ({len(unexpected)} unexpected, {len(missing)} missing keys)",
                 source=str(path),
@@ -128,6 +143,7 @@ def build_model(stage: dict[str, Any], num_classes: int, plugins: PluginManager)
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors (for safetensors)."""
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
@@ -144,6 +160,7 @@ def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is a :class:`CheckpointError` naming ``source``."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -173,6 +190,7 @@ class StageData:
 
 
 def build_data(stage: dict[str, Any], plugins: PluginManager) -> StageData:
+    """The stage's datasets: augmented train (unless ``data.augment = false``), un-augmented train, test."""
     spec = dict(stage["data"])
     comp = plugins.registry("dataset").get(spec["dataset"])
     params = {k: v for k, v in spec.items() if k in comp.params}
@@ -182,27 +200,97 @@ def build_data(stage: dict[str, Any], plugins: PluginManager) -> StageData:
     return StageData(train, train_eval, test, spec)
 
 
-def batches(dataset: Any, batch_size: int, *, shuffle: bool, seed: int, start: int = 0,
-            drop_last: bool = False, num_workers: int = 0, dist: Dist | None = None,
-            limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of ``dataset`` in a seeded order, from batch ``start`` on.
+def batch_plan(n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool = False,
+               limit: int | None = None, world: int = 1) -> list[list[int]]:
+    """The global batches (dataset indices) of one pass over ``n`` items.
 
-    Under DDP each rank receives its shard of every global batch.
+    The order is a permutation drawn from a generator seeded with ``seed``
+    (or ``0..n-1``). Under DDP (``world > 1``) a last batch with fewer items
+    than ranks is left out, so that every rank has a share of every batch.
     """
-    n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     idx = order.tolist()
-    nb = n // batch_size if drop_last else math.ceil(n / batch_size)
-    if limit is not None:
-        nb = min(nb, limit)
-    plan = [idx[b * batch_size : (b + 1) * batch_size] for b in range(start, nb)]
-    if dist is not None and dist.world > 1:
-        plan = [p[dist.rank :: dist.world] for p in plan]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=num_workers)
-    yield from loader
+    nb = num_batches(n, batch_size, drop_last, limit)
+    plan = [idx[b * batch_size : (b + 1) * batch_size] for b in range(nb)]
+    if world > 1 and plan and len(plan[-1]) < world:
+        plan.pop()
+    return plan
+
+
+class _Failed:
+    """A :class:`KdtError` raised by a dataset inside a DataLoader worker, carried to the main process."""
+
+    def __init__(self, exc: KdtError):
+        self.cls, self.message, self.source, self.key = type(exc), exc.message, exc.source, exc.key
+
+    def reraise(self) -> None:
+        try:
+            exc = self.cls(self.message, source=self.source, key=self.key)
+        except Exception:  # a subclass with another signature
+            exc = KdtError(self.message, source=self.source, key=self.key)
+        raise exc
+
+
+class _Carrying(torch.utils.data.Dataset):
+    """Wraps a dataset so that its :class:`KdtError` survives a worker process as one clear line."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except KdtError as exc:
+            return _Failed(exc)
+
+
+def _collate_carrying(items: list[Any]) -> Any:
+    for item in items:
+        if isinstance(item, _Failed):
+            return item
+    return torch.utils.data.default_collate(items)
+
+
+def batches(dataset: Any, batch_size: int, *, shuffle: bool, seed: int, start: int = 0,
+            drop_last: bool = False, num_workers: int = 0, dist: Dist | None = None,
+            limit: int | None = None, plan: list[list[int]] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of ``dataset`` in a seeded order, from batch ``start`` on.
+
+    ``plan`` (from :func:`batch_plan`) gives the global batches directly
+    (training does; without it no item is left out). Under DDP each rank
+    receives its shard of every global batch, and skips a batch whose shard
+    is empty (in a pass without collectives, e.g. evaluation). The loader
+    draws nothing from the global torch RNG (its base seed comes from
+    ``seed``), so augmentation draws are the same whether or not a run
+    resumed mid-epoch. A :class:`KdtError` raised by the dataset in a worker
+    process is raised again here, unchanged.
+    """
+    world = dist.world if dist is not None else 1
+    if plan is None:
+        plan = batch_plan(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, limit=limit)
+    plan = plan[start:]
+    if world > 1:
+        plan = [p[dist.rank :: world] for p in plan]
+        plan = [p for p in plan if p]
+    if not plan:
+        return
+    if num_workers > 0:
+        dataset, collate = _Carrying(dataset), _collate_carrying
+    else:
+        collate = None
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
+    for batch in loader:
+        if isinstance(batch, _Failed):
+            batch.reraise()
+        yield batch
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool, limit: int | None) -> int:
+    """Batches of one pass over ``n`` items."""
     nb = n // batch_size if drop_last else math.ceil(n / batch_size)
     return min(nb, limit) if limit is not None else nb
 
@@ -302,7 +390,7 @@ def compute_metrics(stage: dict[str, Any], records: Records, reference: Records 
         metric = comp.factory(**spec)
         ref = reference
         if ref is None and comp.attr("requires_reference", False):
-            ref = records  # a model against itself: the teacher's AJS is 1 by construction
+            ref = records  # a model against itself (e.g. a teacher: AJS 1 wherever it has active patches)
         result.update(metric(records, ref))
     return result
 
@@ -342,11 +430,16 @@ class Runner:
 
     # -- preflight --------------------------------------------------------
     def preflight(self) -> None:
-        """Checks done before anything is written: output dir and stale stages."""
+        """Checks done before any training: output directory, stale or unreadable
+        stage files, datasets, free disk space; last, the output directory is
+        created and a probe file written in it (so an unwritable directory is
+        a one-line error, for root and on read-only filesystems too)."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise KdtError("output path exists and is not a directory", source=str(out))
         probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not probe_dir.is_dir():
+            raise KdtError(f"cannot create the output directory: {probe_dir} is not a directory", source=str(out))
         if not os.access(probe_dir, os.W_OK):
             raise KdtError("output directory is not writable", source=str(out))
         for name in self.recipe.order:
@@ -355,21 +448,33 @@ class Runner:
                 f = sdir / fname
                 if not f.exists():
                     continue
-                found = self._stored_hash(f)
-                if found != self.recipe.stage_hash(name) and not self.opt.force:
+                found, problem = self._stored_hash(f)
+                if self.opt.force or found == self.recipe.stage_hash(name):
+                    continue
+                if problem is not None:
                     raise KdtError(
-                        f"stage '{name}' in this directory was produced by a different recipe (stage hash {found} != "
-                        f"{self.recipe.stage_hash(name)}); use --force to retrain it, or another --out",
-                        source=str(f),
-                    )
+                        f"stage '{name}': cannot resume from this file ({problem}); delete it to train the stage "
+                        "again, or use --force", source=str(f))
+                raise KdtError(
+                    f"stage '{name}' in this directory was produced by a different recipe (stage hash {found} != "
+                    f"{self.recipe.stage_hash(name)}); use --force to retrain it, or another --out",
+                    source=str(f),
+                )
         for name in self.recipe.order:
             self.data_for(name)
         try:
-            usage = __import__("shutil").disk_usage(probe_dir)
-            if usage.free < 50 * 2**20:
-                raise KdtError(f"only {usage.free // 2**20} MiB free on the output disk", source=str(out))
+            out.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".kdt-write-probe.", suffix=".tmp", dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise KdtError(f"output directory is not writable ({exc.strerror or type(exc).__name__})", source=str(out)) from None
+        try:
+            usage = __import__("shutil").disk_usage(out)
         except OSError:
-            pass
+            usage = None
+        if usage is not None and usage.total > 0 and usage.free < 50 * 2**20:
+            raise KdtError(f"only {usage.free // 2**20} MiB free on the output disk", source=str(out))
 
     def data_for(self, name: str) -> StageData:
         """The stage's datasets, built once per distinct data table.
@@ -390,20 +495,34 @@ class Runner:
         return self._data[key]
 
     @staticmethod
-    def _stored_hash(path: Path) -> str | None:
+    def _stored_hash(path: Path) -> tuple[str | None, str | None]:
+        """``(stage hash, None)`` stored in a ``result.json`` or checkpoint, or ``(None, why it is unreadable)``."""
         try:
             if path.suffix == ".json":
-                return json.loads(path.read_text()).get("stage_hash")
-            _, meta = read_safetensors(path)
-            return json.loads(meta.get("stage_hash", "null"))
-        except (OSError, json.JSONDecodeError, KdtError, AttributeError):
-            return "<unreadable>"
+                found = json.loads(path.read_text(encoding="utf-8")).get("stage_hash")
+            else:
+                found = load_checkpoint(path).stage_hash
+        except KdtError as exc:
+            return None, exc.message
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+            return None, f"unreadable: {type(exc).__name__}"
+        return found, None
+
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C was pressed (on any rank: all ranks get the same answer)."""
+        return self.dist.any(self.interrupted, self.device if self.device.type == "cuda" else None)
+
+    def check_interrupt(self, message: str) -> None:
+        """Raise :class:`Interrupted` with ``message`` when Ctrl-C was pressed."""
+        if self.stop_requested():
+            raise Interrupted(message)
 
     # -- main -------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.preflight()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.out)
             atomic_write_text(self.out / "recipe.resolved.toml", self.recipe.to_toml())
             atomic_write_json(self.out / "run.json", {
                 "recipe": str(self.recipe.path),
@@ -421,6 +540,7 @@ class Runner:
         results: dict[str, Any] = {"name": self.recipe.resolved["name"], "stages": {}}
         for name in self.recipe.order:
             results["stages"][name] = self.run_stage(name)
+            self.dist.barrier()  # every rank sees the stage's files before the next stage reads them
         if self.dist.is_main:
             write_reports(self.out, results, self.recipe.resolved, self.plugins)
             self.plugins.call("kdt_after_run", run_dir=self.out, results=results)
@@ -441,13 +561,17 @@ class Runner:
             except (OSError, json.JSONDecodeError):
                 res = {}
             if res.get("stage_hash") == shash:
+                if self.dist.is_main and (sdir / "checkpoint.safetensors").exists():
+                    (sdir / "checkpoint.safetensors").unlink()  # killed after result.json was written
                 self.progress.log(f"stage [bold]{name}[/]: already complete in {sdir}, reused")
                 return res
+        self.check_interrupt(f"interrupted before stage '{name}' started; run the same command again to go on")
         if self.opt.force and self.dist.is_main:
             # --force: results of a different recipe are retrained (stages whose hash still matches are reused)
             for f in ("result.json", "checkpoint.safetensors"):
-                if (sdir / f).exists() and self._stored_hash(sdir / f) != shash:
+                if (sdir / f).exists() and self._stored_hash(sdir / f)[0] != shash:
                     (sdir / f).unlink()
+        self.dist.barrier()
 
         data = self.data_for(name)
         torch.manual_seed(st["seed"])
@@ -475,9 +599,12 @@ class Runner:
                     raise RecipeError(str(exc), source=str(self.recipe.path), key=f"stages.{name}.losses[{i}]") from None
         if self.dist.is_main:
             sdir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(sdir)
         t0 = time.perf_counter()
         history, flags = trainer.train()
         train_seconds = time.perf_counter() - t0 + trainer.previous_seconds
+        self.check_interrupt(f"interrupted: stage '{name}' is trained and its checkpoint {trainer.ckpt_path} kept; "
+                             "run the same command again to evaluate it and go on")
 
         meta = {"stage": name, "dataset": data.test.name if hasattr(data.test, "name") else st["data"]["dataset"],
                 "num_classes": data.num_classes, "stage_hash": shash}
@@ -514,7 +641,8 @@ class Runner:
             ck = sdir / "checkpoint.safetensors"
             if ck.exists():
                 ck.unlink()
-        self.plugins.call("kdt_after_stage", stage=name, result=result, stage_dir=sdir)
+        if self.dist.is_main:
+            self.plugins.call("kdt_after_stage", stage=name, result=result, stage_dir=sdir)
         self.progress.log(f"stage [bold]{name}[/]: accuracy {result.get('accuracy', float('nan')):.4f} ({train_seconds:.1f} s)")
         return result
 
@@ -583,6 +711,7 @@ class StageTrainer:
         self.shash = shash
         self.sdir = runner.stage_dir(name)
         self.ckpt_path = self.sdir / "checkpoint.safetensors"
+        self.metrics_path = self.sdir / "metrics.jsonl"
         self.loss_specs = {l["id"]: l for l in st["losses"]}
         self.losses = {}
         for l in st["losses"]:
@@ -594,22 +723,49 @@ class StageTrainer:
         self.watch: dict[str, str] = {}
 
     # -- checkpoints --------------------------------------------------------
-    def save(self, phase_idx: int, epoch: int, batch: int, optimizer=None, scheduler=None, scaler=None, rng: bool = False) -> None:
+    def save(self, phase_idx: int, epoch: int, batch: int, optimizer=None, scheduler=None, scaler=None, rng: bool = False,
+             running: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint (rank 0). With ``rng`` (a mid-epoch checkpoint) every
+        rank must call it: the RNG states of all ranks are gathered."""
+        rng_states = self.r.dist.gather_rng() if rng else None
         if not self.r.dist.is_main:
             return
+        rng_cuda = None
+        if rng and self.r.device.type == "cuda":
+            rng_cuda = torch.cuda.get_rng_state(self.r.device)
         ck = Checkpoint(
             stage=self.name, stage_hash=self.shash, phase=phase_idx, epoch=epoch, batch=batch,
             model=model_state(self.model), optimizer=optimizer.state_dict() if optimizer else None,
             scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict() if scaler else None,
-            rng=torch.get_rng_state() if rng else None, history=self.history, flags=self.flags, watch=self.watch,
+            rng=rng_states, history=self.history, flags=self.flags, watch=self.watch,
             seconds=self.previous_seconds + time.perf_counter() - self.t0,
+            rng_cuda=rng_cuda, running=running,
+            metrics_bytes=self.metrics_path.stat().st_size if self.metrics_path.exists() else 0,
         )
         save_checkpoint(self.ckpt_path, ck)
 
     def _metrics_line(self, obj: dict[str, Any]) -> None:
+        """Append one line to ``metrics.jsonl`` (rank 0), flushed to disk before the next checkpoint."""
         if self.r.dist.is_main:
-            with open(self.sdir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(obj) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def _restore_metrics(self, ck: Checkpoint) -> None:
+        """Cut ``metrics.jsonl`` back to its length when ``ck`` was written: the
+        lines of epochs (and phases) about to be redone are written again."""
+        if not self.r.dist.is_main or ck.metrics_bytes is None or not self.metrics_path.exists():
+            return
+        if self.metrics_path.stat().st_size > ck.metrics_bytes:
+            with open(self.metrics_path, "r+b") as fh:
+                fh.truncate(ck.metrics_bytes)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def _bad_checkpoint(self, exc: Exception) -> CheckpointError:
+        return CheckpointError(f"does not fit this stage ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                               "delete it to train the stage again", source=str(self.ckpt_path))
 
     # -- main loop ------------------------------------------------------------
     def train(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -624,10 +780,12 @@ class StageTrainer:
                 self.model.to(self.r.device)
                 self.history, self.flags, self.watch = list(start.history), dict(start.flags), dict(start.watch)
                 self.previous_seconds = start.seconds
-                self.r.progress.log(f"stage [bold]{self.name}[/]: resuming from {self.ckpt_path.name} "
-                                    f"(phase {start.phase + 1}, epoch {start.epoch}, batch {start.batch})")
-        elif self.r.dist.is_main and (self.sdir / "metrics.jsonl").exists():
-            (self.sdir / "metrics.jsonl").unlink()
+                self._restore_metrics(start)
+                where = (f"phase {start.phase + 1}, epoch {start.epoch + 1}, batch {start.batch}"
+                         if start.phase < len(self.st["phases"]) else "every phase done")
+                self.r.progress.log(f"stage [bold]{self.name}[/]: resuming from {self.ckpt_path.name} ({where})")
+        if start is None and self.r.dist.is_main and self.metrics_path.exists():
+            self.metrics_path.unlink()
         for i, ph in enumerate(self.st["phases"]):
             if start is not None and i < start.phase:
                 continue
@@ -635,12 +793,13 @@ class StageTrainer:
             if ph["kind"] == "train":
                 entry = self.train_phase(i, ph, resume)
             else:
-                if resume is not None and resume.epoch > 0:
-                    continue  # finished plugin phase: checkpoint was written after it
                 entry = self.plugin_phase(i, ph)
             if entry is not None:
                 self.history.append(entry)
             self.save(i + 1, 0, 0)
+            if i + 1 < len(self.st["phases"]):
+                self.r.check_interrupt(f"interrupted: checkpoint saved in {self.ckpt_path} (after phase '{ph['name']}'); "
+                                       "run the same command again to resume")
         return self.history, self.flags
 
     def plugin_phase(self, i: int, ph: dict[str, Any]) -> dict[str, Any]:
@@ -650,6 +809,7 @@ class StageTrainer:
         ctx = PhaseContext(self.name, ph, self.model, self.teacher, self.data, self.r.device, self.r.progress,
                            derive_seed(self.st["seed"], i), self.r.dist, self.r.precision, self.sdir)
         self.model.eval()
+        torch.manual_seed(ctx.seed)  # the same RNG state whether or not the run resumed just before this phase
         out = phase.run(ctx) or {}
         for flag, value in (out.get("flags") or {}).items():
             self.flags[flag] = value
@@ -690,42 +850,63 @@ class StageTrainer:
             groups.append({"params": params, "lr": g["lr"], "weight_decay": g["weight_decay"]})
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trainable)
-        model = self.r.dist.wrap(self.model)
+        dist = self.r.dist
+        model = dist.wrap(self.model)
         opt = make_optimizer(ph["optimizer"], groups)
         sched = make_scheduler(ph["scheduler"], opt, ph["epochs"])
         scaler = torch.amp.GradScaler(self.r.device.type) if self.r.precision == "fp16" else None
         start_epoch, start_batch = 0, 0
         if resume is not None:
             start_epoch, start_batch = resume.epoch, resume.batch
-            if resume.optimizer is not None:
-                opt.load_state_dict(resume.optimizer)
-            if resume.scheduler is not None and sched is not None:
-                sched.load_state_dict(resume.scheduler)
-            if resume.scaler is not None and scaler is not None:
-                scaler.load_state_dict(resume.scaler)
+            try:
+                if resume.optimizer is not None:
+                    opt.load_state_dict(resume.optimizer)
+                if resume.scheduler is not None and sched is not None:
+                    sched.load_state_dict(resume.scheduler)
+                if resume.scaler is not None and scaler is not None:
+                    scaler.load_state_dict(resume.scaler)
+            except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+                raise self._bad_checkpoint(exc) from None
         spec = self.data.spec
-        nb = num_batches(len(self.data.train), spec["batch_size"], spec["drop_last"], ph["limit_batches"])
+        accumulate = ph["accumulate"]
+        seed = self.st["seed"]
+        n = len(self.data.train)
+
+        def plan_of(epoch: int) -> list[list[int]]:
+            return batch_plan(n, spec["batch_size"], shuffle=True, seed=derive_seed(seed, i, epoch, 2),
+                              drop_last=spec["drop_last"], limit=ph["limit_batches"], world=dist.world)
+
+        nb = len(plan_of(start_epoch))
         task = self.r.progress.add(f"{self.name} · {ph['name']}", total=ph["epochs"] * nb, completed=start_epoch * nb + start_batch)
         every = self.r.recipe.resolved["checkpoint_every"]
-        seed = self.st["seed"]
         for epoch in range(start_epoch, ph["epochs"]):
             first = epoch == start_epoch and resume is not None and start_batch > 0
-            if first and resume.rng is not None:
-                torch.set_rng_state(resume.rng)
+            running = (resume.running or {}) if first else {}
+            rng = resume.rng_for(dist.rank, dist.world) if first else None
+            if rng is not None:
+                try:
+                    torch.set_rng_state(rng)
+                    if resume.rng_cuda is not None and self.r.device.type == "cuda":
+                        torch.cuda.set_rng_state(resume.rng_cuda, self.r.device)
+                except (RuntimeError, TypeError) as exc:
+                    raise self._bad_checkpoint(exc) from None
             else:
                 torch.manual_seed(derive_seed(seed, i, epoch, 1))
             model.train()
-            sums: dict[str, float] = {}
-            count = 0
-            correct = 0
-            seen = 0
+            sums: dict[str, float] = dict(running.get("sums") or {})
+            count = int(running.get("count", 0))
+            correct = int(running.get("correct", 0))
+            seen = int(running.get("seen", 0))
             b = start_batch if first else 0
+            plan = plan_of(epoch)
+            nb = len(plan)
             it = batches(self.data.train, spec["batch_size"], shuffle=True, seed=derive_seed(seed, i, epoch, 2),
-                         start=b, drop_last=spec["drop_last"], num_workers=spec["num_workers"], dist=self.r.dist,
-                         limit=ph["limit_batches"])
+                         start=b, num_workers=spec["num_workers"], dist=dist, plan=plan)
             opt.zero_grad(set_to_none=True)
+            stop = False
             for x, y in it:
                 x, y = x.to(self.r.device, non_blocking=True), y.to(self.r.device, non_blocking=True)
+                n_global, n_local = len(plan[b]), int(y.shape[0])
                 with autocast(self.r.device, self.r.precision):
                     outputs = model(x)
                     t_out = None
@@ -737,6 +918,21 @@ class StageTrainer:
                     total = sum(self.loss_specs[lid]["weight"] * v.float() for lid, v in terms.items())
                 values = {lid: float(v.detach()) for lid, v in terms.items()}
                 tval = float(total.detach())
+                with torch.no_grad():
+                    batch_correct = int((outputs["logits"].argmax(1) == y).sum())
+                stop = stop or self.r.interrupted
+                if dist.world > 1:
+                    # One small all-reduce per step: every rank logs the global batch's
+                    # loss values and accuracy, sees a non-finite loss on any rank and
+                    # stops at the same step after a Ctrl-C on any rank.
+                    shared = torch.tensor([tval * n_local, *(v * n_local for v in values.values()), batch_correct,
+                                           1.0 if stop else 0.0], dtype=torch.float64,
+                                          device=self.r.device if self.r.device.type == "cuda" else "cpu")
+                    dist.all_reduce_sum(shared)
+                    tval = shared[0].item() / n_global
+                    values = {k: shared[1 + j].item() / n_global for j, k in enumerate(values)}
+                    batch_correct = int(shared[-2].item())
+                    stop = shared[-1].item() > 0
                 if not math.isfinite(tval):
                     raise TrainingError(
                         f"non-finite loss in stage '{self.name}', phase '{ph['name']}', epoch {epoch + 1}, step {b + 1}: total {tval}; "
@@ -744,12 +940,16 @@ class StageTrainer:
                         + f" (last good checkpoint kept: {self.ckpt_path if self.ckpt_path.exists() else 'none yet'})")
                 if not total.requires_grad:
                     raise TrainingError(f"stage '{self.name}', phase '{ph['name']}': the losses {', '.join(active)} do not depend on the trained parameters")
-                loss = total / ph["accumulate"]
+                loss = total
+                if n_local * dist.world != n_global:
+                    loss = loss * (n_local * dist.world / n_global)  # DDP averages over ranks: weight by this rank's share
+                loss = loss / accumulate
                 if scaler is not None:
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                if (b + 1) % ph["accumulate"] == 0 or b + 1 == nb:
+                stepped = (b + 1) % accumulate == 0 or b + 1 == nb
+                if stepped:
                     if ph["clip_grad_norm"]:
                         if scaler is not None:
                             scaler.unscale_(opt)
@@ -764,14 +964,15 @@ class StageTrainer:
                     sums[k] = sums.get(k, 0.0) + v
                 sums["total"] = sums.get("total", 0.0) + tval
                 count += 1
-                with torch.no_grad():
-                    correct += int((outputs["logits"].argmax(1) == y).sum())
-                    seen += int(y.shape[0])
+                correct += batch_correct
+                seen += n_global
                 b += 1
                 self.r.progress.advance(task, loss=tval, epoch=f"{epoch + 1}/{ph['epochs']}")
-                if self.r.interrupted:
-                    self.save(i, epoch, b, opt, sched, scaler, rng=True)
-                    raise Interrupted()
+                if stop and stepped:  # never with gradients half accumulated
+                    self.save(i, epoch, b, opt, sched, scaler, rng=True,
+                              running={"sums": sums, "count": count, "correct": correct, "seen": seen})
+                    raise Interrupted(f"interrupted: checkpoint saved in {self.ckpt_path} (phase '{ph['name']}', "
+                                      f"epoch {epoch + 1}, batch {b}); run the same command again to resume")
             if sched is not None:
                 sched.step()
             line = {"stage": self.name, "phase": ph["name"], "epoch": epoch + 1,
@@ -779,7 +980,8 @@ class StageTrainer:
                     "train_accuracy": correct / max(seen, 1),
                     "lr": [g["lr"] for g in opt.param_groups]}
             self._metrics_line(line)
-            self.r.plugins.call("kdt_after_epoch", stage=self.name, phase=ph["name"], epoch=epoch + 1, metrics=line)
+            if dist.is_main:  # observers run where files are written
+                self.r.plugins.call("kdt_after_epoch", stage=self.name, phase=ph["name"], epoch=epoch + 1, metrics=line)
             if every and (epoch + 1) % every == 0 and epoch + 1 < ph["epochs"]:
                 self.save(i, epoch + 1, 0, opt, sched, scaler)
         self.r.progress.finish(task)
@@ -812,13 +1014,15 @@ def make_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer, epochs: int
     return None
 
 
-def run_recipe(recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress,
+               dist: Dist | None = None) -> dict[str, Any]:
     """Run every stage of ``recipe`` into ``options.out``.
 
-    SIGINT (Ctrl-C) writes a checkpoint at the current step and raises
-    :class:`Interrupted`; a second Ctrl-C exits at once.
+    SIGINT (Ctrl-C) writes a checkpoint at the current step (or, outside a
+    train phase, at the next phase or stage boundary) and raises
+    :class:`Interrupted`; a second Ctrl-C exits at once with code 130.
     """
-    runner = Runner(recipe, options, plugins, progress)
+    runner = Runner(recipe, options, plugins, progress, dist)
     previous = None
 
     def on_sigint(signum, frame):  # pragma: no cover - exercised through a subprocess test

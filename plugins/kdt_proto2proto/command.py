@@ -135,12 +135,13 @@ def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: t
             teacher_name: str, teacher_source: Path | None = None) -> dict:
     """Metrics of a teacher and its students, keyed by model name."""
     out: dict = {}
+    for _, recs, _ in students:
+        check_pair(teacher, recs)  # prototype records, same images, same grid: before anything is read
     locations = grid_locations(teacher, "teacher")
     acc = lambda r: float((r["logits"].argmax(1) == r["labels"]).float().mean())
     out[teacher_name] = {"role": "teacher", "accuracy": acc(teacher),
                          "aap": M.aap_by_tau(teacher["min_distances"], teacher["argmin"], locations, taus)}
     for name, recs, source in students:
-        check_pair(teacher, recs)
         entry = {"role": "student", "teacher": teacher_name, "accuracy": acc(recs),
                  "aap": M.aap_by_tau(recs["min_distances"], recs["argmin"], locations, taus),
                  "ajs": M.ajs_by_tau(teacher["min_distances"], teacher["argmin"], recs["min_distances"], recs["argmin"],

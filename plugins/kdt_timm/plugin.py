@@ -45,8 +45,16 @@ class TimmBackbone(nn.Module):
         n = len(probe.feature_info)
         index = out_index if out_index >= 0 else n + out_index
         del probe
-        self.body = timm.create_model(model, pretrained=pretrained or weights is not None, features_only=True,
-                                      out_indices=(index,), **kwargs)
+        try:
+            self.body = timm.create_model(model, pretrained=pretrained or weights is not None, features_only=True,
+                                          out_indices=(index,), **kwargs)
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            if weights is None:
+                raise
+            from kdtoolkit.errors import CheckpointError
+
+            raise CheckpointError(f"cannot load these weights into timm model '{model}': {' '.join(str(exc).split())[:200]}",
+                                  source=str(weights)) from None
         self.out_channels = int(self.body.feature_info.channels()[-1])
         self.reduction = int(self.body.feature_info.reduction()[-1])
         self.model_name = model
