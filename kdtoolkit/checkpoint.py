@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .io import atomic_save_safetensors, read_safetensors
+from .io import atomic_save_safetensors, read_kdt_safetensors
 
 CHECKPOINT_FORMAT = "kdtoolkit.checkpoint/1"
 
@@ -116,11 +116,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
     :raises CheckpointError: for a missing, truncated or foreign file.
     """
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError("not a kdtoolkit checkpoint (metadata 'format' missing)", source=str(path))
+    tensors, m = read_kdt_safetensors(path, CHECKPOINT_FORMAT, "checkpoint")
     try:
-        m = {k: json.loads(v) for k, v in meta.items() if k != "format"}
         ck = Checkpoint(
             stage=m["stage"], stage_hash=m["stage_hash"], phase=int(m["phase"]), epoch=int(m["epoch"]), batch=int(m["batch"]),
             model={k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},

@@ -191,3 +191,22 @@ def load_external_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError("expected a state dict mapping names to tensors", source=str(path))
     return obj
+
+
+def read_kdt_safetensors(path: Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and JSON-decoded metadata of a kdtoolkit safetensors file of format ``fmt``.
+
+    Every kdtoolkit file (model, checkpoint, records) stores ``format`` and
+    JSON-encoded metadata values.
+
+    :raises CheckpointError: naming the file when it is unreadable, of another
+        format (``what`` says which was expected) or has corrupt metadata.
+    """
+    tensors, meta = read_safetensors(Path(path))
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"not a kdtoolkit {what} (metadata 'format' missing)", source=str(path))
+    try:
+        decoded = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    except json.JSONDecodeError:
+        raise CheckpointError("corrupt metadata", source=str(path)) from None
+    return tensors, decoded

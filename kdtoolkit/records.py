@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .io import atomic_save_safetensors, read_safetensors
+from .io import atomic_save_safetensors, read_kdt_safetensors
 
 RECORDS_FORMAT = "kdtoolkit.records/1"
 
@@ -58,13 +58,7 @@ class Records:
 
         :raises CheckpointError: for a missing, truncated or foreign file.
         """
-        tensors, meta = read_safetensors(Path(path))
-        if meta.get("format") != RECORDS_FORMAT:
-            raise CheckpointError("not a kdtoolkit records file (metadata 'format' missing)", source=str(path))
-        try:
-            decoded = {k: json.loads(v) for k, v in meta.items() if k != "format"}
-        except json.JSONDecodeError:
-            raise CheckpointError("corrupt metadata", source=str(path)) from None
+        tensors, decoded = read_kdt_safetensors(Path(path), RECORDS_FORMAT, "records file")
         if "labels" not in tensors or "logits" not in tensors:
             raise CheckpointError("records need 'labels' and 'logits'", source=str(path))
         n = tensors["labels"].shape[0]

@@ -53,7 +53,7 @@ from .components import Model, Step, select_parameters
 from .distributed import Dist
 from .errors import CheckpointError, KdtError, RecipeError
 from .io import (atomic_save_safetensors, atomic_write_json, atomic_write_text, load_external_state_dict,
-                 read_safetensors, remove_stale_temps)
+                 read_kdt_safetensors, remove_stale_temps)
 from .plugins import PluginManager
 from .progress import Progress
 from .recipe import Recipe
@@ -149,14 +149,7 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and decoded metadata of a ``model.safetensors``."""
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError("not a kdtoolkit model file (metadata 'format' missing)", source=str(path))
-    try:
-        decoded = {k: json.loads(v) for k, v in meta.items() if k != "format"}
-    except json.JSONDecodeError:
-        raise CheckpointError("corrupt metadata", source=str(path)) from None
-    return tensors, decoded
+    return read_kdt_safetensors(path, MODEL_FORMAT, "model file")
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
