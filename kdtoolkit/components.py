@@ -41,7 +41,10 @@ class Step:
     :ivar outputs: the student's outputs (dict from its head).
     :ivar model: the student :class:`Model` (unwrapped from DDP).
     :ivar teacher_outputs: the frozen teacher's outputs, computed without
-        gradients, or ``None`` in a stage without teacher.
+        gradients (or read from the stage's teacher cache, holding the
+        outputs the losses declare in ``requires_teacher_outputs``);
+        ``None`` in a stage without teacher or in a phase whose losses read
+        no teacher output.
     :ivar teacher: the frozen teacher :class:`Model`, or ``None``.
     """
 

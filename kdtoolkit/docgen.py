@@ -107,7 +107,7 @@ def components_md(pm: PluginManager) -> str:
         for comp in reg:
             out += [f"### `{comp.name}` ({kind}, plugin `{comp.owner}`)", "", _first_paragraph(comp.factory) or "(no description)", ""]
             attrs = []
-            for a in ("requires_teacher", "requires_outputs", "requires_reference", "requires_records", "outputs",
+            for a in ("requires_teacher", "requires_outputs", "requires_teacher_outputs", "requires_reference", "requires_records", "outputs",
                       "param_groups", "record_keys"):
                 if hasattr(comp.factory, a):
                     attrs.append(f"`{a}` = `{getattr(comp.factory, a)!r}`")

@@ -62,7 +62,14 @@ def kdt_register_losses(registry):
     and returns a callable ``loss(step) -> scalar tensor`` where ``step`` is a
     :class:`kdtoolkit.components.Step`. Class attributes read during
     validation: ``requires_teacher`` (bool) and ``requires_outputs`` (tuple of
-    head output names).
+    head output names). Read during training: ``requires_teacher_outputs``
+    (tuple of the teacher's output names the loss reads from
+    ``step.teacher_outputs``; ``()`` for a loss that reads only the teacher's
+    parameters). The trainer skips the teacher's forward pass in a phase
+    whose losses read no teacher output, and a teacher cache keeps only the
+    declared outputs; a teacher-using loss that declares nothing gets every
+    output. An instance attribute overrides the class attribute (e.g. when
+    a parameter decides what is read).
     """
 
 

@@ -28,7 +28,7 @@ class Progress:
     """
 
     def __init__(self, console: Console | None = None, enabled: bool = True):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)
         self.enabled = enabled
         self._p: RichProgress | None = None
         if enabled:

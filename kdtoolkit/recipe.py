@@ -40,14 +40,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 TOP_KEYS = (
     "extends", "name", "description", "seed", "device", "precision", "data",
-    "evaluate", "checkpoint_every", "stages",
+    "evaluate", "checkpoint_every", "channels_last", "stages",
 )
 DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "num_workers", "drop_last", "augment")
 EVAL_KEYS = ("metrics",)
 STAGE_KEYS = (
     "base", "description", "teacher", "compare_to", "seed", "data", "model", "losses",
-    "phases", "metrics",
+    "phases", "metrics", "teacher_cache",
 )
+TEACHER_CACHE = ("off", "memory", "disk")
 MODEL_KEYS = ("backbone", "head", "init_from_teacher", "weights")
 LOSS_CORE_KEYS = ("name", "id", "weight")
 PHASE_CORE_KEYS = ("name", "kind")
@@ -84,11 +85,17 @@ class Recipe:
         """
         st = self.stage(name)
         deps = [d for d in (st.get("teacher"), st.get("compare_to")) if d]
+        # "memory" and "disk" give the same numbers; "off" leaves the hashes of earlier runs unchanged
+        st = {k: v for k, v in st.items() if k != "teacher_cache"}
+        if self.stage(name).get("teacher_cache", "off") != "off":
+            st["teacher_cache"] = "on"
         payload = {
             "stage": st,
             "precision": self.resolved["precision"],
             "deps": {d: self.stage_hash(d) for d in deps},
         }
+        if self.resolved.get("channels_last"):  # only when set: the hashes of earlier runs stay valid
+            payload["channels_last"] = True
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:
@@ -329,6 +336,7 @@ class Validator:
             self.fail("device", f"expected auto, cpu, cuda, cuda:N or mps, got {describe_value(res['device'])}")
         res["precision"] = self.choice(raw, "", "precision", PRECISIONS, "fp32")
         res["checkpoint_every"] = self.number(raw, "", "checkpoint_every", 1, lo=0, integer=True)
+        res["channels_last"] = self.value(raw, "", "channels_last", bool, False)
         top_data = self.table(raw.get("data", {}), "data")
         evaluate = self.table(raw.get("evaluate", {}), "evaluate")
         self.known(evaluate, "evaluate", EVAL_KEYS)
@@ -417,6 +425,7 @@ class Validator:
         st["description"] = self.value(raw, key, "description", str, name)
         st["teacher"] = self.value(raw, key, "teacher", str | None, None)
         st["compare_to"] = self.value(raw, key, "compare_to", str | None, None)
+        st["teacher_cache"] = self.choice(raw, key, "teacher_cache", TEACHER_CACHE, "off")
         st["seed"] = self.number(raw, key, "seed", top["seed"], lo=0, integer=True)
         stage_data = self.table(raw.get("data", {}), f"{key}.data")
         merged = dict(top_data)
@@ -629,4 +638,11 @@ class Validator:
                           f"loss '{l['name']}' needs a teacher: set {key}.teacher to an earlier stage")
         if st["model"]["init_from_teacher"] and not teacher:
             self.fail(f"{key}.model.init_from_teacher", f"needs a teacher: set {key}.teacher")
+        if st["teacher_cache"] != "off":
+            if not teacher:
+                self.fail(f"{key}.teacher_cache", f"caches a teacher's outputs: set {key}.teacher, or teacher_cache = \"off\"")
+            if st["data"]["augment"]:
+                self.fail(f"{key}.teacher_cache", "the teacher's outputs can be cached only for un-augmented training data "
+                          "(augmentation shows the teacher new images every epoch): set data.augment = false, "
+                          "or teacher_cache = \"off\"")
         del hd

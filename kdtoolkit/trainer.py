@@ -59,6 +59,8 @@ from .progress import Progress
 from .recipe import Recipe
 from .records import Records
 from .report import write_reports
+from . import teachercache
+from .teachercache import TeacherCache, needed_outputs
 
 MODEL_FORMAT = "kdtoolkit.model/1"
 
@@ -415,11 +417,14 @@ class Runner:
         self.out = Path(options.out)
         self.device = self.dist.device(resolve_device(options.device or recipe.resolved["device"]))
         self.precision = recipe.resolved["precision"]
+        self.channels_last = bool(recipe.resolved.get("channels_last", False))
         if self.precision == "fp16" and self.device.type == "cpu":
             raise KdtError("precision 'fp16' needs a GPU; use bf16 or fp32 on the CPU", source=str(recipe.path), key="precision")
         self.interrupted = False
         self._records: dict[str, Records] = {}
         self._data: dict[str, StageData] = {}
+        self._teacher_cache: TeacherCache | None = None
+        self._teacher_cache_user: str | None = None
 
     # -- preflight --------------------------------------------------------
     def preflight(self) -> None:
@@ -568,7 +573,7 @@ class Runner:
 
         data = self.data_for(name)
         torch.manual_seed(st["seed"])
-        model = build_model(st, data.num_classes, self.plugins).to(self.device)
+        model = self.placed(build_model(st, data.num_classes, self.plugins))
         teacher = self._teacher(st, data) if st["teacher"] else None
         if teacher is not None and st["model"]["init_from_teacher"]:
             self._init_from_teacher(name, model, teacher, st["model"]["init_from_teacher"])
@@ -654,6 +659,84 @@ class Runner:
             self._records[name] = Records.load(self.stage_dir(name) / "records.safetensors")
         return self._records[name]
 
+    def placed(self, model: nn.Module) -> nn.Module:
+        """``model`` on the run's device; with ``channels_last = true`` its 4-D weights in channels-last layout."""
+        if self.channels_last:
+            return model.to(self.device, memory_format=torch.channels_last)
+        return model.to(self.device)
+
+    def teacher_cache(self, name: str, st: dict[str, Any], teacher: Model, data: StageData,
+                      needs: set[str] | None) -> TeacherCache:
+        """The teacher's outputs ``needs`` for every training image of stage ``name``
+        (``teacher_cache = "memory"`` or ``"disk"``; see :mod:`kdtoolkit.teachercache`).
+
+        The last cache built stays in memory for the next stage with the same
+        key (e.g. ablations sharing a teacher and data). With ``disk`` the
+        file in the teacher's stage directory is read, or written by rank 0.
+        """
+        tname = st["teacher"]
+        tdir = self.stage_dir(tname)
+        key = teachercache.cache_key(self.recipe.stage_hash(tname), tdir / "model.safetensors", st["data"],
+                                     self.precision, needs)
+        path = tdir / f"teacher-cache-{key}.safetensors"
+        meta = {"teacher": tname, "teacher_stage_hash": self.recipe.stage_hash(tname), "data": st["data"],
+                "precision": self.precision, "kdtoolkit": __version__}
+        if self._teacher_cache is not None and self._teacher_cache.key == key:
+            if self._teacher_cache_user != name:
+                self._teacher_cache_user = name
+                self.progress.log(f"stage [bold]{name}[/]: teacher outputs from the cache built for an earlier stage "
+                                  f"({teachercache.describe(self._teacher_cache)})")
+                if st["teacher_cache"] == "disk" and not path.is_file():
+                    if self.dist.is_main:
+                        self._save_cache(name, path, self._teacher_cache, meta)
+                    self.dist.barrier()
+            return self._teacher_cache
+        self._teacher_cache = None  # free the previous one before building another
+        n = len(data.train)
+        cache = None
+        if st["teacher_cache"] == "disk":
+            cache, why = teachercache.load(path, key, n, needs)
+            if self.dist.any(cache is None):
+                if cache is None and path.exists():
+                    self.progress.log(f"stage [bold]{name}[/]: teacher cache {path} {why}; computing it again")
+                cache = None
+            else:
+                self.progress.log(f"stage [bold]{name}[/]: teacher outputs read from {path.name} ({teachercache.describe(cache)})")
+        if cache is None:
+            t0 = time.perf_counter()
+            ebs = data.spec["eval_batch_size"]
+            task = self.progress.add(f"{name} · teacher cache", total=num_batches(n, ebs, False, None))
+            it = batches(data.train, ebs, shuffle=False, seed=0, num_workers=data.spec["num_workers"], dist=self.dist)
+            try:
+                tensors = teachercache.compute(teacher, it, keys=needs, device=self.device,
+                                               autocast=lambda: autocast(self.device, self.precision),
+                                               progress=self.progress, task=task)
+            except KeyError as exc:
+                raise TrainingError(f"stage '{name}': the teacher ('{tname}') does not produce output {exc}, "
+                                    "which a loss of this stage reads") from None
+            self.progress.finish(task)
+            if self.dist.world > 1:
+                tensors = self.dist.gather_records(tensors, n, ebs)
+            cache = TeacherCache(tensors, key)
+            self.progress.log(f"stage [bold]{name}[/]: teacher outputs cached {'on disk' if st['teacher_cache'] == 'disk' else 'in memory'} "
+                              f"({teachercache.describe(cache, time.perf_counter() - t0)})")
+            if st["teacher_cache"] == "disk":
+                if self.dist.is_main:
+                    self._save_cache(name, path, cache, meta)
+                self.dist.barrier()
+        if self.device.type == "cuda":
+            cache.pin()
+        self._teacher_cache, self._teacher_cache_user = cache, name
+        return cache
+
+    def _save_cache(self, name: str, path: Path, cache: TeacherCache, meta: dict[str, Any]) -> None:
+        """Write a teacher cache file; a full or read-only disk leaves the run going with the cache in memory."""
+        try:
+            teachercache.save(path, cache, meta)
+        except OSError as exc:
+            self.progress.log(f"stage [bold]{name}[/]: could not write the teacher cache {path} "
+                              f"({exc.strerror or type(exc).__name__}); going on with it in memory")
+
     def _teacher(self, st: dict[str, Any], data: StageData) -> Model:
         tname = st["teacher"]
         tst = self.recipe.stage(tname)
@@ -661,7 +744,7 @@ class Runner:
         path = self.stage_dir(tname) / "model.safetensors"
         state, _ = load_model_file(path)
         load_state_strict(teacher, state, str(path))
-        teacher.to(self.device).eval()
+        self.placed(teacher).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
@@ -712,6 +795,7 @@ class StageTrainer:
             self.losses[l["id"]] = runner.plugins.registry("loss").get(l["name"]).factory(**params)
         self.previous_seconds = 0.0
         self.history: list[dict[str, Any]] = []
+        self.cached = False
         self.flags: dict[str, Any] = {}
         self.watch: dict[str, str] = {}
 
@@ -819,6 +903,11 @@ class StageTrainer:
                 terms[lid] = self.losses[lid](step)
             except (ValueError, TypeError) as exc:
                 raise TrainingError(f"stage '{self.name}', phase '{ph['name']}': loss '{lid}' cannot be computed: {exc}") from None
+            except KeyError as exc:
+                hint = (" (the teacher cache holds only the outputs the losses declare in requires_teacher_outputs)"
+                        if self.cached else "")
+                raise TrainingError(f"stage '{self.name}', phase '{ph['name']}': loss '{lid}' reads output {exc} "
+                                    f"that the model does not produce{hint}") from None
         return terms
 
     def _selected_losses(self, ph: dict[str, Any]) -> list[str]:
@@ -860,6 +949,11 @@ class StageTrainer:
                     scaler.load_state_dict(resume.scaler)
             except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
                 raise self._bad_checkpoint(exc) from None
+        needs = needed_outputs(self.losses[lid] for lid in active) if self.teacher is not None else set()
+        run_teacher = needs != set()  # no forward pass when the losses read only the teacher's parameters
+        cache = self.r.teacher_cache(self.name, self.st, self.teacher, self.data, needs) \
+            if run_teacher and self.st["teacher_cache"] != "off" else None
+        self.cached = cache is not None
         spec = self.data.spec
         accumulate = ph["accumulate"]
         seed = self.st["seed"]
@@ -899,11 +993,15 @@ class StageTrainer:
             stop = False
             for x, y in it:
                 x, y = x.to(self.r.device, non_blocking=True), y.to(self.r.device, non_blocking=True)
+                if self.r.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 n_global, n_local = len(plan[b]), int(y.shape[0])
                 with autocast(self.r.device, self.r.precision):
                     outputs = model(x)
                     t_out = None
-                    if self.teacher is not None:
+                    if cache is not None:
+                        t_out = cache.batch(plan[b] if dist.world == 1 else plan[b][dist.rank :: dist.world], self.r.device)
+                    elif run_teacher:
                         with torch.no_grad():
                             t_out = self.teacher(x)
                     step = Step(x, y, outputs, self.model, t_out, self.teacher)

@@ -53,6 +53,10 @@ epochs = 1
 limit_batches = 3
 optimizer = { name = "sgd" }
 groups = [{ params = ["backbone", "head"], lr = 0.05 }]
+
+[stages.kd_cached]
+base = "kd"
+teacher_cache = "disk"
 """
 
 # Same global batches, summed in another order: float32 rounding only.
@@ -109,7 +113,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
     assert "Traceback" not in proc.stderr and "destroy_process_group" not in proc.stderr
     assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
 
-    for stage in ("teacher", "kd"):
+    for stage in ("teacher", "kd", "kd_cached"):
         _close(ddp, single, stage)
         a, b = metrics_lines(ddp, stage), metrics_lines(single, stage)
         assert [l["epoch"] for l in a] == [l["epoch"] for l in b]
@@ -119,6 +123,15 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
         ra, rb = load_file(str(ddp / stage / "records.safetensors")), load_file(str(single / stage / "records.safetensors"))
         assert torch.equal(ra["labels"], rb["labels"])
         torch.testing.assert_close(ra["logits"], rb["logits"], atol=1e-4, rtol=1e-4)
+    # the teacher cache computed by two ranks (each half of every batch, gathered back into dataset
+    # order, written by rank 0) is the one a single process computes, and trains the same student
+    (fa,), (fb,) = list((ddp / "teacher").glob("teacher-cache-*")), list((single / "teacher").glob("teacher-cache-*"))
+    ca, cb = load_file(str(fa)), load_file(str(fb))
+    assert set(ca) == set(cb) == {"logits"}  # (file names differ: the key hashes the teacher's weights, equal only within ATOL)
+    torch.testing.assert_close(ca["logits"], cb["logits"], atol=1e-5, rtol=1e-5)
+    ta, tb = load_file(str(single / "kd" / "model.safetensors")), load_file(str(single / "kd_cached" / "model.safetensors"))
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], atol=ATOL, rtol=RTOL, msg=k)
     results = json.loads((ddp / "results.json").read_text())
     assert results["stages"]["kd"]["test_images"] == json.loads((single / "results.json").read_text())["stages"]["kd"]["test_images"]
 
@@ -169,8 +182,8 @@ def test_ctrl_c_in_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactl
     assert ck.running["seen"] == 3 * 31
     for p in _spawn_ranks(recipe, out, env, {}):
         assert p.returncode == 0, p.stderr
-    assert_same_weights(out, ddp, ["teacher", "kd"])
-    for stage in ("teacher", "kd"):
+    assert_same_weights(out, ddp, ["teacher", "kd", "kd_cached"])
+    for stage in ("teacher", "kd", "kd_cached"):
         assert metrics_lines(out, stage) == metrics_lines(ddp, stage)
 
 
@@ -221,7 +234,9 @@ def test_gradient_accumulation_matches_a_larger_batch(plugins, tmp_path):
 def test_bf16_autocast_run_completes_on_the_cpu(plugins, tmp_path):
     out = _train(tmp_path, "bf16", 'precision = "bf16"\n' + RECIPE, "--device", "cpu")
     assert json.loads((out / "run.json").read_text())["precision"] == "bf16"
-    for stage in ("teacher", "kd"):
+    (cache,) = (out / "teacher").glob("teacher-cache-*")
+    assert load_file(str(cache))["logits"].dtype == torch.bfloat16  # as the teacher produced them under autocast
+    for stage in ("teacher", "kd", "kd_cached"):
         weights = load_file(str(out / stage / "model.safetensors"))
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
         assert 0.0 <= json.loads((out / stage / "result.json").read_text())["accuracy"] <= 1.0

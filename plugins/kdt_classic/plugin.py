@@ -89,6 +89,7 @@ class HintonKDLoss:
     """
 
     requires_teacher = True
+    requires_teacher_outputs = ("logits",)
     requires_outputs = ("logits",)
 
     def __init__(self, *, temperature: float = 4.0):

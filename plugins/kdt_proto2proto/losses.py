@@ -70,6 +70,7 @@ class GlobalExplanationLoss:
 
     requires_teacher = True
     requires_outputs = ("min_distances",)
+    requires_teacher_outputs = ()  # the teacher's prototypes only: no teacher forward pass
 
     @staticmethod
     def check_models(model, teacher) -> None:
@@ -98,10 +99,13 @@ class PatchPrototypeCorrespondenceLoss:
 
     requires_teacher = True
     requires_outputs = ("min_distances", "argmin", "features")
+    requires_teacher_outputs = ("features", "min_distances", "argmin")
 
     def __init__(self, *, tau: float = 100.0, mask_source: Literal["student", "teacher", "either"] = "student"):
         self.tau = tau
         self.mask_source = mask_source
+        # the teacher's distances are read only when its patches decide the mask
+        self.requires_teacher_outputs = ("features",) if mask_source == "student" else ("features", "min_distances", "argmin")
 
     @staticmethod
     def check_params(params: dict) -> None:

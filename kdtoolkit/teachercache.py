@@ -1,0 +1,166 @@
+"""A cache of the frozen teacher's outputs for un-augmented training data.
+
+A distillation stage runs the frozen teacher on every training batch, every
+epoch. Without augmentation the teacher sees the same images each epoch and,
+in eval mode, returns the same outputs; a stage with
+``teacher_cache = "memory"`` or ``"disk"`` computes them once, in one
+un-shuffled pass over the training set, and gathers each batch's rows by
+dataset index instead (see ``docs/performance.md`` for the measured
+speedup). The recipe validator only accepts a cache with ``data.augment =
+false`` and a teacher.
+
+Only the outputs that the phase's losses read are kept: a loss declares them
+in ``requires_teacher_outputs`` (e.g. ``("logits",)``); a teacher-using loss
+that declares nothing makes the cache keep every output. Tensors keep the
+dtype the teacher produced (``bf16`` under ``precision = "bf16"``).
+
+``disk`` also writes the cache to
+``DIR/<teacher stage>/teacher-cache-<key>.safetensors`` (atomically, with
+JSON metadata) and reads it back in later stages and after a resume. The key
+hashes the teacher's stage hash, its weights file, the dataset table, the
+precision and the cached output names, so a retrained teacher or other data
+never meets a stale cache. An unreadable or mismatched cache file is
+computed again (it is derived data), with a message.
+
+Cached outputs come from batches of ``eval_batch_size`` rather than the
+training batch, so a cached run equals an uncached one up to float rounding
+(both are repeatable, and both resume bit for bit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .io import atomic_save_safetensors, read_kdt_safetensors
+
+CACHE_FORMAT = "kdtoolkit.teacher_cache/1"
+MODES = ("off", "memory", "disk")
+
+
+class TeacherCache:
+    """The teacher's outputs for every training image, in dataset order.
+
+    :ivar tensors: output name → tensor ``[n, ...]`` (CPU).
+    :ivar key: the cache key (see :func:`cache_key`).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], key: str):
+        lengths = {int(v.shape[0]) for v in tensors.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"cached outputs have different lengths: {sorted(lengths)}")
+        self.tensors = tensors
+        self.key = key
+        self.n = lengths.pop()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.tensors.values())
+
+    def pin(self) -> None:
+        """Page-lock the tensors, for asynchronous copies to a GPU."""
+        self.tensors = {k: v if v.is_pinned() else v.pin_memory() for k, v in self.tensors.items()}
+
+    def keys(self) -> set[str]:
+        return set(self.tensors)
+
+    def batch(self, indices: list[int] | torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The cached outputs of the images ``indices`` (dataset indices), on ``device``."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v.index_select(0, idx).to(device, non_blocking=True) for k, v in self.tensors.items()}
+
+
+def needed_outputs(losses: Iterable[Any]) -> set[str] | None:
+    """The teacher outputs that ``losses`` read, from their declarations.
+
+    A loss declaring ``requires_teacher_outputs`` reads those names (``()``:
+    only the teacher's parameters, as the global explanation loss). A loss
+    with ``requires_teacher = False`` reads none. A loss declaring neither,
+    or ``requires_teacher = True`` alone, may read any output.
+
+    :returns: the set of names (empty: no teacher forward pass is needed), or
+        ``None`` for "every output".
+    """
+    keys: set[str] = set()
+    for loss in losses:
+        declared = getattr(loss, "requires_teacher_outputs", None)
+        if declared is not None:
+            keys.update(declared)
+        elif getattr(loss, "requires_teacher", None) is False:
+            continue
+        else:
+            return None
+    return keys
+
+
+def cache_key(teacher_hash: str, teacher_file: Path | None, data_spec: dict[str, Any], precision: str,
+              keys: set[str] | None) -> str:
+    """A hash of everything the cached outputs depend on (16 hex digits)."""
+    h = hashlib.sha256()
+    spec = {k: v for k, v in data_spec.items() if k not in ("batch_size", "eval_batch_size", "num_workers", "drop_last")}
+    h.update(json.dumps({"teacher": teacher_hash, "data": spec, "precision": precision,
+                         "keys": sorted(keys) if keys is not None else "*"}, sort_keys=True, default=str).encode())
+    if teacher_file is not None and teacher_file.is_file():
+        with open(teacher_file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def compute(teacher: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, keys: set[str] | None,
+            device: torch.device, autocast, progress=None, task=None) -> dict[str, torch.Tensor]:
+    """The teacher's outputs over ``batches`` (un-shuffled), concatenated on the CPU.
+
+    ``keys`` selects the outputs (``None``: every tensor output).
+    ``autocast`` is a zero-argument callable returning the precision context.
+    """
+    teacher.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for x, _ in batches:
+        with autocast():
+            out = teacher(x.to(device, non_blocking=True))
+        names = sorted(k for k, v in out.items() if isinstance(v, torch.Tensor)) if keys is None else sorted(keys)
+        for k in names:
+            if k not in out:
+                raise KeyError(k)
+            parts.setdefault(k, []).append(out[k].detach().cpu())
+        if progress is not None:
+            progress.advance(task)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def load(path: Path, key: str, n: int, keys: set[str] | None) -> tuple[TeacherCache | None, str]:
+    """Read a cache file: ``(cache, "")``, or ``(None, why)`` when it is missing, unreadable or does not fit."""
+    if not path.is_file():
+        return None, "no cache file"
+    try:
+        tensors, meta = read_kdt_safetensors(path, CACHE_FORMAT, "teacher cache")
+    except CheckpointError as exc:
+        return None, exc.message
+    if meta.get("key") != key:
+        return None, "written for another teacher or dataset"
+    if keys is not None and not keys <= set(tensors):
+        return None, f"lacks outputs {', '.join(sorted(keys - set(tensors)))}"
+    if not tensors or any(int(v.shape[0]) != n for v in tensors.values()):
+        return None, f"does not hold {n} images"
+    return TeacherCache(tensors, key), ""
+
+
+def save(path: Path, cache: TeacherCache, meta: dict[str, Any]) -> None:
+    """Write ``cache`` atomically with JSON metadata (``format``, ``key``, ``n`` and ``meta``)."""
+    md = {"format": CACHE_FORMAT, **{k: json.dumps(v) for k, v in {**meta, "key": cache.key, "n": cache.n}.items()}}
+    atomic_save_safetensors(cache.tensors, path, md)
+
+
+def describe(cache: TeacherCache, seconds: float | None = None) -> str:
+    """``"1437 images, 12.3 MB (features, logits)"`` (+ the time it took)."""
+    mb = cache.nbytes / 2**20
+    took = f", computed in {seconds:.1f} s" if seconds is not None else ""
+    return f"{cache.n} images, {mb:.1f} MiB ({', '.join(sorted(cache.tensors))}){took}"
