@@ -17,10 +17,13 @@ dtype the teacher produced (``bf16`` under ``precision = "bf16"``).
 ``disk`` also writes the cache to
 ``DIR/<teacher stage>/teacher-cache-<key>.safetensors`` (atomically, with
 JSON metadata) and reads it back in later stages and after a resume. The key
-hashes the teacher's stage hash, its weights file, the dataset table, the
-precision and the cached output names, so a retrained teacher or other data
-never meets a stale cache. An unreadable or mismatched cache file is
-computed again (it is derived data), with a message.
+hashes the teacher's stage hash and weights file, the dataset table
+(``eval_batch_size`` included), the precision, the cached output names, the
+number of processes and the software versions, so a retrained teacher,
+other data or another setting never meets a stale cache, and a cache read
+from disk holds exactly the numbers a new pass would compute. An unreadable
+or mismatched cache file is computed again (it is derived data), with a
+message.
 
 Cached outputs come from batches of ``eval_batch_size`` rather than the
 training batch, so a cached run equals an uncached one up to float rounding
@@ -63,10 +66,6 @@ class TeacherCache:
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())
 
-    def pin(self) -> None:
-        """Page-lock the tensors, for asynchronous copies to a GPU."""
-        self.tensors = {k: v if v.is_pinned() else v.pin_memory() for k, v in self.tensors.items()}
-
     def keys(self) -> set[str]:
         return set(self.tensors)
 
@@ -99,21 +98,26 @@ def needed_outputs(losses: Iterable[Any]) -> set[str] | None:
     return keys
 
 
-def cache_key(teacher_hash: str, teacher_file: Path | None, data_spec: dict[str, Any], precision: str,
-              keys: set[str] | None) -> str:
-    """A hash of everything the cached outputs depend on (16 hex digits)."""
-    h = hashlib.sha256()
-    spec = {k: v for k, v in data_spec.items() if k not in ("batch_size", "eval_batch_size", "num_workers", "drop_last")}
-    h.update(json.dumps({"teacher": teacher_hash, "data": spec, "precision": precision,
-                         "keys": sorted(keys) if keys is not None else "*"}, sort_keys=True, default=str).encode())
-    if teacher_file is not None and teacher_file.is_file():
-        with open(teacher_file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+def cache_key(teacher_id: str, data_spec: dict[str, Any], precision: str, keys: set[str] | None,
+              world: int = 1, versions: dict[str, Any] | None = None) -> str:
+    """A hash of everything the cached outputs depend on (16 hex digits).
+
+    :param teacher_id: identifies the teacher's weights (the trainer passes its
+        stage hash and a hash of its ``model.safetensors``).
+    :param data_spec: the stage's resolved ``data`` table; ``eval_batch_size``
+        (the batches the cache is computed in) counts, ``batch_size``,
+        ``num_workers`` and ``drop_last`` do not.
+    :param world: the number of processes sharing the pass (their shares of
+        each batch are computed separately).
+    :param versions: software versions (torch, kdtoolkit, plugins).
+    """
+    spec = {k: v for k, v in data_spec.items() if k not in ("batch_size", "num_workers", "drop_last")}
+    payload = {"teacher": teacher_id, "data": spec, "precision": precision,
+               "keys": sorted(keys) if keys is not None else "*", "world": world, "versions": versions or {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the cached tensors take part in autograd graphs later
 def compute(teacher: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, keys: set[str] | None,
             device: torch.device, autocast, progress=None, task=None) -> dict[str, torch.Tensor]:
     """The teacher's outputs over ``batches`` (un-shuffled), concatenated on the CPU.
@@ -137,18 +141,22 @@ def compute(teacher: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
 
 
 def load(path: Path, key: str, n: int, keys: set[str] | None) -> tuple[TeacherCache | None, str]:
-    """Read a cache file: ``(cache, "")``, or ``(None, why)`` when it is missing, unreadable or does not fit."""
+    """Read a cache file: ``(cache, "")``, or ``(None, why)`` when it is missing,
+    unreadable, written for another key or does not hold ``n`` rows of every
+    needed output. Never raises for a bad file."""
     if not path.is_file():
         return None, "no cache file"
     try:
         tensors, meta = read_kdt_safetensors(path, CACHE_FORMAT, "teacher cache")
     except CheckpointError as exc:
         return None, exc.message
+    except Exception as exc:  # anything else a damaged file may cause: it is derived data, compute it again
+        return None, f"unreadable ({type(exc).__name__})"
     if meta.get("key") != key:
-        return None, "written for another teacher or dataset"
+        return None, "written for another teacher, dataset or setting"
     if keys is not None and not keys <= set(tensors):
         return None, f"lacks outputs {', '.join(sorted(keys - set(tensors)))}"
-    if not tensors or any(int(v.shape[0]) != n for v in tensors.values()):
+    if not tensors or any(v.dim() < 1 or int(v.shape[0]) != n for v in tensors.values()):
         return None, f"does not hold {n} images"
     return TeacherCache(tensors, key), ""
 

@@ -425,6 +425,7 @@ class Runner:
         self._data: dict[str, StageData] = {}
         self._teacher_cache: TeacherCache | None = None
         self._teacher_cache_user: str | None = None
+        self._file_hashes: dict[tuple, str] = {}
 
     # -- preflight --------------------------------------------------------
     def preflight(self) -> None:
@@ -601,6 +602,7 @@ class Runner:
         t0 = time.perf_counter()
         history, flags = trainer.train()
         train_seconds = time.perf_counter() - t0 + trainer.previous_seconds
+        self.release_teacher_cache(name)
         self.check_interrupt(f"interrupted: stage '{name}' is trained and its checkpoint {trainer.ckpt_path} kept; "
                              "run the same command again to evaluate it and go on")
 
@@ -670,31 +672,32 @@ class Runner:
         """The teacher's outputs ``needs`` for every training image of stage ``name``
         (``teacher_cache = "memory"`` or ``"disk"``; see :mod:`kdtoolkit.teachercache`).
 
-        The last cache built stays in memory for the next stage with the same
-        key (e.g. ablations sharing a teacher and data). With ``disk`` the
-        file in the teacher's stage directory is read, or written by rank 0.
+        The last cache built stays in memory while a later stage may use it
+        (e.g. ablations sharing a teacher and data). With ``disk`` the file in
+        the teacher's stage directory is read, or written by rank 0.
         """
         tname = st["teacher"]
         tdir = self.stage_dir(tname)
-        key = teachercache.cache_key(self.recipe.stage_hash(tname), tdir / "model.safetensors", st["data"],
-                                     self.precision, needs)
+        key = teachercache.cache_key(self._teacher_file_id(tname, tdir / "model.safetensors"), st["data"],
+                                     self.precision, needs, self.dist.world, versions(self.plugins))
         path = tdir / f"teacher-cache-{key}.safetensors"
         meta = {"teacher": tname, "teacher_stage_hash": self.recipe.stage_hash(tname), "data": st["data"],
-                "precision": self.precision, "kdtoolkit": __version__}
+                "precision": self.precision, "world_size": self.dist.world, "versions": versions(self.plugins)}
+        disk = st["teacher_cache"] == "disk"
         if self._teacher_cache is not None and self._teacher_cache.key == key:
             if self._teacher_cache_user != name:
                 self._teacher_cache_user = name
                 self.progress.log(f"stage [bold]{name}[/]: teacher outputs from the cache built for an earlier stage "
                                   f"({teachercache.describe(self._teacher_cache)})")
-                if st["teacher_cache"] == "disk" and not path.is_file():
-                    if self.dist.is_main:
+                if disk:
+                    if self.dist.is_main and not path.is_file():
                         self._save_cache(name, path, self._teacher_cache, meta)
-                    self.dist.barrier()
+                    self.dist.barrier()  # every rank, whatever it sees on disk
             return self._teacher_cache
         self._teacher_cache = None  # free the previous one before building another
         n = len(data.train)
         cache = None
-        if st["teacher_cache"] == "disk":
+        if disk:
             cache, why = teachercache.load(path, key, n, needs)
             if self.dist.any(cache is None):
                 if cache is None and path.exists():
@@ -718,20 +721,43 @@ class Runner:
             if self.dist.world > 1:
                 tensors = self.dist.gather_records(tensors, n, ebs)
             cache = TeacherCache(tensors, key)
-            self.progress.log(f"stage [bold]{name}[/]: teacher outputs cached {'on disk' if st['teacher_cache'] == 'disk' else 'in memory'} "
+            self.progress.log(f"stage [bold]{name}[/]: teacher outputs cached {'on disk' if disk else 'in memory'} "
                               f"({teachercache.describe(cache, time.perf_counter() - t0)})")
-            if st["teacher_cache"] == "disk":
+            if disk:
                 if self.dist.is_main:
                     self._save_cache(name, path, cache, meta)
                 self.dist.barrier()
-        if self.device.type == "cuda":
-            cache.pin()
         self._teacher_cache, self._teacher_cache_user = cache, name
         return cache
+
+    def release_teacher_cache(self, after: str) -> None:
+        """Drop the cache held in memory unless a stage after ``after`` may use it (same teacher, a cache on)."""
+        if self._teacher_cache is None:
+            return
+        later = self.recipe.order[self.recipe.order.index(after) + 1 :] if after in self.recipe.order else []
+        teacher = self.recipe.stage(after).get("teacher")
+        if not any(self.recipe.stage(s).get("teacher") == teacher and self.recipe.stage(s)["teacher_cache"] != "off"
+                   for s in later):
+            self._teacher_cache = self._teacher_cache_user = None
+
+    def _teacher_file_id(self, tname: str, path: Path) -> str:
+        """What identifies the teacher's weights: its stage hash and a hash of its
+        ``model.safetensors`` (hashed once per file version, not every phase)."""
+        stat = path.stat() if path.is_file() else None
+        ident = (str(path), stat.st_size, stat.st_mtime_ns) if stat else (str(path), None, None)
+        if self._file_hashes.get(ident) is None:
+            h = hashlib.sha256()
+            if stat:
+                with open(path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            self._file_hashes[ident] = h.hexdigest()
+        return f"{self.recipe.stage_hash(tname)}:{self._file_hashes[ident]}"
 
     def _save_cache(self, name: str, path: Path, cache: TeacherCache, meta: dict[str, Any]) -> None:
         """Write a teacher cache file; a full or read-only disk leaves the run going with the cache in memory."""
         try:
+            remove_stale_temps(path.parent)  # of an earlier writer that was killed
             teachercache.save(path, cache, meta)
         except OSError as exc:
             self.progress.log(f"stage [bold]{name}[/]: could not write the teacher cache {path} "
@@ -902,7 +928,11 @@ class StageTrainer:
             try:
                 terms[lid] = self.losses[lid](step)
             except (ValueError, TypeError) as exc:
-                raise TrainingError(f"stage '{self.name}', phase '{ph['name']}': loss '{lid}' cannot be computed: {exc}") from None
+                hint = ""
+                if isinstance(exc, TypeError) and step.teacher_outputs is None and self.teacher is not None:
+                    hint = ("; the teacher was not run in this phase because no loss declares teacher outputs it reads "
+                            "(requires_teacher_outputs)")
+                raise TrainingError(f"stage '{self.name}', phase '{ph['name']}': loss '{lid}' cannot be computed: {exc}{hint}") from None
             except KeyError as exc:
                 hint = (" (the teacher cache holds only the outputs the losses declare in requires_teacher_outputs)"
                         if self.cached else "")

@@ -54,6 +54,10 @@ limit_batches = 3
 optimizer = { name = "sgd" }
 groups = [{ params = ["backbone", "head"], lr = 0.05 }]
 
+[stages.kd_mem]
+base = "kd"
+teacher_cache = "memory"
+
 [stages.kd_cached]
 base = "kd"
 teacher_cache = "disk"
@@ -113,7 +117,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
     assert "Traceback" not in proc.stderr and "destroy_process_group" not in proc.stderr
     assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
 
-    for stage in ("teacher", "kd", "kd_cached"):
+    for stage in ("teacher", "kd", "kd_mem", "kd_cached"):
         _close(ddp, single, stage)
         a, b = metrics_lines(ddp, stage), metrics_lines(single, stage)
         assert [l["epoch"] for l in a] == [l["epoch"] for l in b]
@@ -132,6 +136,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
     ta, tb = load_file(str(single / "kd" / "model.safetensors")), load_file(str(single / "kd_cached" / "model.safetensors"))
     for k in ta:
         torch.testing.assert_close(tb[k], ta[k], atol=ATOL, rtol=RTOL, msg=k)
+    # kd_cached took kd_mem's cache from memory (rank 0 wrote the file, every rank met at the barrier)
+    tm = load_file(str(ddp / "kd_mem" / "model.safetensors"))
+    tc = load_file(str(ddp / "kd_cached" / "model.safetensors"))
+    assert all(torch.equal(tm[k], tc[k]) for k in tm)
     results = json.loads((ddp / "results.json").read_text())
     assert results["stages"]["kd"]["test_images"] == json.loads((single / "results.json").read_text())["stages"]["kd"]["test_images"]
 
@@ -182,8 +190,8 @@ def test_ctrl_c_in_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactl
     assert ck.running["seen"] == 3 * 31
     for p in _spawn_ranks(recipe, out, env, {}):
         assert p.returncode == 0, p.stderr
-    assert_same_weights(out, ddp, ["teacher", "kd", "kd_cached"])
-    for stage in ("teacher", "kd", "kd_cached"):
+    assert_same_weights(out, ddp, ["teacher", "kd", "kd_mem", "kd_cached"])
+    for stage in ("teacher", "kd", "kd_mem", "kd_cached"):
         assert metrics_lines(out, stage) == metrics_lines(ddp, stage)
 
 
@@ -236,7 +244,7 @@ def test_bf16_autocast_run_completes_on_the_cpu(plugins, tmp_path):
     assert json.loads((out / "run.json").read_text())["precision"] == "bf16"
     (cache,) = (out / "teacher").glob("teacher-cache-*")
     assert load_file(str(cache))["logits"].dtype == torch.bfloat16  # as the teacher produced them under autocast
-    for stage in ("teacher", "kd", "kd_cached"):
+    for stage in ("teacher", "kd", "kd_mem", "kd_cached"):
         weights = load_file(str(out / stage / "model.safetensors"))
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
         assert 0.0 <= json.loads((out / stage / "result.json").read_text())["accuracy"] <= 1.0

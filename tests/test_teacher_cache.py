@@ -260,6 +260,33 @@ class _Probes:
             def __call__(self, step):
                 return step.teacher_outputs["features"].sum()
 
+        class Undeclared:
+            """Declares that it reads no teacher output, then reads one."""
+
+            requires_teacher = True
+            requires_teacher_outputs = ()
+
+            def __call__(self, step):
+                return step.teacher_outputs["logits"].sum()
+
+        class Layout:
+            """Records the memory layout of the training batch and of the models' first convolution."""
+
+            requires_teacher = True
+            requires_teacher_outputs = ()
+
+            def __call__(self, step):
+                def conv(m):
+                    return next(p for p in m.parameters() if p.dim() == 4)
+
+                cl = torch.channels_last
+                _SEEN.append(("layout", (step.inputs.is_contiguous(memory_format=cl),
+                                         conv(step.model).is_contiguous(memory_format=cl),
+                                         conv(step.teacher).is_contiguous(memory_format=cl))))
+                return step.outputs["logits"].float().sum() * 0.0
+
+        registry.add("undeclared_probe", Undeclared)
+        registry.add("layout_probe", Layout)
         registry.add("params_probe", ParamsProbe)
         registry.add("logits_probe", LogitsProbe)
         registry.add("greedy_probe", Greedy)
@@ -281,10 +308,38 @@ def _probe_recipe(losses: str, cache: str = "off") -> str:
 
 def test_no_teacher_pass_when_the_losses_read_no_teacher_output(probes, tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(_probe_recipe('losses = [{ name = "cross_entropy" }, { name = "params_probe" }]', cache="memory"))
+    recipe.write_text(_probe_recipe('losses = [{ name = "cross_entropy" }, { name = "params_probe" }]', cache="disk"))
     assert _run(recipe, tmp_path / "run") == 0
     assert _SEEN and all(kind == "params" and outputs is None for kind, outputs in _SEEN)
-    assert not _cache_files(tmp_path / "run")
+    assert not _cache_files(tmp_path / "run")  # nothing to cache: no teacher pass at all
+
+
+def test_a_loss_reading_outputs_it_did_not_declare_gets_a_hint(probes, tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(_probe_recipe('losses = [{ name = "cross_entropy" }, { name = "undeclared_probe" }]'))
+    capsys.readouterr()
+    assert _run(recipe, tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "loss 'undeclared_probe' cannot be computed" in err and "requires_teacher_outputs" in err
+
+
+def test_cache_key_covers_what_changes_the_numbers():
+    data = {"dataset": "digits", "batch_size": 32, "eval_batch_size": 128, "num_workers": 0, "drop_last": False,
+            "augment": False, "image_size": 16}
+    key = teachercache.cache_key("t", data, "fp32", {"features"})
+    assert key == teachercache.cache_key("t", {**data, "batch_size": 8, "num_workers": 2, "drop_last": True}, "fp32", {"features"})
+    others = [
+        teachercache.cache_key("t2", data, "fp32", {"features"}),
+        teachercache.cache_key("t", {**data, "eval_batch_size": 64}, "fp32", {"features"}),
+        teachercache.cache_key("t", {**data, "image_size": 32}, "fp32", {"features"}),
+        teachercache.cache_key("t", data, "bf16", {"features"}),
+        teachercache.cache_key("t", data, "fp32", {"features", "argmin"}),
+        teachercache.cache_key("t", data, "fp32", None),
+        teachercache.cache_key("t", data, "fp32", {"features"}, world=2),
+        teachercache.cache_key("t", data, "fp32", {"features"}, versions={"torch": "x"}),
+    ]
+    assert key not in others and len(set(others)) == len(others)
 
 
 @pytest.mark.parametrize("cache", ["off", "memory"])
@@ -366,12 +421,16 @@ def test_killed_cached_run_resumes_bit_identical(tmp_path, keep_file):
     assert metrics_lines(out, "kd") == metrics_lines(ref, "kd")
 
 
-def test_channels_last_trains_the_same_model(tmp_path):
+def test_channels_last_trains_the_same_model(probes, tmp_path):
+    text = TINY_CLASSIC.replace('{ name = "hinton_kd", weight = 0.5 }', '{ name = "hinton_kd", weight = 0.5 }, { name = "layout_probe" }')
     recipe = tmp_path / "r.toml"
-    recipe.write_text(TINY_CLASSIC)
+    recipe.write_text(text)
     assert _run(recipe, tmp_path / "plain") == 0
-    recipe.write_text("channels_last = true\n" + TINY_CLASSIC)
+    assert _SEEN and all(layout == (False, False, False) for _, layout in _SEEN)
+    _SEEN.clear()
+    recipe.write_text("channels_last = true\n" + text)
     assert _run(recipe, tmp_path / "cl") == 0
+    assert _SEEN and all(layout == (True, True, True) for _, layout in _SEEN)  # batch, student, teacher
     resolved = tomllib.loads((tmp_path / "cl" / "recipe.resolved.toml").read_text())
     assert resolved["channels_last"] is True
     for stage in ("teacher", "kd"):
