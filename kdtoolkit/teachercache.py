@@ -44,7 +44,6 @@ from .errors import CheckpointError
 from .io import atomic_save_safetensors, read_kdt_safetensors
 
 CACHE_FORMAT = "kdtoolkit.teacher_cache/1"
-MODES = ("off", "memory", "disk")
 
 
 class TeacherCache:
@@ -65,9 +64,6 @@ class TeacherCache:
     @property
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())
-
-    def keys(self) -> set[str]:
-        return set(self.tensors)
 
     def batch(self, indices: list[int] | torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """The cached outputs of the images ``indices`` (dataset indices), on ``device``."""

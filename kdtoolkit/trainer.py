@@ -678,11 +678,12 @@ class Runner:
         """
         tname = st["teacher"]
         tdir = self.stage_dir(tname)
+        vers = versions(self.plugins)
         key = teachercache.cache_key(self._teacher_file_id(tname, tdir / "model.safetensors"), st["data"],
-                                     self.precision, needs, self.dist.world, versions(self.plugins))
+                                     self.precision, needs, self.dist.world, vers)
         path = tdir / f"teacher-cache-{key}.safetensors"
         meta = {"teacher": tname, "teacher_stage_hash": self.recipe.stage_hash(tname), "data": st["data"],
-                "precision": self.precision, "world_size": self.dist.world, "versions": versions(self.plugins)}
+                "precision": self.precision, "world_size": self.dist.world, "versions": vers}
         disk = st["teacher_cache"] == "disk"
         if self._teacher_cache is not None and self._teacher_cache.key == key:
             if self._teacher_cache_user != name:
