@@ -27,7 +27,7 @@ from kdtoolkit.builtin import Accuracy
 from kdtoolkit.components import Model, Step
 from kdtoolkit.plugins import get_manager
 from kdtoolkit.records import Records
-from kdtoolkit.trainer import evaluate
+from kdtoolkit.engine.evaluation import evaluate
 from kdt_proto2proto.evaluation import AAP, AJS, PMS
 from kdt_proto2proto.losses import (ClusterLoss, GlobalExplanationLoss, LastLayerL1,
                                     PatchPrototypeCorrespondenceLoss, SeparationLoss)

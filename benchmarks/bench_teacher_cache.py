@@ -32,12 +32,14 @@ from pathlib import Path
 
 import torch
 
-from kdtoolkit import teachercache
+from kdtoolkit.engine import teacher as teachercache
 from kdtoolkit.cli import main as kdt_main
 from kdtoolkit.hookspecs import hookimpl
 from kdtoolkit.plugins import PluginManager, get_manager, set_manager
 from kdtoolkit.recipe import load_recipe
-from kdtoolkit.trainer import autocast, batches, build_data, build_model, load_model_file
+from kdtoolkit.engine.data import batches, build_data
+from kdtoolkit.engine.device import autocast
+from kdtoolkit.engine.models import build_model, load_model_file
 
 RECIPE = """
 name = "bench_teacher_cache"

@@ -1,8 +1,10 @@
 """The core's own plugin: components every recipe can use.
 
 Registered through the same plugin manager as every other plugin, under the
-name ``kdt.core``. The ``train`` phase kind is implemented by the trainer
-itself (:mod:`kdtoolkit.trainer`) because its keys are part of the recipe
+name ``kdt.core``. It registers the metrics ``accuracy`` and ``agreement``, the
+optimisers and the learning-rate schedules (:mod:`kdtoolkit.engine.optim`).
+The ``train`` phase kind is implemented by the engine itself
+(:mod:`kdtoolkit.engine.loop`) because its keys are part of the recipe
 schema.
 """
 
@@ -56,3 +58,17 @@ def kdt_register_metrics(registry):
     registry.add("agreement", TeacherAgreement)
 
 
+@hookimpl
+def kdt_register_optimizers(registry):
+    from .engine import optim
+
+    for name, factory in optim.OPTIMIZERS.items():
+        registry.add(name, factory)
+
+
+@hookimpl
+def kdt_register_schedulers(registry):
+    from .engine import optim
+
+    for name, factory in optim.SCHEDULERS.items():
+        registry.add(name, factory)

@@ -2,11 +2,12 @@
 
 A checkpoint is one safetensors file written atomically (temporary file,
 fsync, rename). Its tensors are the model weights (``model/<name>``), the
-optimiser's state tensors (``optim/<param index>/<name>``) and, for a
+state of loss modules (``loss/<id>/<name>``: connector weights, memory
+banks), the optimiser's state tensors (``optim/<param index>/<name>``) and, for a
 checkpoint taken mid-epoch, the torch RNG states (``rng``: one row per rank of
 the run; ``rng_cuda``: the current CUDA device's); everything else — stage,
 phase, epoch, batch, scheduler and gradient-scaler state, the optimiser's
-non-tensor state, the history of phases, the running sums of the epoch's
+non-tensor state, the history of phases, the stage's generic state, the running sums of the epoch's
 metrics line and the length of ``metrics.jsonl`` when the checkpoint was
 written — is JSON in the file's metadata. Loading never unpickles anything.
 """
@@ -34,7 +35,9 @@ class Checkpoint:
     epoch within it, batch within that epoch (0 at an epoch boundary).
     ``rng`` is ``[world, n]`` (one CPU RNG state per rank) or ``[n]``;
     ``running`` holds the partial sums of the current epoch's metrics line
-    (mid-epoch checkpoints); ``metrics_bytes`` is the size ``metrics.jsonl``
+    (mid-epoch checkpoints); ``state`` and ``watch`` are the stage's
+    :class:`~kdtoolkit.engine.context.StageState`; ``losses`` the state
+    tensors of loss modules (``<id>/<name>``); ``metrics_bytes`` is the size ``metrics.jsonl``
     had when the checkpoint was written (``None``: unknown), so that lines of
     epochs redone after a resume are not written twice.
     """
@@ -50,12 +53,13 @@ class Checkpoint:
     scaler: dict[str, Any] | None = None
     rng: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
-    flags: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
     watch: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     rng_cuda: torch.Tensor | None = None
     running: dict[str, Any] | None = None
     metrics_bytes: int | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def rng_for(self, rank: int, world: int) -> torch.Tensor | None:
         """The CPU RNG state of ``rank`` (rank 0's when the world size changed)."""
@@ -94,9 +98,10 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
 def save_checkpoint(path: Path, ck: Checkpoint) -> None:
     """Write ``ck`` atomically to ``path``."""
     tensors = {f"model/{k}": v for k, v in ck.model.items()}
+    tensors.update({f"loss/{k}": v for k, v in ck.losses.items()})
     meta: dict[str, Any] = {
         "stage": ck.stage, "stage_hash": ck.stage_hash, "phase": ck.phase, "epoch": ck.epoch, "batch": ck.batch,
-        "scheduler": ck.scheduler, "scaler": ck.scaler, "history": ck.history, "flags": ck.flags, "watch": ck.watch,
+        "scheduler": ck.scheduler, "scaler": ck.scaler, "history": ck.history, "state": ck.state, "watch": ck.watch,
         "seconds": ck.seconds, "optimizer": None, "running": ck.running, "metrics_bytes": ck.metrics_bytes,
     }
     if ck.optimizer is not None:
@@ -123,10 +128,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
             model={k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
             optimizer=_join_optimizer(tensors, m["optimizer"]) if m.get("optimizer") else None,
             scheduler=m.get("scheduler"), scaler=m.get("scaler"), rng=tensors.get("rng"),
-            history=m.get("history") or [], flags=m.get("flags") or {}, watch=m.get("watch") or {},
+            history=m.get("history") or [], state=m.get("state") or m.get("flags") or {}, watch=m.get("watch") or {},
             seconds=float(m.get("seconds") or 0.0), rng_cuda=tensors.get("rng_cuda"),
             running=m.get("running"),
             metrics_bytes=int(m["metrics_bytes"]) if m.get("metrics_bytes") is not None else None,
+            losses={k[len("loss/"):]: v for k, v in tensors.items() if k.startswith("loss/")},
         )
         if ck.rng is not None and (ck.rng.dtype != torch.uint8 or ck.rng.dim() not in (1, 2)):
             raise ValueError("tensor 'rng' is not an RNG state")

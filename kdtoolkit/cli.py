@@ -1,6 +1,6 @@
 """The ``kdt`` command line.
 
-Commands: ``run``, ``validate``, ``plugins``, plus those plugins add through
+Commands: ``run``, ``validate``, ``inspect``, ``plugins``, plus those plugins add through
 ``kdt_add_commands`` (the Proto2Proto bundle adds ``metrics``). Errors in
 user input print one line on stderr and exit with code 2; Ctrl-C during
 ``run`` saves a checkpoint and exits with 130. See ``docs/cli.md``.
@@ -43,17 +43,16 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
     from rich.console import Console
 
     from .distributed import Dist
+    from .engine.device import check_device_spec, resolve_device
+    from .engine.runner import RunOptions, run_recipe
     from .progress import Progress
     from .recipe import load_recipe
     from .report import collect_tables
-    from .trainer import RunOptions, resolve_device, run_recipe
 
     plugins = get_manager()
     rec = load_recipe(recipe, overrides, plugins=plugins)
     if device is not None:
-        if not __import__("re").match(r"^(auto|cpu|mps|cuda(:\d+)?)$", device):
-            raise KdtError(f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}", source="--device")
-        resolve_device(device)
+        resolve_device(check_device_spec(device, "--device"))
     out = out or Path("runs") / rec.resolved["name"]
     dist = Dist.from_env()  # the process group is destroyed in main(), once the outcome is printed
     opts = RunOptions(out=out, device=device, force=force, quiet=quiet,
@@ -77,6 +76,23 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     rec = load_recipe(recipe, overrides, plugins=get_manager())
     click.echo(f"# {recipe}: valid; stages in order: {', '.join(rec.order)}")
     click.echo(rec.to_toml(), nl=False)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--stage", "stage", required=True, help="The stage whose models to show.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+def inspect(recipe: Path, stage: str, overrides: tuple[str, ...]) -> None:
+    """Print a stage's student (and teacher) with every module path and its output shape for one batch.
+
+    The paths are what ``model.taps`` and ``teacher_taps`` name. Models are
+    built with random weights (shapes do not depend on them); nothing is written.
+    """
+    from .engine.inspect import inspect_stage
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe, overrides, plugins=get_manager())
+    inspect_stage(rec, stage, get_manager())
 
 
 @cli.command()
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .trainer import Interrupted
+    from .errors import Interrupted
 
     group = build_cli()
     try:

@@ -6,7 +6,7 @@ losses receive a :class:`Step` describing the current batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,15 @@ class Step:
         ``None`` in a stage without teacher or in a phase whose losses read
         no teacher output.
     :ivar teacher: the frozen teacher :class:`Model`, or ``None``.
+    :ivar features: the student's taps (tap name → tensor), as declared in
+        the stage's ``model.taps``.
+    :ivar teacher_features: the teacher's taps (``teacher_taps``) that the
+        phase's losses declare in ``requires_teacher_taps``; read from the
+        teacher cache when the stage uses one.
+    :ivar indices: the dataset indices of the batch's images (``[B]``, int64,
+        on the device), for losses that keep per-sample memory.
+    :ivar epoch: the epoch within the phase, from 1 (for warm-up ramps).
+    :ivar phase: the phase name.
     """
 
     inputs: torch.Tensor
@@ -54,12 +63,28 @@ class Step:
     model: Model
     teacher_outputs: dict[str, Any] | None = None
     teacher: Model | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    indices: torch.Tensor | None = None
+    epoch: int = 1
+    phase: str = ""
+
+
+def selector_matches(name: str, selector: str) -> bool:
+    """Whether the parameter (or module) path ``name`` is ``selector`` or lies under it.
+
+    The one rule every selector follows (phase ``groups``, ``init_from_teacher``,
+    stage-state watches): ``head.prototypes`` matches ``head.prototypes`` and
+    ``head.prototypes.x``, never ``head.prototypes_extra``.
+    """
+    return name == selector or name.startswith(selector + ".")
+
+
+def selectors_overlap(a: str, b: str) -> bool:
+    """Whether two selectors can match a common parameter (one lies under the other)."""
+    return selector_matches(a, b) or selector_matches(b, a)
 
 
 def select_parameters(model: nn.Module, selectors: list[str]) -> list[tuple[str, nn.Parameter]]:
     """Named parameters matched by any selector (a dotted name or prefix)."""
-    out = []
-    for name, p in model.named_parameters():
-        if any(name == s or name.startswith(s + ".") for s in selectors):
-            out.append((name, p))
-    return out
+    return [(name, p) for name, p in model.named_parameters() if any(selector_matches(name, s) for s in selectors)]

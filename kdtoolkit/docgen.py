@@ -21,15 +21,42 @@ from .registry import KINDS, PLURALS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
-#: Modules whose public functions and classes make up the API reference.
-API_MODULES = (
+#: Core modules whose public functions and classes make up the API reference.
+CORE_MODULES = (
     "kdtoolkit.errors", "kdtoolkit.hookspecs", "kdtoolkit.plugins", "kdtoolkit.registry", "kdtoolkit.params",
-    "kdtoolkit.recipe", "kdtoolkit.components", "kdtoolkit.trainer", "kdtoolkit.checkpoint", "kdtoolkit.records",
-    "kdtoolkit.io", "kdtoolkit.distributed", "kdtoolkit.report", "kdtoolkit.progress", "kdtoolkit.builtin",
-    "kdt_timm.plugin", "kdt_classic.plugin", "kdt_data.datasets",
-    "kdt_proto2proto.functional", "kdt_proto2proto.metrics", "kdt_proto2proto.protopnet", "kdt_proto2proto.losses",
-    "kdt_proto2proto.push", "kdt_proto2proto.evaluation", "kdt_proto2proto.report", "kdt_proto2proto.command",
+    "kdtoolkit.recipe", "kdtoolkit.validate", "kdtoolkit.validate_stage", "kdtoolkit.components",
+    "kdtoolkit.engine.context", "kdtoolkit.engine.device", "kdtoolkit.engine.data", "kdtoolkit.engine.models",
+    "kdtoolkit.engine.taps", "kdtoolkit.engine.teacher", "kdtoolkit.engine.losses", "kdtoolkit.engine.optim",
+    "kdtoolkit.engine.loop", "kdtoolkit.engine.phases", "kdtoolkit.engine.evaluation", "kdtoolkit.engine.runner",
+    "kdtoolkit.engine.rundir", "kdtoolkit.engine.inspect",
+    "kdtoolkit.checkpoint", "kdtoolkit.records", "kdtoolkit.io", "kdtoolkit.distributed", "kdtoolkit.report",
+    "kdtoolkit.progress", "kdtoolkit.builtin",
 )
+#: The distribution whose registered components and bundle modules are documented.
+DISTRIBUTION = "kdtoolkit"
+
+
+def bundle_modules() -> tuple[str, ...]:
+    """The modules of the built-in bundles: the packages of the ``kdt`` entry points that
+    this project's own distribution declares (never an installed third-party plugin)."""
+    import pkgutil
+    from importlib import metadata
+
+    out: list[str] = []
+    for ep in metadata.entry_points(group="kdt"):
+        dist = getattr(ep, "dist", None)
+        if dist is None or (dist.metadata["Name"] or "").lower() != DISTRIBUTION:
+            continue
+        package = ep.value.split(":")[0].split(".")[0]
+        mod = importlib.import_module(package)
+        names = sorted(m.name for m in pkgutil.iter_modules(mod.__path__))
+        out += [f"{package}.{n}" for n in names if not n.startswith("_")]
+    return tuple(sorted(set(out)))
+
+
+def api_modules() -> tuple[str, ...]:
+    """Every module of the API reference: the core's, then the built-in bundles'."""
+    return CORE_MODULES + bundle_modules()
 
 _PARAM_RST = re.compile(r"^\s*:param\s+(\w+):\s*(.*)$")
 
@@ -159,7 +186,7 @@ def api_md() -> str:
         "Public functions and classes of the core and of the built-in bundles (the full docstrings are in the code).",
         "",
     ]
-    for modname in API_MODULES:
+    for modname in api_modules():
         mod = importlib.import_module(modname)
         out += [f"## `{modname}`", "", _first_paragraph(mod), ""]
         for name, obj in _public(mod):
@@ -178,20 +205,29 @@ def api_md() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def own_manager() -> PluginManager:
+    """A plugin manager with only this project's own plugins (entry points of third-party
+    distributions are left out, so that their components never enter the project's docs)."""
+    from .plugins import own_distribution_only
+
+    with own_distribution_only():
+        return PluginManager(autoload=True)
+
+
 def generate() -> dict[Path, str]:
-    pm = PluginManager(autoload=True)
+    pm = own_manager()
     return {DOCS / "components.md": components_md(pm), DOCS / "api.md": api_md()}
 
 
 def undocumented() -> list[str]:
     """Public functions/classes/methods and component parameters without documentation."""
     missing = []
-    for modname in API_MODULES:
+    for modname in api_modules():
         mod = importlib.import_module(modname)
         for name, obj in _public(mod):
             if not _first_paragraph(obj):
                 missing.append(f"{modname}.{name}")
-    pm = PluginManager(autoload=True)
+    pm = own_manager()
     for kind in KINDS:
         for comp in pm.registry(kind):
             docs = param_docs(comp.factory)

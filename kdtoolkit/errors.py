@@ -45,3 +45,11 @@ class CheckpointError(KdtError):
 
 class PluginError(KdtError):
     """A plugin failed to load, registered a duplicate name or raised in a hook."""
+
+
+class TrainingError(KdtError):
+    """Training cannot go on (e.g. a non-finite loss); the last checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Raised after SIGINT once a checkpoint has been written (the message says where); exit code 130."""

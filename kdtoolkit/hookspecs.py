@@ -28,10 +28,12 @@ def kdt_register_backbones(registry):
         call ``registry.add(name, factory)``.
     :return: nothing (collect-all; return value ignored).
 
-    A backbone factory is called with the recipe's keyword parameters and
+    A backbone factory is called with the recipe's keyword parameters (and
+    ``num_classes=K`` when its signature has a ``num_classes`` parameter) and
     returns an ``nn.Module`` mapping images ``[B,3,S,S]`` to a feature map
     ``[B,C,H,W]``, with integer attributes ``out_channels`` (C) and
-    ``reduction`` (the stride S/H).
+    ``reduction`` (the stride S/H). A backbone that is a whole classifier
+    returns logits ``[B,K]`` instead (use it with the ``identity`` head).
     """
 
 
@@ -48,6 +50,11 @@ def kdt_register_heads(registry):
     reads before building anything: ``outputs`` (tuple of output names),
     ``param_groups`` (names usable as ``head.<name>`` in phase groups) and
     ``record_keys`` (outputs saved per test image in evaluation records).
+    Optional methods the core calls: ``record_meta(outputs) -> dict``
+    (metadata of the evaluation records, e.g. the latent grid ``H``/``W`` that
+    a prototype head's ``argmin`` indexes, from the first batch's outputs),
+    and the per-step hooks ``on_epoch_start(state)`` and
+    ``on_optimizer_step(state)`` (see :mod:`kdtoolkit.engine.loop`).
     """
 
 
@@ -69,7 +76,16 @@ def kdt_register_losses(registry):
     whose losses read no teacher output, and a teacher cache keeps only the
     declared outputs; a teacher-using loss that declares nothing gets every
     output. An instance attribute overrides the class attribute (e.g. when
-    a parameter decides what is read).
+    a parameter decides what is read). ``requires_taps`` and
+    ``requires_teacher_taps`` name the taps read from ``step.features`` and
+    ``step.teacher_features`` (a tuple, or a callable receiving the loss's
+    parameters), checked against the stage's ``model.taps`` and
+    ``teacher_taps`` during validation; ``requires_labels`` (default true)
+    and ``requires_indices`` likewise. A loss that is an ``nn.Module`` may own
+    parameters (selectable as ``loss.<id>`` in phase groups) and buffers,
+    saved in checkpoints; ``setup(probe)`` builds connectors from a dry
+    forward pass; the per-step hooks apply as for heads. See
+    :mod:`kdtoolkit.engine.losses`.
     """
 
 
@@ -111,9 +127,47 @@ def kdt_register_phases(registry):
 
     A phase factory is called with the phase's own recipe parameters and
     returns an object with ``run(ctx) -> dict`` where ``ctx`` is a
-    :class:`kdtoolkit.trainer.PhaseContext`. The ``train`` kind is built into
-    the trainer (its keys are part of the recipe schema); the Proto2Proto
-    bundle registers ``push``.
+    :class:`kdtoolkit.engine.phases.PhaseContext`. The ``train`` kind is built
+    into the engine (its keys are part of the recipe schema); the Proto2Proto
+    bundle registers ``push``. A phase kind with the class attribute
+    ``trains = True`` is a training loop of its own: its table takes every
+    ``train`` key beside its own parameters, the engine runs the standard
+    loop, and the phase object's ``on_epoch_start``/``on_optimizer_step``
+    methods are called as per-step hooks.
+    """
+
+
+@hookspec
+def kdt_register_optimizers(registry):
+    """Register optimiser factories.
+
+    :param registry: a registry of kind ``optimizer``.
+    :return: nothing (collect-all).
+
+    An optimiser factory is called as ``factory(param_groups, **params)``,
+    where ``param_groups`` is the phase's list of ``{"params", "lr",
+    "weight_decay"}`` dicts, and returns a ``torch.optim.Optimizer``. Its
+    annotated keyword parameters are keys of a phase's ``optimizer`` table
+    (beside ``name`` and ``weight_decay``, the groups' default). The core
+    registers ``adam``, ``adamw`` and ``sgd``.
+    """
+
+
+@hookspec
+def kdt_register_schedulers(registry):
+    """Register learning-rate schedule factories.
+
+    :param registry: a registry of kind ``scheduler``.
+    :return: nothing (collect-all).
+
+    A scheduler factory is called as ``factory(optimizer, epochs, **params)``
+    (``epochs``: the phase's) and returns a
+    ``torch.optim.lr_scheduler.LRScheduler`` stepped once per epoch, or
+    ``None`` for a constant rate. Its annotated keyword parameters are keys of
+    a phase's ``scheduler`` table (beside ``name``, ``warmup_epochs`` and
+    ``warmup_start_factor``, which add a linear warm-up to any schedule). The
+    core registers ``none``, ``step``, ``multistep``, ``cosine`` and
+    ``exponential``.
     """
 
 

@@ -176,10 +176,18 @@ def coerce(value: Any, ann: Any) -> Any:
         if not any(value == a and type(value) is type(a) for a in typing.get_args(ann)):
             raise ParamTypeError(f"expected {type_name(ann)}, got {describe_value(value)}")
         return value
-    if origin is list:
-        if not isinstance(value, list):
+    if origin in (list, dict):
+        if not isinstance(value, origin):
             raise bad
-        (item,) = typing.get_args(ann) or (Any,)
+        return _coerce_items(value, ann)
+    raise TypeError(f"unsupported annotation {ann!r}")
+
+
+def _coerce_items(value: list | dict, ann: Any) -> list | dict:
+    """The items of a list or the values of a table, each checked against its annotation."""
+    args = typing.get_args(ann)
+    if isinstance(value, list):
+        item = args[0] if args else Any
         out = []
         for i, v in enumerate(value):
             try:
@@ -187,16 +195,11 @@ def coerce(value: Any, ann: Any) -> Any:
             except ParamTypeError as exc:
                 raise ParamTypeError(str(exc), f"[{i}]{exc.path_suffix}") from None
         return out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        args = typing.get_args(ann)
-        vt = args[1] if args else Any
-        out_d = {}
-        for k, v in value.items():
-            try:
-                out_d[k] = coerce(v, vt)
-            except ParamTypeError as exc:
-                raise ParamTypeError(str(exc), f".{k}{exc.path_suffix}") from None
-        return out_d
-    raise TypeError(f"unsupported annotation {ann!r}")
+    vt = args[1] if args else Any
+    out_d = {}
+    for k, v in value.items():
+        try:
+            out_d[k] = coerce(v, vt)
+        except ParamTypeError as exc:
+            raise ParamTypeError(str(exc), f".{k}{exc.path_suffix}") from None
+    return out_d

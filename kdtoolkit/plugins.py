@@ -19,6 +19,7 @@ recorded as *failed* with its error; other commands keep working and
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -62,6 +63,23 @@ class PluginInfo:
             "hooks": self.hooks,
             "components": self.components,
         }
+
+
+@contextlib.contextmanager
+def own_distribution_only():
+    """Within the block, new plugin managers load only the ``kdtoolkit`` distribution's
+    entry points (as ``KDT_DISABLE_PLUGIN_AUTOLOAD=1`` does); used to generate the docs."""
+    before = {k: os.environ.get(k) for k in (AUTOLOAD_ENV, BLOCK_ENV)}
+    os.environ[AUTOLOAD_ENV] = "1"
+    os.environ.pop(BLOCK_ENV, None)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _blocked_names() -> set[str]:

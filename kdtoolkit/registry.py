@@ -23,12 +23,14 @@ from .params import ParamSpec, signature_params
 #: Positional arguments the core passes itself, per component kind; they are
 #: not recipe keys.
 RESERVED_ARGS: dict[str, tuple[str, ...]] = {
-    "backbone": (),
+    "backbone": ("num_classes",),
     "head": ("in_channels", "num_classes"),
     "loss": (),
     "metric": (),
     "dataset": ("split", "augment"),
     "phase": (),
+    "optimizer": ("params",),
+    "scheduler": ("optimizer", "epochs"),
 }
 
 KINDS = tuple(RESERVED_ARGS)

@@ -20,7 +20,11 @@ plugin is found). It contributes:
   N-th call (Ctrl-C in the middle of a batch);
 - backbone ``tinyconv``: two strided 3x3 convolutions with ReLU and no
   BatchNorm, so that results do not depend on how a batch is split
-  (gradient accumulation, DDP).
+  (gradient accumulation, DDP);
+- loss ``tap_regress``: a loss with parameters and state — a 1x1 conv
+  connector, built from the shapes of a dry forward pass, regresses a student
+  tap onto a teacher tap; buffers count optimiser steps (a per-step hook) and
+  how often each training image was seen (per-sample indices).
 """
 
 from __future__ import annotations
@@ -130,9 +134,48 @@ def _gated_push():
     return GatedPush
 
 
+class TapRegress(nn.Module):
+    """Regress a student tap onto a teacher tap through a 1x1 conv connector.
+
+    :param student_tap: the student tap.
+    :param teacher_tap: the teacher tap.
+    """
+
+    requires_teacher = True
+    requires_teacher_outputs = ()
+    requires_taps = staticmethod(lambda p: (p["student_tap"],))
+    requires_teacher_taps = staticmethod(lambda p: (p["teacher_tap"],))
+    requires_indices = True
+
+    def __init__(self, *, student_tap: str = "s", teacher_tap: str = "t"):
+        super().__init__()
+        self.student_tap, self.teacher_tap = student_tap, teacher_tap
+        self.connector = None
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def setup(self, probe):
+        cs = probe.features[self.student_tap].shape[1]
+        ct = probe.teacher_features[self.teacher_tap].shape[1]
+        self.connector = nn.Conv2d(cs, ct, 1)
+        self.register_buffer("seen", torch.zeros(probe.num_train))
+
+    def forward(self, step):
+        s = self.connector(step.features[self.student_tap].float())
+        t = step.teacher_features[self.teacher_tap].float()
+        if s.shape[-2:] != t.shape[-2:]:
+            s = nn.functional.adaptive_avg_pool2d(s, t.shape[-2:])
+        with torch.no_grad():
+            self.seen[step.indices] += 1
+        return ((s - t) ** 2).mean()
+
+    def on_optimizer_step(self, state):
+        self.steps += 1
+
+
 @hookimpl
 def kdt_register_losses(registry):
     registry.add("gate", GateLoss)
+    registry.add("tap_regress", TapRegress)
 
 
 @hookimpl

@@ -61,6 +61,19 @@ teacher_cache = "memory"
 [stages.kd_cached]
 base = "kd"
 teacher_cache = "disk"
+
+[stages.kd_taps]
+teacher = "teacher"
+model.backbone = { name = "tinyconv" }
+model.head = { name = "linear" }
+model.taps = { s = "backbone.body.1" }
+teacher_taps = { t = "backbone.body.3" }
+losses = [{ name = "cross_entropy" }, { name = "tap_regress", weight = 0.5 }]
+[[stages.kd_taps.phases]]
+epochs = 1
+limit_batches = 3
+optimizer = { name = "sgd" }
+groups = [{ params = ["backbone", "head", "loss.tap_regress"], lr = 0.05 }]
 """
 
 # Same global batches, summed in another order: float32 rounding only.
@@ -140,6 +153,13 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
     tm = load_file(str(ddp / "kd_mem" / "model.safetensors"))
     tc = load_file(str(ddp / "kd_cached" / "model.safetensors"))
     assert all(torch.equal(tm[k], tc[k]) for k in tm)
+    # a loss with parameters (a connector built from a dry forward pass) trains inside the DDP-wrapped
+    # forward: its gradients are averaged like the student's, so its weights match one process too
+    _close(ddp, single, "kd_taps")
+    la, lb = load_file(str(ddp / "kd_taps" / "losses.safetensors")), load_file(str(single / "kd_taps" / "losses.safetensors"))
+    for k in ("tap_regress/connector.weight", "tap_regress/connector.bias"):
+        torch.testing.assert_close(la[k], lb[k], atol=ATOL, rtol=RTOL, msg=k)
+    assert int(la["tap_regress/steps"]) == int(lb["tap_regress/steps"]) == 3
     results = json.loads((ddp / "results.json").read_text())
     assert results["stages"]["kd"]["test_images"] == json.loads((single / "results.json").read_text())["stages"]["kd"]["test_images"]
 

@@ -273,10 +273,10 @@ def test_plain_state_dicts_and_safetensors_load_as_weights(tmp_path, plugins, ca
     save_file(state, str(tmp_path / "st-named.pt"))  # safetensors content, PyTorch suffix: recognised, no pickle
     for name in ("plain.pth", "wrapped.pth", "st.safetensors", "st-named.pt"):
         recipe = tmp_path / f"{name}.toml"
-        recipe.write_text(solo(f'model.weights = "{tmp_path / name}"', epochs=0))
+        recipe.write_text(solo(f'model.weights = "{tmp_path / name}"\nmodel.strict = false', epochs=0))
         out = tmp_path / f"run-{name}"
         code, err = _main(capsys, "run", str(recipe), "--out", str(out), "-q")
-        assert code == 0, err
+        assert code == 0, err  # a partial file loads with strict = false (strict, it is refused: test_engine)
         got = load_file(str(out / "solo" / "model.safetensors"))
         for k, v in state.items():
             assert torch.equal(got[k], v), (name, k)

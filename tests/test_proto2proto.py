@@ -12,7 +12,9 @@ from kdtoolkit.cli import main
 from kdtoolkit.components import Model
 from kdtoolkit.records import Records
 from kdtoolkit.progress import Progress
-from kdtoolkit.trainer import PhaseContext, StageData
+from kdtoolkit.engine.data import StageData
+from kdtoolkit.engine.context import StageState
+from kdtoolkit.engine.phases import PhaseContext
 from kdtoolkit.distributed import Dist
 from kdt_proto2proto import functional as F
 from kdt_proto2proto import metrics as M
@@ -30,7 +32,7 @@ def test_tables_and_metrics_in_results(proto_run):
         assert 0 <= r["accuracy"] <= 1
         assert set(r["aap"]) == {M.tau_key(t) for t in M.DEFAULT_TAUS}
         assert set(r["ajs"]) == set(r["aap"])
-        assert r["flags"]["pushed"] is True  # the evaluated model is the pushed one
+        assert r["state"]["pushed"] is True  # the evaluated model is the pushed one
     # a teacher compared with itself
     assert stages["teacher"]["ajs"]["inf"] == 1.0 and stages["teacher"]["pms"] == 1.0
     assert stages["baseline"]["reference"] == "teacher" and stages["kd"]["reference"] == "teacher"
@@ -131,12 +133,12 @@ def test_push_phase_equals_brute_force_nearest_patch_of_own_class():
     data = _Data()
     ctx = PhaseContext("s", {"name": "push", "kind": "push"}, model, None,
                        StageData(data, data, data, {"eval_batch_size": 5, "num_workers": 0}),
-                       torch.device("cpu"), Progress(enabled=False), 0, Dist())
+                       torch.device("cpu"), Progress(enabled=False), 0, Dist(), state=StageState())
     with torch.no_grad():
         z_all = head.latent(data.x)  # [N, D, H, W]
         old = head.prototypes.detach().clone()
     out = PushPhase(batch_size=5).run(ctx)
-    assert out["flags"] == {"pushed": True}
+    assert ctx.state.values == {"pushed": True} and ctx.state.watch == {"pushed": "head.prototypes"}
     N, D, H, W = z_all.shape
     for j in range(head.num_prototypes):
         cls = j // 2

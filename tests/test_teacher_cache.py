@@ -21,12 +21,13 @@ from safetensors.torch import load_file
 
 from kdt_faultutil import assert_same_weights, gated, kill_hard, make_gate_plugin, metrics_lines, plugin_env, run
 from kdt_testutil import TINY_CLASSIC, proto_recipe
-from kdtoolkit import teachercache
+from kdtoolkit.engine import teacher as teachercache
 from kdtoolkit.cli import main
 from kdtoolkit.hookspecs import hookimpl
 from kdtoolkit.plugins import PluginManager, get_manager, set_manager
 from kdtoolkit.recipe import load_recipe
-from kdtoolkit.trainer import build_data, build_model, load_model_file
+from kdtoolkit.engine.data import build_data
+from kdtoolkit.engine.models import build_model, load_model_file
 
 # Same numbers up to float rounding: the cache is computed in batches of eval_batch_size.
 ATOL, RTOL = 1e-5, 1e-4

@@ -53,7 +53,7 @@ def test_run_directory_layout(classic):
 
 
 def test_model_file_has_json_metadata(classic):
-    from kdtoolkit.trainer import load_model_file
+    from kdtoolkit.engine.models import load_model_file
 
     _, out = classic
     tensors, meta = load_model_file(out / "kd" / "model.safetensors")

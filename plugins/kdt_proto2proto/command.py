@@ -10,13 +10,14 @@ similarity) is saved beside the student's records for explanations.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import click
 
-from kdtoolkit.errors import CheckpointError, KdtError
+from kdtoolkit.engine.device import check_device_spec
+from kdtoolkit.engine.rundir import RunDir, StageDir
+from kdtoolkit.errors import KdtError
 from kdtoolkit.io import atomic_write_json
 from kdtoolkit.records import Records
 
@@ -24,23 +25,9 @@ from . import metrics as M
 from .evaluation import check_pair, grid_locations
 
 
-def _load_run_recipe(run_dir: Path):
-    from kdtoolkit.plugins import get_manager
-    from kdtoolkit.recipe import Validator, tomllib
-
-    path = run_dir / "recipe.resolved.toml"
-    if not path.is_file():
-        raise KdtError("not a run directory (no recipe.resolved.toml)", source=str(run_dir))
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise KdtError(f"invalid TOML: {exc}", source=str(path)) from None
-    resolved, order = Validator(str(path), get_manager()).recipe(raw, default_name=run_dir.name)
-    return resolved, order
-
-
 def records_for(source: Path, device: str = "auto", progress=None) -> Records:
-    """Records of a model given as a records file or a stage directory of a run."""
+    """Records of a model given as a records file or a stage directory of a run
+    (evaluated once on its recipe's test set, and saved, when it has none)."""
     if source.is_file():
         return Records.load(source)
     if not source.is_dir():
@@ -48,31 +35,9 @@ def records_for(source: Path, device: str = "auto", progress=None) -> Records:
     saved = source / "records.safetensors"
     if saved.is_file():
         return Records.load(saved)
-    weights = source / "model.safetensors"
-    if not weights.is_file():
+    if not (source / "model.safetensors").is_file():
         raise KdtError("not a stage directory (no model.safetensors or records.safetensors)", source=str(source))
-    resolved, _ = _load_run_recipe(source.parent)
-    name = source.name
-    if name not in resolved["stages"]:
-        raise KdtError(f"stage '{name}' is not in the run's recipe", source=str(source))
-    from kdtoolkit.plugins import get_manager
-    from kdtoolkit.trainer import build_data, build_model, evaluate, load_model_file, load_state_strict, resolve_device
-
-    pm = get_manager()
-    st = resolved["stages"][name]
-    data = build_data(st, pm)
-    model = build_model(st, data.num_classes, pm)
-    state, _ = load_model_file(weights)
-    load_state_strict(model, state, str(weights))
-    dev = resolve_device(device)
-    model.to(dev)
-    head = pm.registry("head").get(st["model"]["head"]["name"])
-    recs = evaluate(model, data.test, batch_size=st["data"]["eval_batch_size"], device=dev,
-                    record_keys=tuple(head.attr("record_keys", ())), progress=progress,
-                    meta={"stage": name, "dataset": getattr(data.test, "name", st["data"]["dataset"]),
-                          "num_classes": data.num_classes})
-    recs.save(saved)
-    return recs
+    return StageDir.open(source).records(device, progress)
 
 
 def _name(source: Path, recs: Records) -> str:
@@ -107,14 +72,10 @@ def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list,
     tpush, spush = _last_push(teacher_dir), _last_push(student_dir)
     if tpush is None or spush is None:
         return None
-    from kdtoolkit.plugins import get_manager
-    from kdtoolkit.trainer import build_data
-
     from .figures import prototype_figure
 
-    resolved, _ = _load_run_recipe(student_dir.parent)
-    tdata = build_data(resolved["stages"][teacher_dir.name], get_manager()).train_eval
-    sdata = build_data(resolved["stages"][student_dir.name], get_manager()).train_eval
+    tdata = StageDir.open(teacher_dir).data().train_eval
+    sdata = StageDir.open(student_dir).data().train_eval
     images, boxes, labels = [], [], []
     for i, j, sim in sorted(matching, key=lambda m: -m[2])[:top]:
         tp, sp = tpush["prototypes"][i], spush["prototypes"][j]
@@ -211,21 +172,12 @@ def metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path, ..
         taus = M.parse_taus(tau_text) if tau_text else tuple(M.DEFAULT_TAUS)
     except ValueError as exc:
         raise KdtError(str(exc), source="--tau") from None
-    import re
-
-    if not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", device):
-        raise KdtError(f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}", source="--device")
+    check_device_spec(device, "--device")
     groups: list[tuple[Path, list[Path]]] = []
     if run_dir is not None:
         if teacher or students:
             raise KdtError("give either RUN_DIR or --teacher/--student, not both", source="kdt metrics")
-        resolved, order = _load_run_recipe(run_dir)
-        refs: dict[str, list[str]] = {}
-        for name in order:
-            st = resolved["stages"][name]
-            ref = st.get("teacher") or st.get("compare_to")
-            if ref:
-                refs.setdefault(ref, []).append(name)
+        refs = RunDir(run_dir).students_by_reference()
         if not refs:
             raise KdtError("the run has no stage with a teacher or compare_to stage", source=str(run_dir))
         for ref, names in refs.items():

@@ -101,6 +101,12 @@ class ProtoPNetHead(nn.Module):
         """The add-on output z ∈ (0,1)^{B×D×H×W} for backbone features ``f``."""
         return self.add_on(f)
 
+    @staticmethod
+    def record_meta(outputs: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Metadata of evaluation records: the latent grid ``H``, ``W`` that ``argmin`` indexes."""
+        h, w = outputs["features"].shape[-2:]
+        return {"H": int(h), "W": int(w)}
+
     def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.add_on(f)
         # Distances in float32 even under bf16/fp16 autocast: ||z||² − 2<z,p> + ||p||²

@@ -21,9 +21,9 @@ from .functional import PrototypeProjector
 class PushPhase:
     """Project every prototype onto its nearest training patch of its own class.
 
-    After a push the stage's ``pushed`` flag is true; a later train phase that
-    updates ``head.prototypes`` sets it back to false, so results say which
-    model was evaluated.
+    After a push the stage state's ``pushed`` value is true; a later train
+    phase that updates ``head.prototypes`` sets it back to false, so results
+    say which model was evaluated.
 
     :param batch_size: images per batch of the push pass (default: the
         stage's ``eval_batch_size``).
@@ -115,9 +115,8 @@ class PushPhase:
             atomic_write_json(ctx.stage_dir / f"push-{ctx.phase['name']}.json", info)
             if self.figure:
                 self._figure(ctx, res, boxes)
+        ctx.state.set("pushed", True, reset_when_trained="head.prototypes")
         return {
-            "flags": {"pushed": True},
-            "watch": {"pushed": "head.prototypes"},
             "prototypes": head.num_prototypes,
             "not_found": int((~res.found).sum()),
             "mean_distance_moved": float(moved.mean()),

@@ -32,7 +32,7 @@ def _uses(res: dict, names: set[str]) -> bool:
 
 
 def _evaluated(res: dict) -> str:
-    pushed = (res.get("flags") or {}).get("pushed")
+    pushed = (res.get("state") or res.get("flags") or {}).get("pushed")
     return "pushed" if pushed else ("not pushed" if pushed is False else "no push")
 
 

@@ -1,0 +1,111 @@
+"""The run context handed down to every part of a run, and a stage's generic state.
+
+A :class:`RunContext` is built once per run by the runner and is frozen: the
+device, the precision, channels-last, the distributed context, the progress
+display, the plugin manager and the stop flag that Ctrl-C sets. Stage and
+phase code receives it instead of a reference back to the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..distributed import Dist
+from ..errors import Interrupted
+from ..plugins import PluginManager
+from ..progress import Progress
+from .device import autocast, collective_device
+
+
+class StopFlag:
+    """Set by the SIGINT handler; read at safe points (a step, a phase or stage boundary)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every part of a run needs to know about the run, and nothing else.
+
+    :ivar device: the torch device of this process.
+    :ivar precision: ``fp32``, ``bf16`` or ``fp16``.
+    :ivar channels_last: store 4-D weights and batches channels-last.
+    :ivar dist: the distributed context (rank, world size).
+    :ivar progress: the progress display.
+    :ivar plugins: the plugin manager (registries and hooks).
+    :ivar stop: the stop flag set by Ctrl-C.
+    :ivar checkpoint_every: write a checkpoint every this many epochs (0: only at phase ends).
+    :ivar source: the recipe file, for error messages.
+    """
+
+    device: torch.device
+    precision: str
+    channels_last: bool
+    dist: Dist
+    progress: Progress
+    plugins: PluginManager
+    stop: StopFlag = field(default_factory=StopFlag)
+    checkpoint_every: int = 1
+    source: str = ""
+
+    def autocast(self):
+        """The precision's autocast context on this device."""
+        return autocast(self.device, self.precision)
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """``module`` on the run's device; with channels-last its 4-D weights in that layout."""
+        if self.channels_last:
+            return module.to(self.device, memory_format=torch.channels_last)
+        return module.to(self.device)
+
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C was pressed (on any rank: every rank gets the same answer)."""
+        return self.dist.any(self.stop.requested, collective_device(self.device))
+
+    def check_interrupt(self, message: str) -> None:
+        """Raise :class:`~kdtoolkit.errors.Interrupted` with ``message`` when Ctrl-C was pressed."""
+        if self.stop_requested():
+            raise Interrupted(message)
+
+
+class StageState:
+    """A stage's generic state: JSON values that phases set and checkpoints carry.
+
+    A value may be tied to parameters: ``set("pushed", True,
+    reset_when_trained="head.prototypes")`` makes any later train phase whose
+    groups train a parameter under ``head.prototypes`` set it back to
+    ``False`` (the push phase uses this, so results say whether the evaluated
+    prototypes are the pushed ones). The values are written to the stage's
+    ``result.json`` and ``model.safetensors`` metadata as ``state``.
+    """
+
+    def __init__(self, values: dict[str, Any] | None = None, watch: dict[str, str] | None = None):
+        self.values: dict[str, Any] = dict(values or {})
+        self.watch: dict[str, str] = dict(watch or {})
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (``default`` when unset)."""
+        return self.values.get(key, default)
+
+    def set(self, key: str, value: Any, *, reset_when_trained: str | None = None) -> None:
+        """Set ``key`` (a JSON value); optionally reset it to ``False`` once a phase trains ``reset_when_trained``."""
+        self.values[key] = value
+        if reset_when_trained is not None:
+            self.watch[key] = reset_when_trained
+
+    def trained(self, selectors: list[str]) -> None:
+        """A train phase is about to train ``selectors``: reset the values watching them."""
+        from ..components import selectors_overlap
+
+        for key, sel in self.watch.items():
+            if any(selectors_overlap(sel, s) for s in selectors):
+                self.values[key] = False
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"values": ..., "watch": ...}`` for checkpoints."""
+        return {"values": dict(self.values), "watch": dict(self.watch)}

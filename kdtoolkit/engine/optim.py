@@ -1,0 +1,171 @@
+"""Optimisers and learning-rate schedules as registered components.
+
+Plugins add their own through the ``kdt_register_optimizers`` and
+``kdt_register_schedulers`` hooks. An optimiser factory is called as
+``factory(param_groups, **params)`` — the groups carry each one's ``lr`` and
+``weight_decay`` — and returns a ``torch.optim.Optimizer``. A scheduler
+factory is called as ``factory(optimizer, epochs, **params)`` and returns a
+``torch.optim.lr_scheduler.LRScheduler`` stepped once per epoch (or ``None``).
+
+The scheduler table's core keys ``warmup_epochs`` and
+``warmup_start_factor`` compose a linear warm-up with any schedule: torch's
+``LinearLR`` (from ``warmup_start_factor``·lr to lr over ``warmup_epochs``
+epochs) chained with the schedule (``ChainedScheduler``: both stepped every
+epoch, so milestones count from the phase's first epoch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..plugins import PluginManager
+
+
+def _betas(params: dict) -> None:
+    betas = params["betas"]
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError("betas", f"expected two numbers in [0, 1), got {betas}")
+
+
+def adam(params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], eps: float = 1e-8,
+         amsgrad: bool = False) -> torch.optim.Optimizer:
+    """Adam (``torch.optim.Adam``); weight decay per group, added to the gradient (L2).
+
+    :param betas: the two running-average coefficients, each in [0, 1).
+    :param eps: the denominator term (> 0).
+    :param amsgrad: use the AMSGrad variant.
+    """
+    return torch.optim.Adam(params, betas=tuple(betas), eps=eps, amsgrad=amsgrad)
+
+
+def adamw(params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], eps: float = 1e-8,
+          amsgrad: bool = False) -> torch.optim.Optimizer:
+    """AdamW (``torch.optim.AdamW``): decoupled weight decay per group.
+
+    :param betas: the two running-average coefficients, each in [0, 1).
+    :param eps: the denominator term (> 0).
+    :param amsgrad: use the AMSGrad variant.
+    """
+    return torch.optim.AdamW(params, betas=tuple(betas), eps=eps, amsgrad=amsgrad)
+
+
+def sgd(params: list[dict[str, Any]], *, momentum: float = 0.9, nesterov: bool = False,
+        dampening: float = 0.0) -> torch.optim.Optimizer:
+    """SGD with momentum (``torch.optim.SGD``); weight decay per group.
+
+    :param momentum: the momentum factor in [0, 1] (the CIFAR KD protocol: 0.9).
+    :param nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
+    :param dampening: dampening of the momentum.
+    """
+    return torch.optim.SGD(params, lr=params[0]["lr"], momentum=momentum, nesterov=nesterov, dampening=dampening)
+
+
+def _check_adam(params: dict) -> None:
+    _betas(params)
+    if params["eps"] <= 0:
+        raise ValueError("eps", f"must be > 0, got {params['eps']}")
+
+
+def _check_sgd(params: dict) -> None:
+    if not 0 <= params["momentum"] <= 1:
+        raise ValueError("momentum", f"must be in [0, 1], got {params['momentum']}")
+    if params["nesterov"] and (params["momentum"] <= 0 or params["dampening"] != 0):
+        raise ValueError("nesterov", "Nesterov momentum needs momentum > 0 and dampening = 0")
+
+
+adam.check_params = _check_adam
+adamw.check_params = _check_adam
+sgd.check_params = _check_sgd
+
+
+def no_schedule(optimizer: torch.optim.Optimizer, epochs: int):
+    """A constant learning rate (no schedule)."""
+    return None
+
+
+def step(optimizer: torch.optim.Optimizer, epochs: int, *, step_size: int = 1, gamma: float = 0.1):
+    """Multiply the learning rate by ``gamma`` every ``step_size`` epochs (``StepLR``).
+
+    :param step_size: epochs between decays (>= 1).
+    :param gamma: the decay factor (> 0).
+    """
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+
+
+def multistep(optimizer: torch.optim.Optimizer, epochs: int, *, milestones: list[int], gamma: float = 0.1):
+    """Multiply the learning rate by ``gamma`` at each milestone epoch (``MultiStepLR``);
+    the CIFAR-100 KD protocol is ``milestones = [150, 180, 210]``, ``gamma = 0.1``.
+
+    :param milestones: the epochs (counted from the phase's start) after which the rate decays.
+    :param gamma: the decay factor (> 0).
+    """
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+
+
+def cosine(optimizer: torch.optim.Optimizer, epochs: int, *, min_lr: float = 0.0):
+    """Cosine annealing over the phase's epochs down to ``min_lr`` (``CosineAnnealingLR``).
+
+    :param min_lr: the final learning rate (>= 0).
+    """
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=min_lr)
+
+
+def exponential(optimizer: torch.optim.Optimizer, epochs: int, *, gamma: float = 0.1):
+    """Multiply the learning rate by ``gamma`` every epoch (``ExponentialLR``).
+
+    :param gamma: the decay factor (> 0).
+    """
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+
+
+def _check_gamma(params: dict) -> None:
+    if params["gamma"] <= 0:
+        raise ValueError("gamma", f"must be > 0, got {params['gamma']}")
+    if params.get("step_size", 1) < 1:
+        raise ValueError("step_size", f"must be >= 1, got {params['step_size']}")
+
+
+def _check_multistep(params: dict) -> None:
+    _check_gamma(params)
+    ms = params["milestones"]
+    if not ms or any(m < 1 for m in ms) or sorted(set(ms)) != ms:
+        raise ValueError("milestones", f"expected increasing epochs >= 1, got {ms}")
+
+
+def _check_cosine(params: dict) -> None:
+    if params["min_lr"] < 0:
+        raise ValueError("min_lr", f"must be >= 0, got {params['min_lr']}")
+
+
+step.check_params = _check_gamma
+multistep.check_params = _check_multistep
+exponential.check_params = _check_gamma
+cosine.check_params = _check_cosine
+
+OPTIMIZERS = {"adam": adam, "adamw": adamw, "sgd": sgd}
+SCHEDULERS = {"none": no_schedule, "step": step, "multistep": multistep, "cosine": cosine, "exponential": exponential}
+#: Keys of a phase's ``optimizer`` table that are not the optimiser's own parameters.
+OPTIMIZER_CORE_KEYS = ("name", "weight_decay")
+#: Keys of a phase's ``scheduler`` table that are not the schedule's own parameters.
+SCHEDULER_CORE_KEYS = ("name", "warmup_epochs", "warmup_start_factor")
+
+
+def build_optimizer(spec: dict[str, Any], groups: list[dict[str, Any]], plugins: PluginManager) -> torch.optim.Optimizer:
+    """The phase's optimiser over its parameter groups, from its resolved ``optimizer`` table."""
+    comp = plugins.registry("optimizer").get(spec["name"])
+    return comp.factory(groups, **{k: v for k, v in spec.items() if k not in OPTIMIZER_CORE_KEYS})
+
+
+def build_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer, epochs: int, plugins: PluginManager):
+    """The phase's learning-rate schedule (stepped once per epoch), with the warm-up if any, or ``None``."""
+    comp = plugins.registry("scheduler").get(spec["name"])
+    warmup = spec.get("warmup_epochs", 0)
+    if warmup:
+        linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=spec["warmup_start_factor"], end_factor=1.0,
+                                                   total_iters=warmup)
+    main = comp.factory(opt, epochs, **{k: v for k, v in spec.items() if k not in SCHEDULER_CORE_KEYS})
+    if not warmup:
+        return main
+    return linear if main is None else torch.optim.lr_scheduler.ChainedScheduler([linear, main], optimizer=opt)

@@ -1,0 +1,189 @@
+"""Run directories as a public API: what ``kdt metrics`` and any plugin read.
+
+>>> run = RunDir("runs/proto2proto")
+>>> kd = run.stage("kd")
+>>> kd.spec["teacher"], kd.result["accuracy"]
+>>> records = kd.records()          # evaluated once (and saved) if missing
+>>> model = kd.model()              # weights loaded strictly, eval mode
+
+A stage directory may also be opened on its own (``StageDir.open(path)``);
+its run is the parent directory. Nothing here re-validates a recipe that a
+run already resolved: the run's ``recipe.resolved.json`` is read as it is
+(a run directory written before that file existed is validated once from its
+``recipe.resolved.toml``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import KdtError
+from ..plugins import PluginManager, get_manager
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KdtError(f"no {what}", source=str(path)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KdtError(f"unreadable {what} ({type(exc).__name__})", source=str(path)) from None
+
+
+def stage_order(stages: dict[str, Any]) -> list[str]:
+    """Stage names with every stage after its ``teacher`` and ``compare_to`` stage."""
+    order: list[str] = []
+
+    def visit(n: str, trail: tuple[str, ...]) -> None:
+        if n in order or n in trail or n not in stages:
+            return
+        for ref in ("teacher", "compare_to"):
+            if stages[n].get(ref):
+                visit(stages[n][ref], trail + (n,))
+        order.append(n)
+
+    for n in stages:
+        visit(n, ())
+    return order
+
+
+class RunDir:
+    """A run directory written by ``kdt run``.
+
+    :param path: the directory.
+    :param plugins: the plugin manager used to build datasets and models
+        (default: the process-wide one).
+    :raises KdtError: when ``path`` holds no resolved recipe.
+    """
+
+    def __init__(self, path: str | Path, plugins: PluginManager | None = None):
+        self.path = Path(path)
+        self.plugins = plugins or get_manager()
+        json_path, toml_path = self.path / "recipe.resolved.json", self.path / "recipe.resolved.toml"
+        if json_path.is_file():
+            self.recipe: dict[str, Any] = _read_json(json_path, "resolved recipe")
+        elif toml_path.is_file():
+            self.recipe = self._validated_toml(toml_path)
+        else:
+            raise KdtError("not a run directory (no recipe.resolved.json or recipe.resolved.toml)", source=str(self.path))
+        if not isinstance(self.recipe.get("stages"), dict):
+            raise KdtError("the resolved recipe has no stages", source=str(json_path))
+        self.order = stage_order(self.recipe["stages"])
+
+    def _validated_toml(self, path: Path) -> dict[str, Any]:
+        from ..recipe import Validator, tomllib
+
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise KdtError(f"invalid TOML: {exc}", source=str(path)) from None
+        resolved, _ = Validator(str(path), self.plugins).recipe(raw, default_name=self.path.name)
+        return resolved
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """``run.json``: versions, seed, device, command (``{}`` when absent)."""
+        p = self.path / "run.json"
+        return _read_json(p, "run.json") if p.is_file() else {}
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """``results.json`` of a finished run."""
+        return _read_json(self.path / "results.json", "results.json (has the run finished?)")
+
+    def stage(self, name: str) -> "StageDir":
+        """The stage ``name``.
+
+        :raises KdtError: when the recipe has no such stage.
+        """
+        if name not in self.recipe["stages"]:
+            raise KdtError(f"stage '{name}' is not in the run's recipe (stages: {', '.join(self.order)})", source=str(self.path))
+        return StageDir(self, name)
+
+    def __iter__(self) -> Iterator["StageDir"]:
+        return iter(self.stage(n) for n in self.order)
+
+    def students_by_reference(self) -> dict[str, list[str]]:
+        """Reference stage (a ``teacher`` or ``compare_to``) → the stages compared with it, in run order."""
+        refs: dict[str, list[str]] = {}
+        for name in self.order:
+            st = self.recipe["stages"][name]
+            ref = st.get("teacher") or st.get("compare_to")
+            if ref:
+                refs.setdefault(ref, []).append(name)
+        return refs
+
+
+class StageDir:
+    """One stage of a run: its table, files, model and records."""
+
+    def __init__(self, run: RunDir, name: str):
+        self.run = run
+        self.name = name
+        self.path = run.path / name
+        self.spec: dict[str, Any] = run.recipe["stages"][name]
+
+    @classmethod
+    def open(cls, path: str | Path, plugins: PluginManager | None = None) -> "StageDir":
+        """The stage at ``path`` (a directory inside a run directory)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise KdtError("no such directory", source=str(path))
+        return RunDir(path.parent, plugins).stage(path.name)
+
+    @property
+    def reference(self) -> str | None:
+        """The stage this one is compared with: its teacher, else its ``compare_to`` stage."""
+        return self.spec.get("teacher") or self.spec.get("compare_to")
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """``result.json`` of the finished stage."""
+        return _read_json(self.path / "result.json", "result.json (is the stage finished?)")
+
+    def file(self, name: str) -> Path:
+        """The path of a file of this stage (whether or not it exists)."""
+        return self.path / name
+
+    def data(self):
+        """The stage's :class:`~kdtoolkit.engine.data.StageData`."""
+        from .data import build_data
+
+        return build_data(self.spec, self.run.plugins)
+
+    def model(self, device: str = "cpu", data=None):
+        """The trained model (weights loaded strictly from ``model.safetensors``), in eval mode on ``device``."""
+        from .device import resolve_device
+        from .models import build_model, load_model_file, load_state_strict
+
+        weights = self.path / "model.safetensors"
+        if not weights.is_file():
+            raise KdtError("not a trained stage (no model.safetensors)", source=str(self.path))
+        data = data or self.data()
+        model = build_model(self.spec, data.num_classes, self.run.plugins)
+        state, _ = load_model_file(weights)
+        load_state_strict(model, state, str(weights))
+        return model.to(resolve_device(device)).eval()
+
+    def records(self, device: str = "auto", progress=None, save: bool = True):
+        """The stage's evaluation :class:`~kdtoolkit.records.Records`: read from
+        ``records.safetensors``, or computed with one pass over the test set (and saved)."""
+        from ..records import Records
+        from .device import resolve_device
+        from .evaluation import evaluate
+
+        saved = self.path / "records.safetensors"
+        if saved.is_file():
+            return Records.load(saved)
+        data = self.data()
+        model = self.model(device, data)
+        head = self.run.plugins.registry("head").get(self.spec["model"]["head"]["name"])
+        recs = evaluate(model, data.test, batch_size=self.spec["data"]["eval_batch_size"], device=resolve_device(device),
+                        record_keys=tuple(head.attr("record_keys", ())), progress=progress,
+                        meta={"stage": self.name, "dataset": getattr(data.test, "name", self.spec["data"]["dataset"]),
+                              "num_classes": data.num_classes})
+        if save:
+            recs.save(saved)
+        return recs

@@ -1,0 +1,390 @@
+"""The runner: a recipe's stages, in dependency order, into one run directory.
+
+A run writes into its directory ``DIR``::
+
+    DIR/recipe.resolved.toml      the validated recipe, defaults filled in
+    DIR/recipe.resolved.json      the same as JSON (read back by RunDir)
+    DIR/run.json                  versions, seed, device, command
+    DIR/<stage>/model.safetensors final weights + JSON metadata
+    DIR/<stage>/losses.safetensors  state of loss modules (connectors, memory banks), if any
+    DIR/<stage>/checkpoint.safetensors  resumable state while a stage trains
+    DIR/<stage>/metrics.jsonl     one line per epoch
+    DIR/<stage>/records.safetensors  evaluation records on the test set
+    DIR/<stage>/result.json       the stage's test metrics
+    DIR/results.json, DIR/results.md
+
+Stages run in dependency order (teachers first). A stage whose
+``result.json`` carries the same stage hash is not trained again. A stage
+interrupted mid-way resumes from its checkpoint (see :mod:`kdtoolkit.checkpoint`):
+one is written every ``checkpoint_every`` epochs, at the end of every phase
+and on Ctrl-C (mid-epoch, with the RNG state and the batch index); a
+checkpoint stays until the stage's ``result.json`` is written.
+
+Repeatability: at the start of every epoch (and of every plugin phase) the
+torch RNG is reseeded from (stage seed, phase index, epoch) and the data
+order is a permutation drawn from a generator seeded the same way; the data
+loader draws nothing from the global RNG. So CPU runs are bit-for-bit
+repeatable, and a run killed at any point (even with SIGKILL) and run again
+ends with the same weights and the same ``metrics.jsonl`` as an uninterrupted
+run: lines of epochs redone after a resume are not written twice. (With
+``num_workers > 0`` and augmentation, a resume from a mid-epoch Ctrl-C
+checkpoint replays the rest of that epoch with other augmentation draws.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..checkpoint import load_checkpoint
+from ..distributed import Dist
+from ..errors import KdtError, RecipeError
+from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_stale_temps
+from ..plugins import PluginManager
+from ..progress import Progress
+from ..recipe import Recipe
+from ..records import Records
+from ..report import write_reports
+from .context import RunContext
+from .data import StageData, build_data
+from .device import resolve_device
+from .evaluation import compute_metrics, evaluate
+from .losses import LossSet
+from .models import build_model, check_phase_selectors, init_from_teacher, save_model_file, trainable_parameters
+from .phases import StageTrainer
+from .taps import check_tap_paths
+from .teacher import TeacherCaches, load_teacher
+
+LOSSES_FORMAT = "kdtoolkit.losses/1"
+
+
+def versions(plugins: PluginManager | None = None) -> dict[str, Any]:
+    """Versions of Python, torch, kdtoolkit and every loaded plugin."""
+    out: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__, "kdtoolkit": __version__}
+    try:  # the installed version, without importing timm (slow) in runs that do not use it
+        from importlib import metadata
+
+        out["timm"] = metadata.version("timm")
+    except Exception:  # pragma: no cover - timm is a dependency
+        pass
+    if plugins is not None:
+        out["plugins"] = {i.name: i.version for i in plugins.infos.values() if i.status == "loaded"}
+    return out
+
+
+@dataclass
+class RunOptions:
+    """Options of :func:`run_recipe` from the command line."""
+
+    out: Path
+    device: str | None = None
+    force: bool = False
+    quiet: bool = False
+    command: str = ""
+
+
+def stored_hash(path: Path) -> tuple[str | None, str | None]:
+    """``(stage hash, None)`` stored in a ``result.json`` or checkpoint, or ``(None, why it is unreadable)``."""
+    try:
+        if path.suffix == ".json":
+            found = json.loads(path.read_text(encoding="utf-8")).get("stage_hash")
+        else:
+            found = load_checkpoint(path).stage_hash
+    except KdtError as exc:
+        return None, exc.message
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        return None, f"unreadable: {type(exc).__name__}"
+    return found, None
+
+
+class Runner:
+    """Runs the stages of one recipe into one run directory."""
+
+    def __init__(self, recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress, dist: Dist | None = None):
+        self.recipe = recipe
+        self.opt = options
+        self.out = Path(options.out)
+        dist = dist or Dist.from_env()
+        device = dist.device(resolve_device(options.device or recipe.resolved["device"]))
+        precision = recipe.resolved["precision"]
+        if precision == "fp16" and device.type == "cpu":
+            raise KdtError("precision 'fp16' needs a GPU; use bf16 or fp32 on the CPU", source=str(recipe.path), key="precision")
+        self.ctx = RunContext(device=device, precision=precision, channels_last=bool(recipe.resolved.get("channels_last", False)),
+                              dist=dist, progress=progress, plugins=plugins,
+                              checkpoint_every=recipe.resolved["checkpoint_every"], source=str(recipe.path))
+        self.versions = versions(plugins)
+        self.caches = TeacherCaches(self.ctx, self.versions)
+        self._records: dict[str, Records] = {}
+        self._data: dict[str, StageData] = {}
+
+    # -- preflight --------------------------------------------------------
+    def preflight(self) -> None:
+        """Checks done before any training: output directory, stale or unreadable
+        stage files, datasets, free disk space; last, the output directory is
+        created and a probe file written in it (so an unwritable directory is
+        a one-line error, for root and on read-only filesystems too)."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise KdtError("output path exists and is not a directory", source=str(out))
+        probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not probe_dir.is_dir():
+            raise KdtError(f"cannot create the output directory: {probe_dir} is not a directory", source=str(out))
+        if not os.access(probe_dir, os.W_OK):
+            raise KdtError("output directory is not writable", source=str(out))
+        for name in self.recipe.order:
+            self._check_stage_files(name)
+        for name in self.recipe.order:
+            self.data_for(name)
+        for name in self.recipe.order:
+            self._check_taps(name)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".kdt-write-probe.", suffix=".tmp", dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise KdtError(f"output directory is not writable ({exc.strerror or type(exc).__name__})", source=str(out)) from None
+        try:
+            usage = shutil.disk_usage(out)
+        except OSError:
+            usage = None
+        if usage is not None and usage.total > 0 and usage.free < 50 * 2**20:
+            raise KdtError(f"only {usage.free // 2**20} MiB free on the output disk", source=str(out))
+
+    def _check_stage_files(self, name: str) -> None:
+        for fname in ("result.json", "checkpoint.safetensors"):
+            f = self.out / name / fname
+            if not f.exists():
+                continue
+            found, problem = stored_hash(f)
+            if self.opt.force or found == self.recipe.stage_hash(name):
+                continue
+            if problem is not None:
+                raise KdtError(f"stage '{name}': cannot resume from this file ({problem}); delete it to train the stage "
+                               "again, or use --force", source=str(f))
+            raise KdtError(f"stage '{name}' in this directory was produced by a different recipe (stage hash {found} != "
+                           f"{self.recipe.stage_hash(name)}); use --force to retrain it, or another --out", source=str(f))
+
+    def _check_taps(self, name: str) -> None:
+        """The tap paths of a stage name modules of its student and teacher: both architectures are
+        built on the meta device (no memory, no weights, the RNG left as it was)."""
+        st, src = self.recipe.stage(name), str(self.recipe.path)
+        checks = [(name, st["model"].get("taps") or {}, f"stages.{name}.model.taps")]
+        if st["teacher"]:
+            checks.append((st["teacher"], st.get("teacher_taps") or {}, f"stages.{name}.teacher_taps"))
+        for owner, taps, key in checks:
+            if not taps:
+                continue
+            spec = self.recipe.stage(owner)
+            spec = {**spec, "model": {**spec["model"], "weights": None}}
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                model = build_model(spec, self.data_for(name).num_classes, self.ctx.plugins)
+            check_tap_paths(model, taps, src, key)
+
+    def data_for(self, name: str) -> StageData:
+        """The stage's datasets, built once per distinct data table (during preflight
+        for every stage, so a bad dataset stops the run before anything is written)."""
+        spec = self.recipe.stage(name)["data"]
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._data:
+            try:
+                self._data[key] = build_data(self.recipe.stage(name), self.ctx.plugins)
+            except KdtError as exc:
+                where = f"stages.{name}.data" + (f".{exc.key}" if exc.key else "")
+                src = f"{self.recipe.path}: {where}: {exc.source}" if exc.source else str(self.recipe.path)
+                raise type(exc)(exc.message, source=src, key=None if exc.source else where) from None
+        return self._data[key]
+
+    # -- main -------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Preflight, then every stage in order, then the reports."""
+        self.preflight()
+        ctx, dist = self.ctx, self.ctx.dist
+        if dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.out)
+            atomic_write_text(self.out / "recipe.resolved.toml", self.recipe.to_toml())
+            atomic_write_json(self.out / "recipe.resolved.json", self.recipe.resolved)
+            atomic_write_json(self.out / "run.json", {
+                "recipe": str(self.recipe.path), "name": self.recipe.resolved["name"], "seed": self.recipe.resolved["seed"],
+                "device": str(ctx.device), "world_size": dist.world, "precision": ctx.precision,
+                "versions": self.versions, "command": self.opt.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "stage_order": self.recipe.order,
+                "stage_hashes": {s: self.recipe.stage_hash(s) for s in self.recipe.order},
+            })
+        dist.barrier()
+        results: dict[str, Any] = {"name": self.recipe.resolved["name"], "stages": {}}
+        for name in self.recipe.order:
+            results["stages"][name] = self.run_stage(name)
+            dist.barrier()  # every rank sees the stage's files before the next stage reads them
+        if dist.is_main:
+            write_reports(self.out, results, self.recipe.resolved, ctx.plugins)
+            ctx.plugins.call("kdt_after_run", run_dir=self.out, results=results)
+        dist.barrier()
+        return results
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def _finished(self, name: str, shash: str) -> dict[str, Any] | None:
+        sdir = self.stage_dir(name)
+        result_file = sdir / "result.json"
+        if not (result_file.exists() and (sdir / "model.safetensors").exists()):
+            return None
+        try:
+            res = json.loads(result_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if res.get("stage_hash") != shash:
+            return None
+        if self.ctx.dist.is_main and (sdir / "checkpoint.safetensors").exists():
+            (sdir / "checkpoint.safetensors").unlink()  # killed after result.json was written
+        self.ctx.progress.log(f"stage [bold]{name}[/]: already complete in {sdir}, reused")
+        return res
+
+    def run_stage(self, name: str) -> dict[str, Any]:
+        """Train (or reuse) and evaluate one stage; returns its result."""
+        sdir, shash, ctx = self.stage_dir(name), self.recipe.stage_hash(name), self.ctx
+        done = self._finished(name, shash)
+        if done is not None:
+            return done
+        ctx.check_interrupt(f"interrupted before stage '{name}' started; run the same command again to go on")
+        if self.opt.force and ctx.dist.is_main:
+            # --force: results of a different recipe are retrained (stages whose hash still matches are reused)
+            for f in ("result.json", "checkpoint.safetensors"):
+                if (sdir / f).exists() and stored_hash(sdir / f)[0] != shash:
+                    (sdir / f).unlink()
+        ctx.dist.barrier()
+        trainer = self.build_stage(name)
+        if ctx.dist.is_main:
+            sdir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(sdir)
+        t0 = time.perf_counter()
+        history = trainer.train()
+        seconds = time.perf_counter() - t0 + trainer.previous_seconds
+        self.caches.release(name, self.recipe.order, self.recipe.resolved["stages"])
+        ctx.check_interrupt(f"interrupted: stage '{name}' is trained and its checkpoint {trainer.ckpt_path} kept; "
+                            "run the same command again to evaluate it and go on")
+        return self.finish_stage(trainer, history, seconds)
+
+    def build_stage(self, name: str) -> StageTrainer:
+        """The stage's models, losses and checks, before anything of it is written."""
+        st, ctx, src = self.recipe.stage(name), self.ctx, str(self.recipe.path)
+        data = self.data_for(name)
+        torch.manual_seed(st["seed"])
+        model = ctx.place(build_model(st, data.num_classes, ctx.plugins))
+        teacher, tdir = None, None
+        if st["teacher"]:
+            tdir = self.stage_dir(st["teacher"])
+            teacher = load_teacher(ctx, self.recipe.stage(st["teacher"]), data.num_classes, tdir / "model.safetensors")
+            if st["model"]["init_from_teacher"]:
+                init_from_teacher(model, teacher, st["model"]["init_from_teacher"], src, f"stages.{name}.model.init_from_teacher")
+        check_tap_paths(model, st["model"].get("taps") or {}, src, f"stages.{name}.model.taps")
+        if teacher is not None:
+            check_tap_paths(teacher, st.get("teacher_taps") or {}, src, f"stages.{name}.teacher_taps")
+        losses = LossSet(st["losses"], ctx.plugins, name)
+        trainer = StageTrainer(ctx, name, st, model, teacher, data, self.recipe.stage_hash(name), self.stage_dir(name),
+                               losses, self.caches, self.recipe.stage_hash(st["teacher"]) if teacher is not None else None, tdir)
+        if losses.needs_setup():
+            losses.setup(trainer.probe())
+        losses.place(ctx)
+        check_phase_selectors(trainable_parameters(model, losses.modules), st, name, src)
+        # Losses that depend on both models (e.g. matching prototype counts) check them now.
+        for i, l in enumerate(st["losses"]):
+            check = getattr(losses.fns[l["id"]], "check_models", None)
+            if check is not None and l["weight"] != 0:
+                try:
+                    check(model, teacher)
+                except ValueError as exc:
+                    raise RecipeError(str(exc), source=src, key=f"stages.{name}.losses[{i}]") from None
+        return trainer
+
+    def finish_stage(self, trainer: StageTrainer, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+        """Save the model (and loss state), evaluate, compute the metrics, write ``result.json``."""
+        name, st, ctx, sdir = trainer.name, trainer.st, self.ctx, trainer.sdir
+        data, model, shash = trainer.data, trainer.model, trainer.shash
+        meta = {"stage": name, "dataset": data.test.name if hasattr(data.test, "name") else st["data"]["dataset"],
+                "num_classes": data.num_classes, "stage_hash": shash}
+        if ctx.dist.is_main:
+            save_model_file(sdir / "model.safetensors", model, {
+                "stage": name, "stage_hash": shash, "recipe": str(self.recipe.path),
+                "epochs": sum(h.get("epochs", 0) for h in history), "history": history, "state": trainer.state.values,
+                "num_classes": data.num_classes, "model": st["model"], "versions": self.versions})
+            loss_state = trainer.losses.state_tensors()
+            if loss_state:
+                atomic_save_safetensors(loss_state, sdir / "losses.safetensors",
+                                        {"format": LOSSES_FORMAT, "stage": json.dumps(name), "stage_hash": json.dumps(shash)})
+        records = self.evaluate_stage(name, st, model, data, meta)
+        reference_name = st["teacher"] or st["compare_to"]
+        reference = self.records_of(reference_name) if reference_name else None
+        result = {
+            "description": st["description"], "teacher": st["teacher"], "compare_to": st["compare_to"],
+            "reference": reference_name or "self", **compute_metrics(st, records, reference, ctx.plugins),
+            "state": trainer.state.values, "losses": {l["id"]: l["weight"] for l in st["losses"]},
+            "loss_names": {l["id"]: l["name"] for l in st["losses"]}, "history": history,
+            "num_parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds, 2),
+            "test_images": records.n, "stage_hash": shash,
+        }
+        if ctx.dist.is_main:
+            atomic_write_json(sdir / "result.json", result)
+            if trainer.ckpt_path.exists():
+                trainer.ckpt_path.unlink()
+            ctx.plugins.call("kdt_after_stage", stage=name, result=result, stage_dir=sdir)
+        ctx.progress.log(f"stage [bold]{name}[/]: accuracy {result.get('accuracy', float('nan')):.4f} ({seconds:.1f} s)")
+        return result
+
+    def evaluate_stage(self, name: str, st: dict[str, Any], model, data: StageData, meta: dict[str, Any]) -> Records:
+        """The stage's records on its test set (saved by rank 0)."""
+        head_cls = self.ctx.plugins.registry("head").get(st["model"]["head"]["name"])
+        records = evaluate(model, data.test, batch_size=st["data"]["eval_batch_size"], device=self.ctx.device,
+                           record_keys=tuple(head_cls.attr("record_keys", ())), meta=meta, progress=self.ctx.progress,
+                           dist=self.ctx.dist, precision=self.ctx.precision, num_workers=st["data"]["num_workers"])
+        if self.ctx.dist.is_main:
+            records.save(self.stage_dir(name) / "records.safetensors")
+        self._records[name] = records
+        return records
+
+    def records_of(self, name: str) -> Records:
+        """A finished stage's records (from memory, or read from its directory)."""
+        if name not in self._records:
+            self._records[name] = Records.load(self.stage_dir(name) / "records.safetensors")
+        return self._records[name]
+
+
+def run_recipe(recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress,
+               dist: Dist | None = None) -> dict[str, Any]:
+    """Run every stage of ``recipe`` into ``options.out``.
+
+    SIGINT (Ctrl-C) writes a checkpoint at the current step (or, outside a
+    train phase, at the next phase or stage boundary) and raises
+    :class:`~kdtoolkit.errors.Interrupted`; a second Ctrl-C exits at once with code 130.
+    """
+    runner = Runner(recipe, options, plugins, progress, dist)
+    stop = runner.ctx.stop
+
+    def on_sigint(signum, frame):  # pragma: no cover - exercised through a subprocess test
+        if stop.requested:
+            os._exit(130)
+        stop.requested = True
+        progress.log("interrupt: saving a checkpoint (Ctrl-C again to exit at once)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return runner.run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
