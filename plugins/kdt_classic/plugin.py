@@ -1,20 +1,29 @@
 """Classic knowledge distillation: the components that prove the core general.
 
 - head ``linear``: global average pooling, dropout, a linear classifier;
+- head ``identity``: for a backbone that already outputs logits (a whole
+  timm classifier, ``classifier = true``);
 - loss ``cross_entropy``: the usual supervised loss on logits;
-- loss ``hinton_kd``: Hinton et al.'s soft-target distillation, the KL
-  divergence between temperature-softened teacher and student distributions,
-  scaled by T².
+- loss ``hinton_kd`` (also ``kd``): Hinton et al.'s soft-target
+  distillation, the KL divergence between temperature-softened teacher and
+  student distributions, scaled by T² (optionally on standardised logits);
+- the standard distillation methods ``dkd``, ``dist``, ``fitnet``,
+  ``attention``, ``similarity_preserving``, ``pkt``, ``rkd`` and ``crd``.
+
+The loss components live in :mod:`kdt_classic.losses` (over the pure
+functions of :mod:`kdt_classic.functional`); ``docs/methods.md`` describes
+each method.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdtoolkit.components import Step
 from kdtoolkit.hookspecs import hookimpl
+
+from .losses import (AttentionLoss, CRDLoss, CrossEntropyLoss, DISTLoss, DKDLoss, FitNetLoss, HintonKDLoss, PKTLoss,
+                     RKDLoss, SimilarityPreservingLoss)
 
 
 class LinearHead(nn.Module):
@@ -44,72 +53,50 @@ class LinearHead(nn.Module):
         return {"logits": self.classifier(self.dropout(pooled)), "features": f}
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy of ``logits`` ``[B,K]`` against ``targets`` ``[B]``."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+class IdentityHead(nn.Module):
+    """The backbone already outputs logits: passes them on unchanged.
 
-
-def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Hinton's soft-target loss: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch mean.
-
-    The T² factor keeps gradient magnitudes comparable across temperatures.
-    The teacher's logits are treated as constants.
-    """
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
-
-
-class CrossEntropyLoss:
-    """Cross-entropy of the student's logits against the labels.
-
-    :param label_smoothing: label smoothing in [0, 1).
+    For a whole classifier as the backbone (``timm`` with ``classifier =
+    true``). Outputs ``logits`` ``[B,K]``; has no parameters.
     """
 
-    requires_teacher = False
-    requires_outputs = ("logits",)
+    outputs = ("logits",)
+    param_groups = ()
+    record_keys = ()
 
-    def __init__(self, *, label_smoothing: float = 0.0):
-        self.label_smoothing = label_smoothing
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        if in_channels != num_classes:
+            from kdtoolkit.errors import RecipeError
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if not 0 <= params["label_smoothing"] < 1:
-            raise ValueError("label_smoothing", f"must be in [0, 1), got {params['label_smoothing']}")
+            raise RecipeError(f"head 'identity' needs a backbone that outputs logits for the {num_classes} classes "
+                              f"(e.g. timm with classifier = true); this backbone has {in_channels} output channels",
+                              key="head")
+        self.num_classes = num_classes
 
-    def __call__(self, step: Step) -> torch.Tensor:
-        return cross_entropy(step.outputs["logits"], step.targets, self.label_smoothing)
-
-
-class HintonKDLoss:
-    """Soft-target distillation from the teacher's logits (Hinton et al., 2015).
-
-    :param temperature: softening temperature T > 0 (the loss is scaled by T²).
-    """
-
-    requires_teacher = True
-    requires_teacher_outputs = ("logits",)
-    requires_outputs = ("logits",)
-
-    def __init__(self, *, temperature: float = 4.0):
-        self.temperature = temperature
-
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if params["temperature"] <= 0:
-            raise ValueError("temperature", f"must be > 0, got {params['temperature']}")
-
-    def __call__(self, step: Step) -> torch.Tensor:
-        return hinton_kd_loss(step.outputs["logits"], step.teacher_outputs["logits"], self.temperature)
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dim() != 2 or x.shape[1] != self.num_classes:
+            raise ValueError(f"head 'identity' expects logits [B, {self.num_classes}] from the backbone, "
+                             f"got shape {list(x.shape)}")
+        return {"logits": x}
 
 
 @hookimpl
 def kdt_register_heads(registry):
     registry.add("linear", LinearHead)
+    registry.add("identity", IdentityHead)
 
 
 @hookimpl
 def kdt_register_losses(registry):
     registry.add("cross_entropy", CrossEntropyLoss)
     registry.add("hinton_kd", HintonKDLoss)
+    registry.add("kd", HintonKDLoss)
+    registry.add("dkd", DKDLoss)
+    registry.add("dist", DISTLoss)
+    registry.add("fitnet", FitNetLoss)
+    registry.add("attention", AttentionLoss)
+    registry.add("similarity_preserving", SimilarityPreservingLoss)
+    registry.add("pkt", PKTLoss)
+    registry.add("rkd", RKDLoss)
+    registry.add("crd", CRDLoss)
