@@ -50,12 +50,17 @@ __all__ = [
     "PAPER_TAUS",
     "tau_key",
     "parse_taus",
+    "location_minima",
     "active_locations",
     "average_active_patches",
     "average_jaccard_similarity",
     "aap_by_tau",
     "ajs_by_tau",
+    "aap_from_minima",
+    "ajs_from_minima",
     "COLOCATION_BLOCK_IMAGES",
+    "PACKED_BLOCK_IMAGES",
+    "PACKED_MAX_LOCATIONS",
     "colocation_matrix",
     "pms_caps",
     "PMSResult",
@@ -213,6 +218,54 @@ def _check_record(min_distances: Any, argmin: Any, num_locations: int, who: str 
 # --------------------------------------------------------------------------
 
 
+def _location_minima(d: Tensor, a: Tensor, num_locations: int) -> Tensor:
+    """:func:`location_minima` on checked records (``d`` float or not, ``a`` long)."""
+    if not d.dtype.is_floating_point:
+        # ``d <= tau`` with a Python float compares in the default float dtype.
+        d = d.to(torch.get_default_dtype())
+    d = d.to(a.device)
+    # A NaN distance is never <= tau; +inf is <= tau only for tau = inf, where
+    # every prototype is active anyway: both become +inf before the minimum.
+    d = torch.nan_to_num(d, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    out = torch.full((a.shape[0], num_locations), math.nan, dtype=d.dtype, device=a.device)
+    return out.scatter_reduce_(1, a, d, reduce="amin", include_self=False)
+
+
+def location_minima(min_distances: Tensor, argmin: Tensor, num_locations: int) -> Tensor:
+    """Per-(image, location) minimum distance of the prototypes whose argmin lies there.
+
+    ``m(x, l) = min { d_j(x) : a_j(x) = l }`` over the prototypes ``j`` of
+    image ``x`` (NaN distances count as ``+inf``), and **NaN** where no
+    prototype has its argmin at ``l``.  One scatter-reduce over ``[N, P]``;
+    afterwards the active patch set of every threshold is one comparison on
+    ``[N, L]``::
+
+        active_locations(d, a, L, tau) == (location_minima(d, a, L) <= tau)
+
+    for every ``tau`` including ``inf``: location ``l`` holds an active
+    prototype iff its smallest distance is ``<= tau``; a location without
+    prototypes is NaN, which is never ``<= tau`` (not even ``inf``), while a
+    location whose prototypes all have infinite or NaN distances is ``+inf``,
+    active at ``tau = inf`` only -- the same sets as the definition.
+
+    The minima keep the dtype of ``min_distances`` (a non-float record is
+    converted to the default float dtype, as ``d <= tau`` would), so the
+    comparison with ``tau`` rounds ``tau`` the same way as comparing the
+    distances themselves.
+
+    Args:
+        min_distances: float ``[N, P]``, ``d_j(x)``.
+        argmin: int ``[N, P]``, flat location ``h * W + w`` in ``[0, L)``.
+        num_locations: ``L = H * W``.
+
+    Returns:
+        float ``[N, L]`` on the device of ``argmin``.
+    """
+    num_locations = _check_num_locations(num_locations)
+    d, a = _check_record(min_distances, argmin, num_locations)
+    return _location_minima(d, a, num_locations)
+
+
 def active_locations(min_distances: Tensor, argmin: Tensor, num_locations: int, tau: float) -> Tensor:
     """Active patch sets ``S_tau(x)`` of every image as a boolean mask (spec §4).
 
@@ -221,9 +274,8 @@ def active_locations(min_distances: Tensor, argmin: Tensor, num_locations: int, 
     (non-strict; ``tau = inf`` means every prototype) has its argmin at ``l``.
     Several prototypes at the same location count once (it is a set).
 
-    Computed as one scatter: inactive prototypes are redirected to a spare
-    column ``L`` that is dropped afterwards, so no loop over images or
-    prototypes.
+    Computed as ``location_minima(...) <= tau`` (see :func:`location_minima`):
+    one scatter-reduce, no loop over images or prototypes.
 
     Args:
         min_distances: float ``[N, P]``, ``d_j(x)``.
@@ -237,16 +289,18 @@ def active_locations(min_distances: Tensor, argmin: Tensor, num_locations: int, 
     num_locations = _check_num_locations(num_locations)
     tau = _check_tau(tau)
     d, a = _check_record(min_distances, argmin, num_locations)
-    n = a.shape[0]
-    if math.isinf(tau):
-        index = a
-    else:
-        active = d <= tau
-        index = torch.where(active.to(a.device), a, torch.full_like(a, num_locations))
-    out = torch.zeros(n, num_locations + 1, dtype=torch.bool, device=a.device)
-    # Every write stores True, so duplicate indices are harmless.
-    out.scatter_(1, index, True)
-    return out[:, :num_locations]
+    return _location_minima(d, a, num_locations) <= tau
+
+
+def _aap_of_mask(mask: Tensor) -> float:
+    return float(mask.sum(dim=1, dtype=torch.float64).mean())
+
+
+def _ajs_of_masks(st: Tensor, ss: Tensor) -> float:
+    inter = (st & ss).sum(dim=1, dtype=torch.float64)
+    union = (st | ss).sum(dim=1, dtype=torch.float64)
+    jaccard = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+    return float(jaccard.mean())
 
 
 def average_active_patches(min_distances: Tensor, argmin: Tensor, num_locations: int, tau: float) -> float:
@@ -256,8 +310,24 @@ def average_active_patches(min_distances: Tensor, argmin: Tensor, num_locations:
     distinct argmin locations of the prototypes active at ``tau`` (see
     :func:`active_locations`).  Lies in ``[0, min(P, L)]``.
     """
-    mask = active_locations(min_distances, argmin, num_locations, tau)
-    return float(mask.sum(dim=1, dtype=torch.float64).mean())
+    return _aap_of_mask(active_locations(min_distances, argmin, num_locations, tau))
+
+
+def _check_pair_records(
+    teacher_min_distances: Tensor,
+    teacher_argmin: Tensor,
+    student_min_distances: Tensor,
+    student_argmin: Tensor,
+    num_locations: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    td, ta = _check_record(teacher_min_distances, teacher_argmin, num_locations, "teacher")
+    sd, sa = _check_record(student_min_distances, student_argmin, num_locations, "student")
+    if ta.shape[0] != sa.shape[0]:
+        raise ValueError(
+            f"teacher records cover {ta.shape[0]} images but student records cover "
+            f"{sa.shape[0]}; AJS compares the same test images"
+        )
+    return td, ta, sd, sa
 
 
 def average_jaccard_similarity(
@@ -281,28 +351,70 @@ def average_jaccard_similarity(
             outside the shared grid.
     """
     num_locations = _check_num_locations(num_locations)
-    td, ta = _check_record(teacher_min_distances, teacher_argmin, num_locations, "teacher")
-    sd, sa = _check_record(student_min_distances, student_argmin, num_locations, "student")
-    if ta.shape[0] != sa.shape[0]:
+    tau = _check_tau(tau)
+    td, ta, sd, sa = _check_pair_records(
+        teacher_min_distances, teacher_argmin, student_min_distances, student_argmin, num_locations
+    )
+    st = _location_minima(td, ta, num_locations) <= tau
+    ss = (_location_minima(sd, sa, num_locations) <= tau).to(st.device)
+    return _ajs_of_masks(st, ss)
+
+
+def _check_minima(minima: Any, name: str) -> Tensor:
+    m = _as_tensor(minima, name)
+    if m.dim() != 2 or not m.dtype.is_floating_point:
+        raise ValueError(f"{name} must be the float [N, L] output of location_minima, got {m.dtype} {tuple(m.shape)}")
+    if m.shape[0] == 0:
+        raise ValueError(f"{name} hold no images (N = 0); the averages are undefined")
+    return m
+
+
+def aap_from_minima(minima: Tensor, taus: Iterable[float] = DEFAULT_TAUS) -> dict[str, float]:
+    """AAP for every threshold from :func:`location_minima` (computed once per model).
+
+    Equals :func:`aap_by_tau` of the records the minima come from, keyed by
+    :func:`tau_key`.
+    """
+    m = _check_minima(minima, "minima")
+    return {tau_key(t): _aap_of_mask(m <= t) for t in _unique_taus(taus)}
+
+
+def ajs_from_minima(
+    teacher_minima: Tensor, student_minima: Tensor, taus: Iterable[float] = DEFAULT_TAUS
+) -> dict[str, float]:
+    """AJS for every threshold from the :func:`location_minima` of teacher and student.
+
+    Equals :func:`ajs_by_tau` of the records the minima come from, keyed by
+    :func:`tau_key`.  The teacher's minima can be computed once and reused for
+    every student.
+    """
+    mt = _check_minima(teacher_minima, "teacher minima")
+    ms = _check_minima(student_minima, "student minima").to(mt.device)
+    if mt.shape[0] != ms.shape[0]:
         raise ValueError(
-            f"teacher records cover {ta.shape[0]} images but student records cover "
-            f"{sa.shape[0]}; AJS compares the same test images"
+            f"teacher minima cover {mt.shape[0]} images but student minima cover "
+            f"{ms.shape[0]}; AJS compares the same test images"
         )
-    st = active_locations(td, ta, num_locations, tau)
-    ss = active_locations(sd, sa, num_locations, tau).to(st.device)
-    inter = (st & ss).sum(dim=1, dtype=torch.float64)
-    union = (st | ss).sum(dim=1, dtype=torch.float64)
-    jaccard = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
-    return float(jaccard.mean())
+    if mt.shape[1] != ms.shape[1]:
+        raise ValueError(
+            f"teacher minima have {mt.shape[1]} locations but student minima {ms.shape[1]}; "
+            "teacher and student must share the same latent grid H x W"
+        )
+    return {tau_key(t): _ajs_of_masks(mt <= t, ms <= t) for t in _unique_taus(taus)}
 
 
 def aap_by_tau(
     min_distances: Tensor, argmin: Tensor, num_locations: int, taus: Iterable[float] = DEFAULT_TAUS
 ) -> dict[str, float]:
-    """:func:`average_active_patches` for every threshold, keyed by :func:`tau_key`."""
-    return {
-        tau_key(t): average_active_patches(min_distances, argmin, num_locations, t) for t in _unique_taus(taus)
-    }
+    """:func:`average_active_patches` for every threshold, keyed by :func:`tau_key`.
+
+    The per-location minima (:func:`location_minima`) are computed once; each
+    threshold is then one comparison on ``[N, L]``.
+    """
+    taus = _unique_taus(taus)
+    num_locations = _check_num_locations(num_locations)
+    d, a = _check_record(min_distances, argmin, num_locations)
+    return aap_from_minima(_location_minima(d, a, num_locations), taus)
 
 
 def ajs_by_tau(
@@ -313,13 +425,19 @@ def ajs_by_tau(
     num_locations: int,
     taus: Iterable[float] = DEFAULT_TAUS,
 ) -> dict[str, float]:
-    """:func:`average_jaccard_similarity` for every threshold, keyed by :func:`tau_key`."""
-    return {
-        tau_key(t): average_jaccard_similarity(
-            teacher_min_distances, teacher_argmin, student_min_distances, student_argmin, num_locations, t
-        )
-        for t in _unique_taus(taus)
-    }
+    """:func:`average_jaccard_similarity` for every threshold, keyed by :func:`tau_key`.
+
+    The per-location minima of teacher and student are computed once each;
+    each threshold is then two comparisons on ``[N, L]``.
+    """
+    taus = _unique_taus(taus)
+    num_locations = _check_num_locations(num_locations)
+    td, ta, sd, sa = _check_pair_records(
+        teacher_min_distances, teacher_argmin, student_min_distances, student_argmin, num_locations
+    )
+    mt = _location_minima(td, ta, num_locations)
+    ms = _location_minima(sd, sa, num_locations).to(mt.device)
+    return ajs_from_minima(mt, ms, taus)
 
 
 def _unique_taus(taus: Iterable[float]) -> list[float]:
@@ -351,10 +469,97 @@ def _onehot_codes(a: np.ndarray, num_locations: int) -> sp.csr_matrix:
     return sp.csr_matrix((data, codes, indptr), shape=(p, width))
 
 
-#: Images per block of the co-location product (keeps the student's one-hot
-#: block cache-resident; measured ~1.5x faster than one unblocked product at
-#: Stanford-Cars scale).  Any value gives the same counts.
+#: Images per block of the sparse co-location product (keeps the student's
+#: one-hot block cache-resident; measured ~1.5x faster than one unblocked
+#: product at Stanford-Cars scale).  Any value gives the same counts.
 COLOCATION_BLOCK_IMAGES = 1024
+
+#: Images per block of the packed co-location count (a divisor of 255, the
+#: capacity of its 8-bit counters, so that blocks fill them exactly).  Any
+#: value in ``[1, 255]`` gives the same counts.
+PACKED_BLOCK_IMAGES = 15
+
+#: ``method="auto"`` of :func:`colocation_matrix` uses the packed count up to
+#: this many grid locations and the sparse product above.  The packed count
+#: costs ``N * P_t * P_s`` byte additions whatever the grid; the sparse
+#: product costs one increment per co-located pair, about ``N * P_t * P_s /
+#: L`` for spread-out argmins (more when they concentrate), each ~100x dearer
+#: than a byte addition: at ``L = 49`` the packed count was 2.5-3x faster on
+#: uniform records and more on concentrated ones (``benchmarks/bench_metrics.py``).
+PACKED_MAX_LOCATIONS = 100
+
+_COUNTER_CAPACITY = 255  # 8-bit counters
+
+try:  # the kernel behind ``csr_matrix @ ndarray``, called to accumulate in place
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
+except ImportError:  # pragma: no cover - a scipy without it: the public product
+    _csr_matvecs = None
+
+
+def _add_rows(
+    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, acc: np.ndarray
+) -> None:
+    """``acc += A @ rows`` for the CSR ``A = (data, indices, indptr)``, in place."""
+    n_row, n_vecs = acc.shape
+    n_col = rows.shape[0]
+    if _csr_matvecs is not None:
+        _csr_matvecs(n_row, n_col, n_vecs, indptr, indices, data, rows.ravel(), acc.ravel())
+    else:  # pragma: no cover - exercised by a test that removes the kernel
+        acc += sp.csr_matrix((data, indices, indptr), shape=(n_row, n_col)) @ rows
+
+
+def _colocation_packed(ta: np.ndarray, sa: np.ndarray, num_locations: int, block_images: int) -> np.ndarray:
+    """Co-location counts with 8-bit counters packed two per 16-bit word.
+
+    For a block of ``b`` images, ``D`` has one row per (image, location) code
+    and one byte per student prototype: ``D[x*L + l, j] = 1`` iff
+    ``a^s_j(x) = l``.  Teacher prototype ``i`` adds the rows of its codes,
+    ``acc[i] += sum_x D[x*L + a^t_i(x)]`` -- one sparse-times-dense product
+    whose dense side is read as 16-bit words, i.e. two byte counters per
+    addition.  A counter cannot carry into its neighbour as long as it stays
+    <= 255, so the counters are emptied into the int64 result every 255
+    images.  Exact for any input; the work is ``N * P_t * P_s`` byte
+    additions, independent of how the argmins are distributed.
+    """
+    n, pt = ta.shape
+    ps = sa.shape[1]
+    words = (ps + 1) // 2
+    width = 2 * words  # bytes per row of D (one spare byte when P_s is odd)
+    block = min(int(block_images), _COUNTER_CAPACITY)
+    out = np.zeros((pt, ps), dtype=np.int64)
+    acc = np.zeros((pt, words), dtype=np.uint16)
+    itype = np.int32 if block * num_locations * width < np.iinfo(np.int32).max else np.int64
+    ones = np.ones(pt * block, dtype=np.uint16)
+    student_columns = np.arange(ps, dtype=np.int64)
+    filled = 0
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        b = stop - start
+        if filled + b > _COUNTER_CAPACITY:
+            out += acc.view(np.uint8)[:, :ps]
+            acc.fill(0)
+            filled = 0
+        base = (np.arange(b, dtype=np.int64) * num_locations)[:, None]
+        rows = np.zeros((b * num_locations, width), dtype=np.uint8)
+        rows.reshape(-1)[((sa[start:stop] + base) * width + student_columns).reshape(-1)] = 1
+        codes = np.ascontiguousarray((ta[start:stop] + base).T, dtype=itype)  # [P_t, b], row i = codes of i
+        indptr = np.arange(0, pt * b + 1, b, dtype=itype)
+        _add_rows(indptr, codes.reshape(-1), ones[: pt * b], rows.view(np.uint16), acc)
+        filled += b
+    out += acc.view(np.uint8)[:, :ps]
+    return out
+
+
+def _colocation_sparse(ta: np.ndarray, sa: np.ndarray, num_locations: int, block_images: int) -> np.ndarray:
+    """Co-location counts as a sparse product of one-hot codes, blocked over images."""
+    n = ta.shape[0]
+    counts = np.zeros((ta.shape[1], sa.shape[1]), dtype=np.int64)
+    for start in range(0, n, int(block_images)):
+        stop = min(n, start + int(block_images))
+        a_t = _onehot_codes(ta[start:stop], num_locations)
+        a_s = _onehot_codes(sa[start:stop], num_locations)
+        counts += (a_t @ a_s.T).toarray()
+    return counts
 
 
 def colocation_matrix(
@@ -362,39 +567,55 @@ def colocation_matrix(
     student_argmin: Tensor,
     num_locations: int,
     *,
-    block_images: int = COLOCATION_BLOCK_IMAGES,
+    block_images: int | None = None,
+    method: str = "auto",
 ) -> np.ndarray:
     """Co-location counts ``I_ij = #{x : a^t_i(x) = a^s_j(x)}`` (PMS, spec §4).
 
-    Each prototype's argmin over the ``N`` images is a one-hot row over the
-    ``N * L`` (image, location) codes ``x * L + a(x)``; with ``A_t`` (``[P_t,
-    N*L]``) and ``A_s`` (``[P_s, N*L]``) in CSR form, ``I = A_t @ A_s.T`` is
-    one sparse product, computed once for all prototype pairs and all caps
-    (the original code intersected Python sets of string ids per pair and per
-    cap).  Its cost is the number of co-locations,
-    ``sum_x sum_l n^t_l(x) * n^s_l(x)`` (``N * P_t * P_s / L`` for uniform
-    locations).
+    Computed once for all prototype pairs and all caps (the original code
+    intersected Python sets of string ids per pair and per cap), by one of two
+    exact methods that give the same counts:
 
-    The product is evaluated in blocks of ``block_images`` images along its
-    inner (code) dimension, ``I = sum_b A_t[:, b] @ A_s[:, b].T``: the same
-    sum, in an order that keeps each block of ``A_s`` in cache.  The counts do
-    not depend on ``block_images``.
+    * ``"packed"``: per block of images, a byte matrix ``D`` with one row per
+      (image, location) code and one byte per student prototype (1 where
+      that student has its argmin); teacher prototype ``i`` sums the rows of
+      its ``N`` codes.  The rows are added as 16-bit words, two 8-bit
+      counters at a time, emptied into the int64 result every 255 images.
+      Cost: ``N * P_t * P_s`` byte additions, whatever the distribution of
+      the argmins.
+    * ``"sparse"``: each prototype's argmins as a one-hot row over the
+      ``N * L`` codes ``x * L + a(x)``; with ``A_t`` (``[P_t, N*L]``) and
+      ``A_s`` in CSR form, ``I = A_t @ A_s.T`` is a sparse product, blocked
+      over images (``I = sum_b A_t[:, b] @ A_s[:, b].T``).  Cost: one
+      increment per co-located pair, ``sum_x sum_l n^t_l(x) * n^s_l(x)``
+      (``N * P_t * P_s / L`` for uniform locations).
+    * ``"auto"`` (default): ``"packed"`` for grids of up to
+      :data:`PACKED_MAX_LOCATIONS` locations (7x7 included), else ``"sparse"``.
 
     Args:
         teacher_argmin: int ``[N, P_t]``.
         student_argmin: int ``[N, P_s]`` (``P_s`` may differ from ``P_t``).
         num_locations: ``L = H * W`` of the shared grid.
-        block_images: images per block (positive).
+        block_images: images per block (positive; ``None``: the method's
+            default, :data:`PACKED_BLOCK_IMAGES` or
+            :data:`COLOCATION_BLOCK_IMAGES`; the packed method uses at most
+            255).  The counts do not depend on it.
+        method: ``"auto"``, ``"packed"`` or ``"sparse"``.
 
     Returns:
         numpy int64 ``[P_t, P_s]``, entries in ``[0, N]``.
 
     Raises:
-        ValueError: different ``N``, or a location outside ``[0, L)``.
+        ValueError: different ``N``, a location outside ``[0, L)``, a bad
+            ``block_images`` or ``method``.
     """
     num_locations = _check_num_locations(num_locations)
-    if isinstance(block_images, bool) or not isinstance(block_images, (int, np.integer)) or block_images <= 0:
+    if block_images is not None and (
+        isinstance(block_images, bool) or not isinstance(block_images, (int, np.integer)) or block_images <= 0
+    ):
         raise ValueError(f"block_images must be a positive integer, got {block_images!r}")
+    if method not in ("auto", "packed", "sparse"):
+        raise ValueError(f"method must be 'auto', 'packed' or 'sparse', got {method!r}")
     ta = _check_argmin(teacher_argmin, num_locations, "teacher argmin")
     sa = _check_argmin(student_argmin, num_locations, "student argmin")
     if ta.shape[0] != sa.shape[0]:
@@ -404,14 +625,13 @@ def colocation_matrix(
         )
     ta = ta.detach().cpu().numpy()
     sa = sa.detach().cpu().numpy()
-    n = ta.shape[0]
-    counts = np.zeros((ta.shape[1], sa.shape[1]), dtype=np.int64)
-    for start in range(0, n, int(block_images)):
-        stop = min(n, start + int(block_images))
-        a_t = _onehot_codes(ta[start:stop], num_locations)
-        a_s = _onehot_codes(sa[start:stop], num_locations)
-        counts += (a_t @ a_s.T).toarray()
-    return counts
+    if method == "auto":
+        method = "packed" if num_locations <= PACKED_MAX_LOCATIONS else "sparse"
+    if method == "packed":
+        block = PACKED_BLOCK_IMAGES if block_images is None else int(block_images)
+        return _colocation_packed(ta, sa, num_locations, block)
+    block = COLOCATION_BLOCK_IMAGES if block_images is None else int(block_images)
+    return _colocation_sparse(ta, sa, num_locations, block)
 
 
 def pms_caps(n: int) -> list[int]:
@@ -478,6 +698,8 @@ def pms_from_colocation(colocation: Any, num_images: int) -> PMSResult:
     ``1 - sim`` is solved by ``scipy.optimize.linear_sum_assignment`` (a
     rectangular matrix pairs ``min(P_t, P_s)`` prototypes), and ``cost(M)`` is
     the mean cost over the matched pairs.  ``PMS = 1 - mean_M cost(M)``.
+    Caps ``M >= max(I)`` clip nothing and share one solve (they all maximise
+    the matched sum of ``I``); each smaller cap is solved on its own.
 
     The saved ``matching`` (one extra assignment solve): the per-cap
     assignments may differ, so the toolkit keeps the single assignment that
@@ -512,15 +734,29 @@ def pms_from_colocation(colocation: Any, num_images: int) -> PMSResult:
             ),
             **base,
         )
+    largest = counts.max()
     counts = counts.astype(np.float64, copy=False)
     costs: list[float] = []
     sim_sum = np.zeros((pt, ps), dtype=np.float64)
+    sim = np.empty((pt, ps), dtype=np.float64)
+    # Caps >= max(I) clip nothing: sim = I / M and cost = 1 - I / M, so every
+    # such cap minimises the same objective (maximise the matched sum of I,
+    # whose optimum differs from any other total by >= 1/M, far above float
+    # rounding) and one assignment serves them all; cost(M) then differs from
+    # a separate solve's by rounding at most (~1e-16).  Smaller caps are
+    # solved one by one.
+    unclipped: tuple[np.ndarray, np.ndarray] | None = None
     for cap in caps:
-        sim = np.minimum(counts / cap, 1.0)
+        np.divide(counts, cap, out=sim)
+        np.minimum(sim, 1.0, out=sim)  # same values as np.minimum(counts / cap, 1.0)
         sim_sum += sim
-        cost = 1.0 - sim
-        rows, cols = linear_sum_assignment(cost)
-        costs.append(float(cost[rows, cols].mean()))
+        if cap >= largest and unclipped is not None:
+            rows, cols = unclipped
+        else:
+            rows, cols = linear_sum_assignment(1.0 - sim)
+            if cap >= largest:
+                unclipped = (rows, cols)
+        costs.append(float((1.0 - sim[rows, cols]).mean()))
     sim_mean = sim_sum / len(caps)
     rows, cols = linear_sum_assignment(1.0 - sim_mean)
     matching = [(int(i), int(j), float(sim_mean[i, j])) for i, j in zip(rows, cols)]
@@ -531,8 +767,8 @@ def pms_from_colocation(colocation: Any, num_images: int) -> PMSResult:
 def prototype_matching_score(teacher_argmin: Tensor, student_argmin: Tensor, num_locations: int) -> PMSResult:
     """PMS, *Prototype Matching Score* of Proto2Proto (spec §4), at ``tau = inf``.
 
-    ``I = colocation_matrix(teacher_argmin, student_argmin, L)`` (one sparse
-    product), then for every cap ``M`` in ``range(c, N, c)`` with
+    ``I = colocation_matrix(teacher_argmin, student_argmin, L)`` (computed
+    once), then for every cap ``M`` in ``range(c, N, c)`` with
     ``c = int(0.1 * N)``: ``sim(M) = min(1, I / M)``, Hungarian assignment on
     ``1 - sim(M)``, ``cost(M)`` = mean matched cost;
     ``PMS = 1 - mean_M cost(M)``.  See :func:`pms_from_colocation` for the
