@@ -74,15 +74,18 @@ def compare(run_a: Path, run_b: Path) -> list[str]:
         sa, sb = run_a / name, run_b / name
         if not (sb / "result.json").is_file():
             problems.append(f"stage {name} missing in {run_b}")
+            print(f"{name}: missing in {run_b}")
             continue
+        found = []
         for fname in ("model.safetensors", "records.safetensors", "losses.safetensors"):
             if (sa / fname).is_file() or (sb / fname).is_file():
                 if not ((sa / fname).is_file() and (sb / fname).is_file()):
-                    problems.append(f"{name}/{fname} only in one run")
+                    found.append(f"{name}/{fname} only in one run")
                     continue
-                problems += compare_tensors(sa / fname, sb / fname)
-        problems += compare_results(sa / "result.json", sb / "result.json")
-        print(f"{name}: {'identical' if not problems else 'compared'}")
+                found += compare_tensors(sa / fname, sb / fname)
+        found += compare_results(sa / "result.json", sb / "result.json")
+        print(f"{name}: {'identical' if not found else f'{len(found)} differences'}")
+        problems += found
     return problems
 
 
