@@ -29,8 +29,8 @@ from kdtoolkit.plugins import get_manager
 from kdtoolkit.records import Records
 from kdtoolkit.engine.evaluation import evaluate
 from kdt_proto2proto.evaluation import AAP, AJS, PMS
-from kdt_proto2proto.losses import (ClusterLoss, GlobalExplanationLoss, LastLayerL1,
-                                    PatchPrototypeCorrespondenceLoss, SeparationLoss)
+from kdt_proto2proto.losses import GlobalExplanationLoss, PatchPrototypeCorrespondenceLoss
+from kdt_protopnet.losses import ClusterLoss, LastLayerL1, SeparationLoss
 from kdt_classic.plugin import CrossEntropyLoss
 
 

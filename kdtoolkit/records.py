@@ -2,7 +2,7 @@
 
 One forward pass of a model over the (un-augmented) test set gives its
 records: ``logits`` ``[N,K]``, ``labels`` ``[N]`` and whatever the head lists
-in ``record_keys`` (the Proto2Proto bundle adds ``min_distances`` ``[N,P]`` and
+in ``record_keys`` (the ProtoPNet and ProtoTree heads add ``min_distances`` ``[N,P]`` and
 ``argmin`` ``[N,P]``). Every metric is computed from records, so any number of
 thresholds costs no extra forward pass. Records are saved as safetensors with
 JSON-valued string metadata (``stage``, ``dataset``, ``H``, ``W``, ...): safe

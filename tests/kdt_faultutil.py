@@ -112,7 +112,7 @@ class TinyConv(nn.Module):
 
 
 def _gated_push():
-    from kdt_proto2proto.push import PushPhase
+    from kdt_protopnet.push import PushPhase
 
     class GatedPush(PushPhase):
         """The push phase, with gates push:mid and push:end."""

@@ -16,10 +16,10 @@ from kdtoolkit.engine.data import StageData
 from kdtoolkit.engine.context import StageState
 from kdtoolkit.engine.phases import PhaseContext
 from kdtoolkit.distributed import Dist
-from kdt_proto2proto import functional as F
+from kdt_protopnet import functional as F
 from kdt_proto2proto import metrics as M
-from kdt_proto2proto.protopnet import ProtoPNetHead
-from kdt_proto2proto.push import PushPhase
+from kdt_protopnet.head import ProtoPNetHead
+from kdt_protopnet.push import PushPhase
 
 from kdt_testutil import proto_recipe, run_kdt
 

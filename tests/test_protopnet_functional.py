@@ -11,7 +11,13 @@ import math
 import pytest
 import torch
 
-from kdt_proto2proto import functional as F
+from types import SimpleNamespace
+
+from kdt_proto2proto import functional as _distillation
+from kdt_protopnet import functional as _protopnet
+from kdt_prototree.functional import l2_distances
+
+F = SimpleNamespace(**{**vars(_protopnet), **vars(_distillation), "l2_distances": l2_distances})
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -50,11 +50,13 @@ def _matching_path(student_source: Path, teacher_name: str) -> Path:
 
 
 def _last_push(stage_dir: Path) -> dict | None:
-    """The push record (``push-<phase>.json``) of the stage's last push, if any."""
+    """The record of the stage's last projection of prototypes onto training
+    patches (``push-<phase>.json`` of a ProtoPNet push, ``project-<phase>.json``
+    of a ProtoTree projection), if any."""
     try:
         res = json.loads((stage_dir / "result.json").read_text())
-        pushes = [h["name"] for h in res.get("history", []) if h.get("kind") == "push"]
-        return json.loads((stage_dir / f"push-{pushes[-1]}.json").read_text()) if pushes else None
+        pushes = [(h["kind"], h["name"]) for h in res.get("history", []) if h.get("kind") in ("push", "project")]
+        return json.loads((stage_dir / f"{pushes[-1][0]}-{pushes[-1][1]}.json").read_text()) if pushes else None
     except (OSError, ValueError, KeyError, IndexError):
         return None
 
@@ -72,7 +74,7 @@ def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list,
     tpush, spush = _last_push(teacher_dir), _last_push(student_dir)
     if tpush is None or spush is None:
         return None
-    from .figures import prototype_figure
+    from kdt_protopnet.figures import prototype_figure
 
     tdata = StageDir.open(teacher_dir).data().train_eval
     sdata = StageDir.open(student_dir).data().train_eval

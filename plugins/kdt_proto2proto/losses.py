@@ -1,10 +1,12 @@
-"""Registered losses of the Proto2Proto bundle (method notes §1 and §3).
+"""Registered losses of Proto2Proto (method notes §3).
 
 Each class adapts a pure function of :mod:`kdt_proto2proto.functional` to the
-trainer's :class:`~kdtoolkit.components.Step`. Recipe weights multiply them;
-the paper's ProtoPNet loss is ``cross_entropy + 0.8·cluster − 0.08·separation
-+ 1e-4·l1_last_layer`` (Proto2Proto's config uses 1.0 for the cluster term),
-and Proto2Proto adds ``10·global_explanation + 10·patch_prototype_correspondence``.
+trainer's :class:`~kdtoolkit.components.Step`. Proto2Proto adds
+``10·global_explanation + 10·patch_prototype_correspondence`` to the
+student's own loss (ProtoPNet's in ``kdt_protopnet``, ProtoTree's NLL in
+``kdt_prototree``). They work with any head satisfying the prototype-head
+protocol (:mod:`kdt_proto2proto.protocol`); ``tree_kd`` also needs both heads
+to output ``log_probabilities`` (ProtoTree's leaf mixture).
 """
 
 from __future__ import annotations
@@ -12,76 +14,98 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch import nn
 
 from kdtoolkit.components import Step
 
 from . import functional as F
+from .protocol import prototype_head, prototype_matrix
+
+PAIRINGS = ("index", "matched_per_epoch", "matched_fixed")
 
 
-def _head(model):
-    head = model.head
-    if not hasattr(head, "prototypes") or not hasattr(head, "class_identity"):
-        raise TypeError(f"{type(head).__name__} is not a prototype head with class-specific prototypes")
-    return head
-
-
-class ClusterLoss:
-    """ProtoPNet's cluster cost: batch mean of the smallest distance between an
-    image and the prototypes of its own class (pulls each image close to one
-    prototype of its class)."""
-
-    requires_teacher = False
-    requires_outputs = ("min_distances",)
-
-    def __call__(self, step: Step) -> torch.Tensor:
-        head = _head(step.model)
-        return F.cluster_loss(step.outputs["min_distances"], step.targets, head.class_identity)
-
-
-class SeparationLoss:
-    """ProtoPNet's separation cost: batch mean of the smallest distance to
-    prototypes of other classes. Returned positive; give it a NEGATIVE weight
-    (paper −0.08) so training pushes those prototypes away."""
-
-    requires_teacher = False
-    requires_outputs = ("min_distances",)
-
-    def __call__(self, step: Step) -> torch.Tensor:
-        head = _head(step.model)
-        return F.separation_loss(step.outputs["min_distances"], step.targets, head.class_identity)
-
-
-class LastLayerL1:
-    """L1 norm of the last-layer weights connecting each prototype to the
-    classes it does not belong to (paper weight 1e-4)."""
-
-    requires_teacher = False
-    requires_outputs = ("min_distances",)
-
-    def __call__(self, step: Step) -> torch.Tensor:
-        head = _head(step.model)
-        return F.last_layer_l1(head.last_layer.weight, head.class_identity)
-
-
-class GlobalExplanationLoss:
+class GlobalExplanationLoss(nn.Module):
     """Proto2Proto's global explanation loss: mean Euclidean distance between
-    student and teacher prototypes, paired by index (paper weight 10). Teacher
-    and student need the same number of prototypes and the same depth D."""
+    paired student and teacher prototypes (paper weight 10).
+
+    :param pairing: how prototypes are paired. ``index``: prototype j with
+        prototype j (the paper; needs the same number and depth of
+        prototypes, e.g. ProtoPNets of the same layout or trees of the same
+        depth, node by node). ``matched_per_epoch``: a Hungarian matching on
+        the prototype distances, recomputed at the start of every epoch.
+        ``matched_fixed``: recomputed at every epoch of the first phase in
+        which the loss runs (the KD-only stage), then kept for the rest of
+        the stage. Matched pairings allow different counts (a deeper teacher
+        tree; a ProtoPNet teacher with a ProtoTree student): ``min(Ps, Pt)``
+        pairs. The matching is kept in the loss's buffers, so a resumed run
+        uses the same pairs.
+    """
 
     requires_teacher = True
     requires_outputs = ("min_distances",)
     requires_teacher_outputs = ()  # the teacher's prototypes only: no teacher forward pass
 
-    @staticmethod
-    def check_models(model, teacher) -> None:
-        """Before training: both models have prototype heads of the same shape."""
-        ps, pt = _head(model).prototypes, _head(teacher).prototypes
-        if ps.shape != pt.shape:
-            raise ValueError(f"global_explanation pairs prototypes by index: student has {tuple(ps.shape)}, "
-                             f"teacher {tuple(pt.shape)}; use the same prototypes_per_class and prototype_depth")
+    def __init__(self, *, pairing: Literal["index", "matched_per_epoch", "matched_fixed"] = "index"):
+        super().__init__()
+        self.pairing = pairing
+        self._teacher_prototypes: torch.Tensor | None = None
 
-    def __call__(self, step: Step) -> torch.Tensor:
-        return F.global_explanation_loss(_head(step.model).prototypes, _head(step.teacher).prototypes)
+    def check_models(self, model, teacher) -> None:
+        """Before training: both heads are prototype heads whose prototypes can be paired."""
+        ps = prototype_matrix(prototype_head(model, "student", "global_explanation"))
+        pt = prototype_matrix(prototype_head(teacher, "teacher", "global_explanation"))
+        if ps.shape[1] != pt.shape[1]:
+            raise ValueError(f"global_explanation compares prototypes: student depth {ps.shape[1]}, teacher depth "
+                             f"{pt.shape[1]}; use the same prototype_depth")
+        if self.pairing == "index" and ps.shape != pt.shape:
+            raise ValueError(f"global_explanation with pairing = \"index\" pairs prototype j with prototype j, but the student "
+                             f"has {ps.shape[0]} prototypes and the teacher {pt.shape[0]}; use pairing = "
+                             f"\"matched_per_epoch\" or \"matched_fixed\"")
+
+    # -- matched pairings ---------------------------------------------------
+    def setup(self, probe: Step) -> None:
+        """Matched pairings: the buffers holding the pairs (sized from both models)."""
+        if probe.teacher is None or self.pairing == "index":
+            return
+        ps = prototype_matrix(prototype_head(probe.model, "student", "global_explanation"))
+        pt = prototype_matrix(prototype_head(probe.teacher, "teacher", "global_explanation"))
+        m = min(ps.shape[0], pt.shape[0])
+        self._teacher_prototypes = pt.detach().clone()
+        self.register_buffer("student_index", torch.full((m,), -1, dtype=torch.long))
+        self.register_buffer("teacher_index", torch.full((m,), -1, dtype=torch.long))
+
+    def rematch(self, model) -> None:
+        """Recompute the matching from the student's current prototypes."""
+        s_idx, t_idx = F.match_prototypes(prototype_matrix(model.head), self._teacher_prototypes)
+        self.student_index.copy_(s_idx.to(self.student_index.device))
+        self.teacher_index.copy_(t_idx.to(self.teacher_index.device))
+
+    @torch.no_grad()
+    def on_epoch_start(self, state) -> None:
+        """Matched pairings: recompute the matching when it is due."""
+        if self.pairing == "index" or self._teacher_prototypes is None:
+            return
+        if self.pairing == "matched_fixed":
+            key = "global_explanation_matching_phase"
+            first = state.stage_state.get(key)
+            if first is None:
+                state.stage_state.set(key, state.phase)  # stage state: survives a resume
+                first = state.phase
+            if first != state.phase and int(self.student_index[0]) >= 0:
+                return  # fixed after the first phase
+        self.rematch(state.model)
+
+    def forward(self, step: Step) -> torch.Tensor:
+        student = prototype_head(step.model, "student", "global_explanation")
+        teacher = prototype_head(step.teacher, "teacher", "global_explanation")
+        if self.pairing == "index":
+            return F.global_explanation_loss(student.prototypes, teacher.prototypes)
+        if self._teacher_prototypes is None:
+            raise ValueError("the matched pairing was not set up (no dry forward pass of both models)")
+        if int(self.student_index[0]) < 0:
+            self.rematch(step.model)
+        return F.paired_global_explanation_loss(prototype_matrix(student), prototype_matrix(teacher),
+                                                self.student_index, self.teacher_index)
 
 
 class PatchPrototypeCorrespondenceLoss:
@@ -89,8 +113,9 @@ class PatchPrototypeCorrespondenceLoss:
     between teacher and student add-on features at the active patches,
     ``Σ m·‖z^t − z^s‖² / (2·Σm + 1)`` (paper weight 10).
 
-    :param tau: τ_train, the distance (squared-L2 units) below which a
-        prototype's nearest patch is active (paper: 100).
+    :param tau: τ_train, the distance below which a prototype's nearest patch
+        is active, in the units of the mask source's head (ProtoPNet: squared
+        L2, paper 100; ProtoTree: L2).
     :param mask_source: whose distances decide the active patches:
         ``student`` (what the original code does, and the default, so that
         results stay comparable with the published numbers), ``teacher`` (what
@@ -114,8 +139,9 @@ class PatchPrototypeCorrespondenceLoss:
 
     @staticmethod
     def check_models(model, teacher) -> None:
-        """Before training: teacher and student add-on outputs have the same depth D."""
-        ds, dt = _head(model).prototypes.shape[1], _head(teacher).prototypes.shape[1]
+        """Before training: both are prototype heads whose add-on outputs have the same depth D."""
+        ds = prototype_matrix(prototype_head(model, "student", "patch_prototype_correspondence")).shape[1]
+        dt = prototype_matrix(prototype_head(teacher, "teacher", "patch_prototype_correspondence")).shape[1]
         if ds != dt:
             raise ValueError(f"patch_prototype_correspondence compares add-on features: student depth {ds}, "
                              f"teacher depth {dt}; use the same prototype_depth")
@@ -134,3 +160,46 @@ class PatchPrototypeCorrespondenceLoss:
             masks.append(F.active_patch_mask(t["min_distances"], t["argmin"], h, w, self.tau))
         mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
         return F.patch_prototype_correspondence_loss(zt, zs, mask)
+
+
+class TreeKDLoss:
+    """KL divergence from the teacher's to the student's output distribution,
+    for heads whose outputs are probability distributions (ProtoTree's leaf
+    mixture ŷ): ``KL(ŷ^t ‖ ŷ^s)`` averaged over the batch, read from both
+    heads' ``log_probabilities``.
+
+    :param temperature: both distributions are tempered as
+        ``softmax(log ŷ / T)`` and the KL is multiplied by ``T²`` (1: the
+        plain KL between the leaf mixtures).
+    """
+
+    requires_teacher = True
+    requires_outputs = ("log_probabilities",)
+    requires_teacher_outputs = ("log_probabilities",)
+
+    def __init__(self, *, temperature: float = 1.0):
+        self.temperature = temperature
+
+    @staticmethod
+    def check_params(params: dict) -> None:
+        if not params["temperature"] > 0:
+            raise ValueError("temperature", f"must be > 0, got {params['temperature']}")
+
+    @staticmethod
+    def check_models(model, teacher) -> None:
+        """Before training: both heads output ``log_probabilities``."""
+        for m, who in ((model, "student"), (teacher, "teacher")):
+            if "log_probabilities" not in getattr(m.head, "outputs", ()):
+                raise ValueError(f"tree_kd reads output distributions: the {who}'s {type(m.head).__name__} has no "
+                                 "'log_probabilities' output (use hinton_kd on logits instead)")
+
+    def __call__(self, step: Step) -> torch.Tensor:
+        t = self.temperature
+        log_s = step.outputs["log_probabilities"].float()
+        log_t = step.teacher_outputs["log_probabilities"].float().detach()
+        if t != 1.0:
+            log_s, log_t = torch.log_softmax(log_s / t, dim=1), torch.log_softmax(log_t / t, dim=1)
+        p_t = log_t.exp()
+        # 0·log 0 = 0 where the teacher gives a class probability 0
+        kl = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(1).mean()
+        return kl * (t * t)

@@ -1,9 +1,9 @@
 """The Proto2Proto bundle's registrations (entry point ``proto2proto``).
 
-- head ``protopnet``;
-- losses ``cluster``, ``separation``, ``l1_last_layer``, ``global_explanation``,
-  ``patch_prototype_correspondence``;
-- phase ``push``;
+The distillation method only; the prototype heads come from the ``protopnet``
+and ``prototree`` bundles (any head satisfying :mod:`.protocol` works).
+
+- losses ``global_explanation``, ``patch_prototype_correspondence``, ``tree_kd``;
 - metrics ``aap``, ``ajs``, ``pms``;
 - the results tables (Table 1, Table 2, AAP/AJS per τ);
 - the ``kdt metrics`` command.
@@ -14,34 +14,14 @@ from __future__ import annotations
 from kdtoolkit.hookspecs import hookimpl
 
 from .evaluation import AAP, AJS, PMS
-from .losses import (
-    ClusterLoss,
-    GlobalExplanationLoss,
-    LastLayerL1,
-    PatchPrototypeCorrespondenceLoss,
-    SeparationLoss,
-)
-from .protopnet import ProtoPNetHead
-from .push import PushPhase
-
-
-@hookimpl
-def kdt_register_heads(registry):
-    registry.add("protopnet", ProtoPNetHead)
+from .losses import GlobalExplanationLoss, PatchPrototypeCorrespondenceLoss, TreeKDLoss
 
 
 @hookimpl
 def kdt_register_losses(registry):
-    registry.add("cluster", ClusterLoss)
-    registry.add("separation", SeparationLoss)
-    registry.add("l1_last_layer", LastLayerL1)
     registry.add("global_explanation", GlobalExplanationLoss)
     registry.add("patch_prototype_correspondence", PatchPrototypeCorrespondenceLoss)
-
-
-@hookimpl
-def kdt_register_phases(registry):
-    registry.add("push", PushPhase)
+    registry.add("tree_kd", TreeKDLoss)
 
 
 @hookimpl

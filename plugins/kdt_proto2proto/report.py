@@ -1,9 +1,9 @@
 """The Proto2Proto result tables, in the shape of the reproduction's Tables 1 and 2.
 
 Table 1: AAP, AJS (τ = ∞), PMS and accuracy of every prototype model.
-Table 2: the same per combination of losses (ProtoPNet loss, patch-prototype
-correspondence loss, global explanation loss) for every model compared with
-the same teacher, then the teacher.
+Table 2: the same per combination of losses (the model's own loss, ProtoPNet's
+or ProtoTree's; patch-prototype correspondence loss; global explanation loss)
+for every model compared with the same teacher, then the teacher.
 A third table lists AAP and AJS at every evaluated τ.
 """
 
@@ -16,7 +16,8 @@ from kdtoolkit.report import Table
 from .evaluation import at_tau
 from .metrics import tau_key
 
-PROTOPNET_LOSSES = {"cross_entropy", "cluster", "separation", "l1_last_layer"}
+#: The prototype model's own loss: ProtoPNet's (cross-entropy, cluster, separation, L1) or ProtoTree's NLL.
+MODEL_LOSSES = {"cross_entropy", "cluster", "separation", "l1_last_layer", "prototree_nll"}
 
 
 def _is_proto(res: dict) -> bool:
@@ -66,7 +67,7 @@ def report_tables(results: dict, recipe: dict) -> list[Table]:
         rows2 = []
         for name in names:
             r = stages[name]
-            rows2.append([name, mark(_uses(r, PROTOPNET_LOSSES)), mark(_uses(r, {"patch_prototype_correspondence"})),
+            rows2.append([name, mark(_uses(r, MODEL_LOSSES)), mark(_uses(r, {"patch_prototype_correspondence"})),
                           mark(_uses(r, {"global_explanation"})), at_tau(r.get("aap"), tau), at_tau(r.get("ajs"), tau),
                           r.get("pms"), _pct(r.get("accuracy"))])
         tr = stages[ref]
@@ -74,10 +75,11 @@ def report_tables(results: dict, recipe: dict) -> list[Table]:
                       tr.get("pms"), _pct(tr.get("accuracy"))])
         tables.append(Table(
             f"Table 2: loss combinations against teacher '{ref}' (τ = ∞)",
-            ["stage", "L_ppnet", "L_ppc", "L_global", "AAP", "AJS (↑)", "PMS (↑)", "accuracy (↑)"],
+            ["stage", "L_model", "L_ppc", "L_global", "AAP", "AJS (↑)", "PMS (↑)", "accuracy (↑)"],
             rows2,
-            note="L_ppnet: the ProtoPNet loss (cross-entropy, cluster, separation, L1); L_ppc: patch-prototype "
-                 "correspondence loss; L_global: global explanation loss. A ✓ means the loss had a non-zero weight.",
+            note="L_model: the prototype model's own loss (ProtoPNet: cross-entropy, cluster, separation, L1; ProtoTree: "
+                 "NLL); L_ppc: patch-prototype correspondence loss; L_global: global explanation loss. A ✓ means the "
+                 "loss had a non-zero weight.",
             key="proto2proto_table2",
         ))
     taus: list[str] = []

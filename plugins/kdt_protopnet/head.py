@@ -2,7 +2,7 @@
 
 ``features → add-on → squared-L2 patch distances to P class-specific
 prototypes → min-pool (keeping the argmin location) → similarity → last layer``.
-The arithmetic lives in :mod:`kdt_proto2proto.functional`; this module holds
+The arithmetic lives in :mod:`kdt_protopnet.functional`; this module holds
 the parameters and their initialisation.
 """
 

@@ -2,7 +2,7 @@
 
 Each prototype is replaced by the nearest latent patch among the
 un-augmented training images of its own class. The pass streams over the
-push set in batches (:class:`~kdt_proto2proto.functional.PrototypeProjector`):
+push set in batches (:class:`~kdt_protopnet.functional.PrototypeProjector`):
 memory is O(P·D + one batch), whatever the size of the dataset. Where each
 prototype came from (image index, h, w, distance) is written to
 ``push-<phase>.json`` in the stage directory, for explanations, with a
