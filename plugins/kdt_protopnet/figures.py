@@ -24,6 +24,25 @@ def activation_box(similarity_map: torch.Tensor, size: tuple[int, int], percenti
     return int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())
 
 
+def prototype_boxes(ctx, res, similarity_map) -> dict[int, tuple[int, int, int, int]]:
+    """Each found prototype's activation box on the training image it was projected onto.
+
+    :param ctx: the phase context (model, ``data.train_eval``, device).
+    :param res: the projection result (``found``, ``sample_id`` per prototype).
+    :param similarity_map: ``(z, j) -> [H, W]`` similarity of prototype ``j`` to the
+        latent map ``z`` ``[1, D, H, W]`` of its source image (each head's own measure).
+    """
+    model, ds = ctx.model, ctx.data.train_eval
+    out = {}
+    for j in range(model.head.num_prototypes):
+        if not bool(res.found[j]):
+            continue
+        img, _ = ds[int(res.sample_id[j])]
+        z = model.head.latent(model.backbone(img[None].to(ctx.device))).float()
+        out[j] = activation_box(similarity_map(z, j).cpu(), tuple(img.shape[-2:]))
+    return out
+
+
 def _display(img: torch.Tensor) -> torch.Tensor:
     """A ``[3,S,S]`` normalised image rescaled to [0, 1] for display."""
     lo, hi = img.min(), img.max()

@@ -44,20 +44,12 @@ class PushPhase:
     @staticmethod
     def boxes(ctx, res) -> dict[int, tuple[int, int, int, int]]:
         """Each found prototype's activation box on its source image (pixels, inclusive)."""
-        from .figures import activation_box
+        from .figures import prototype_boxes
         from .functional import distance_to_similarity
 
         head = ctx.model.head
-        ds = ctx.data.train_eval
-        out = {}
-        for j in range(head.num_prototypes):
-            if not bool(res.found[j]):
-                continue
-            img, _ = ds[int(res.sample_id[j])]
-            z = head.latent(ctx.model.backbone(img[None].to(ctx.device))).float()
-            d = ((z[0] - head.prototypes[j].float()[:, None, None]) ** 2).sum(0)
-            out[j] = activation_box(distance_to_similarity(d, head.similarity).cpu(), tuple(img.shape[-2:]))
-        return out
+        return prototype_boxes(ctx, res, lambda z, j: distance_to_similarity(
+            ((z[0] - head.prototypes[j].float()[:, None, None]) ** 2).sum(0), head.similarity))
 
     def _figure(self, ctx, res, boxes) -> None:
         """``prototypes-<phase>.png``: each prototype's source image and activation box."""

@@ -85,21 +85,12 @@ class ProjectPhase:
 
     @staticmethod
     def _boxes(ctx, res) -> dict[int, tuple[int, int, int, int]]:
-        from kdt_protopnet.figures import activation_box
+        from kdt_protopnet.figures import prototype_boxes
 
         from .functional import l2_distances
 
         head = ctx.model.head
-        ds = ctx.data.train_eval
-        out = {}
-        for j in range(head.num_prototypes):
-            if not bool(res.found[j]):
-                continue
-            img, _ = ds[int(res.sample_id[j])]
-            z = head.latent(ctx.model.backbone(img[None].to(ctx.device))).float()
-            d = l2_distances(z, head.prototypes[j:j + 1].float())[0, 0]
-            out[j] = activation_box(torch.exp(-d).cpu(), tuple(img.shape[-2:]))
-        return out
+        return prototype_boxes(ctx, res, lambda z, j: torch.exp(-l2_distances(z, head.prototypes[j:j + 1].float())[0, 0]))
 
     @torch.inference_mode()
     def run(self, ctx) -> dict:
