@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from kdtoolkit.builtin import Accuracy
+from kdtoolkit.engine.metrics import Accuracy
 from kdtoolkit.components import Model, Step
 from kdtoolkit.plugins import get_manager
 from kdtoolkit.records import Records
@@ -31,7 +31,7 @@ from kdtoolkit.engine.evaluation import evaluate
 from kdt_proto2proto.evaluation import AAP, AJS, PMS
 from kdt_proto2proto.losses import GlobalExplanationLoss, PatchPrototypeCorrespondenceLoss
 from kdt_protopnet.losses import ClusterLoss, LastLayerL1, SeparationLoss
-from kdt_classic.plugin import CrossEntropyLoss
+from kdt_classic.losses import CrossEntropyLoss
 
 
 def build(backbone: str, depth: int, classes: int, per_class: int) -> Model:

@@ -141,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
 
     A process of a distributed run (torchrun) destroys its process group
     here, once its outcome is printed, and ends with
-    :func:`kdtoolkit.distributed.exit_now` instead of returning.
+    :func:`kdtoolkit.distributed.exit_now` instead of returning. Commands
+    that never import :mod:`kdtoolkit.distributed` skip this, and so never
+    import torch for it.
     """
-    from .distributed import Dist, exit_now
-
     code = _main(argv)
-    Dist.shutdown(sync=code in (0, 130))  # after other failures, other ranks may be gone or stuck: no barrier
-    exit_now(code)
+    if "kdtoolkit.distributed" in sys.modules:  # only a command that trains can have joined a process group
+        from .distributed import Dist, exit_now
+
+        Dist.shutdown(sync=code in (0, 130))  # after other failures, other ranks may be gone or stuck: no barrier
+        exit_now(code)
     return code
 
 

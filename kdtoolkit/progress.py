@@ -38,6 +38,7 @@ class Progress:
                 MofNCompleteColumn(),
                 TextColumn("epoch {task.fields[epoch]}"),
                 TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[speed]}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
@@ -57,9 +58,11 @@ class Progress:
     def add(self, description: str, total: int, completed: int = 0) -> TaskID | None:
         if self._p is None:
             return None
-        return self._p.add_task(description, total=total, completed=completed, epoch="-", loss="-")
+        return self._p.add_task(description, total=total, completed=completed, epoch="-", loss="-", speed="")
 
-    def advance(self, task: TaskID | None, loss: float | None = None, epoch: str | None = None) -> None:
+    def advance(self, task: TaskID | None, loss: float | None = None, epoch: str | None = None,
+                images_per_s: float | None = None) -> None:
+        """One step done: the bar moves by one, with the running loss, the epoch and the throughput."""
         if self._p is None or task is None:
             return
         fields: dict[str, Any] = {}
@@ -67,6 +70,8 @@ class Progress:
             fields["loss"] = f"{loss:.4f}"
         if epoch is not None:
             fields["epoch"] = epoch
+        if images_per_s is not None:
+            fields["speed"] = f"{images_per_s:,.0f} img/s"
         self._p.update(task, advance=1, **fields)
 
     def finish(self, task: TaskID | None) -> None:

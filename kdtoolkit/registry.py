@@ -8,13 +8,19 @@ list of what is registered.
 A component's recipe parameters are read from its factory's signature: every
 keyword parameter with a type annotation becomes a recipe key, validated
 before anything is built (see :mod:`kdtoolkit.params`).
+
+A factory may be registered as a reference, ``"package.module:Name"``: its
+module is imported only when the component is first validated or built, so
+listing plugins (``kdt plugins``, ``kdt --help``) imports neither torch nor
+the plugin's components. The built-in bundles all register this way.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
-from dataclasses import dataclass, field
+import re
 from typing import Any, Callable
 
 from .errors import PluginError, RecipeError
@@ -41,16 +47,80 @@ PLURALS = {kind: kind + ("es" if kind.endswith("s") else "s") for kind in KINDS}
 HOOKS = {kind: f"kdt_register_{PLURALS[kind]}" for kind in KINDS}
 
 
-@dataclass
-class Component:
-    """One registered component."""
+#: A factory reference: ``package.module:Name`` (``Name`` may be dotted).
+REFERENCE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
-    kind: str
-    name: str
-    factory: Callable[..., Any]
-    owner: str
-    summary: str
-    params: dict[str, ParamSpec] = field(default_factory=dict)
+
+class Component:
+    """One registered component.
+
+    :ivar kind: the component kind (``head``, ``loss``, ...).
+    :ivar name: the name recipes use.
+    :ivar owner: the plugin that registered it.
+    :ivar reference: ``"module:Name"`` when registered lazily, else ``None``.
+
+    :attr:`factory`, :attr:`params` and :attr:`summary` import a lazily
+    registered factory on first access; an import or signature failure
+    raises :class:`PluginError` naming the plugin, the component and the
+    reference.
+    """
+
+    def __init__(self, kind: str, name: str, factory: Callable[..., Any] | str, owner: str,
+                 summary: str | None = None):
+        self.kind, self.name, self.owner = kind, name, owner
+        self.reference = factory if isinstance(factory, str) else None
+        self._factory = None if isinstance(factory, str) else factory
+        self._params: dict[str, ParamSpec] | None = None
+        self._summary = summary
+        if self._factory is not None:
+            self._read_params()
+
+    def _fail(self, what: str) -> PluginError:
+        return PluginError(f"plugin '{self.owner}': {self.kind} '{self.name}': {what}")
+
+    @property
+    def factory(self) -> Callable[..., Any]:
+        """The class or function that builds the component (imported on first use)."""
+        if self._factory is None:
+            module_name, _, attr = self.reference.partition(":")
+            try:
+                obj: Any = importlib.import_module(module_name)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            except Exception as exc:
+                text = " ".join(f"{type(exc).__name__}: {exc}".split())
+                raise self._fail(f"cannot import {self.reference} ({text[:300]})") from None
+            if not callable(obj):
+                raise self._fail(f"{self.reference} is not a class or function")
+            self._factory = obj
+            self._read_params()
+        return self._factory
+
+    def _read_params(self) -> None:
+        try:
+            self._params = signature_params(self._factory, skip=RESERVED_ARGS[self.kind])
+        except TypeError as exc:
+            self._factory = None if self.reference else self._factory
+            raise self._fail(str(exc)) from None
+
+    @property
+    def params(self) -> dict[str, ParamSpec]:
+        """The recipe parameters, read from the factory's signature."""
+        if self._params is None:
+            self.factory  # noqa: B018 -- resolves and reads the signature
+        return self._params
+
+    @property
+    def summary(self) -> str:
+        """One line for listings: given at registration, or the factory's docstring."""
+        if self._summary is None:
+            self._summary = _summary(self.factory)
+        return self._summary
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the factory has been imported."""
+        return self._factory is not None
 
     def attr(self, name: str, default: Any = None) -> Any:
         """A class attribute of the factory (e.g. ``requires_teacher``)."""
@@ -91,16 +161,19 @@ class Registry:
         view._owner = owner
         return view
 
-    def add(self, name: str, factory: Callable[..., Any], *, summary: str | None = None) -> None:
+    def add(self, name: str, factory: Callable[..., Any] | str, *, summary: str | None = None) -> None:
         """Register ``factory`` under ``name``.
 
         :param name: the name recipes use (``[a-z0-9_.-]``, unique per kind).
-        :param factory: a class or function building the component; its
-            annotated keyword parameters are the component's recipe keys.
-        :param summary: one line shown by ``kdt plugins`` (default: the first
+        :param factory: a class or function building the component, or a
+            reference to one, ``"package.module:Name"``, imported when the
+            component is first validated or built (the convention: see
+            ``docs/plugins.md``, "Fast start-up"); its annotated keyword
+            parameters are the component's recipe keys.
+        :param summary: one line shown in listings (default: the first
             paragraph of the factory's docstring).
-        :raises PluginError: when the name is taken (naming both owners) or
-            the factory's signature cannot be used.
+        :raises PluginError: when the name is taken (naming both owners), the
+            reference is malformed or the factory's signature cannot be used.
         """
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_.-" for c in name):
             raise PluginError(f"plugin '{self._owner}' registered an invalid {self.kind} name {name!r}")
@@ -109,18 +182,13 @@ class Registry:
             raise PluginError(
                 f"{self.kind} '{name}' is registered twice: by plugin '{first}' and by plugin '{self._owner}'"
             )
-        try:
-            params = signature_params(factory, skip=RESERVED_ARGS[self.kind])
-        except TypeError as exc:
-            raise PluginError(f"plugin '{self._owner}': {self.kind} '{name}': {exc}") from None
-        self._items[name] = Component(
-            kind=self.kind,
-            name=name,
-            factory=factory,
-            owner=self._owner,
-            summary=summary if summary is not None else _summary(factory),
-            params=params,
-        )
+        if isinstance(factory, str) and not REFERENCE.match(factory):
+            raise PluginError(f"plugin '{self._owner}': {self.kind} '{name}': {factory!r} is not a reference "
+                              "of the form 'package.module:Name'")
+        if not isinstance(factory, str) and not callable(factory):
+            raise PluginError(f"plugin '{self._owner}': {self.kind} '{name}': the factory must be a class, "
+                              f"a function or a 'package.module:Name' reference, got {type(factory).__name__}")
+        self._items[name] = Component(self.kind, name, factory, self._owner, summary)
 
     def drop_owner(self, owner: str) -> list[str]:
         """Remove every component registered by plugin ``owner`` (one that failed)."""

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import pytest
+
+# kdtoolkit's per-user caches (timm's model names) go to a folder of this test session.
+os.environ.setdefault("KDT_CACHE_DIR", tempfile.mkdtemp(prefix="kdt-test-cache-"))
 
 from kdt_testutil import proto_recipe
 

@@ -336,8 +336,8 @@ def test_model_weights_of_another_architecture_fail_with_one_line(tmp_path):
     from kdtoolkit.engine.models import model_state
     from kdtoolkit.io import atomic_save_safetensors
     from kdtoolkit.components import Model
-    from kdt_classic.plugin import LinearHead
-    from kdt_timm.plugin import TimmBackbone
+    from kdt_classic.heads import LinearHead
+    from kdt_timm.backbone import TimmBackbone
 
     bb = TimmBackbone(model="resnet18", out_index=2)
     atomic_save_safetensors(model_state(Model(bb, LinearHead(bb.out_channels, 10))), tmp_path / "r18.safetensors")

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kdt_classic.plugin import IdentityHead
-from kdt_timm.plugin import TimmBackbone
+from kdt_classic.heads import IdentityHead
+from kdt_timm.backbone import TimmBackbone
 from kdtoolkit.engine.models import build_model
 from kdtoolkit.cli import main
 from kdtoolkit.errors import CheckpointError, RecipeError

@@ -50,6 +50,10 @@ def test_run_directory_layout(classic):
     lines = [json.loads(l) for l in (out / "kd" / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2]
     assert {"loss/cross_entropy", "loss/hinton_kd", "loss/total"} <= set(lines[0])
+    # each epoch's wall-clock seconds and throughput (this process's images / seconds)
+    images = [line["images_per_s"] * line["seconds"] for line in lines]
+    assert all(line["seconds"] > 0 and line["images_per_s"] > 0 for line in lines)
+    assert images[0] == pytest.approx(images[1], rel=0.02) and images[0] <= 1797 * 1.02  # the same train split
 
 
 def test_model_file_has_json_metadata(classic):

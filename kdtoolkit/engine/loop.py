@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,10 @@ from .teacher import TeacherSource, needed_outputs
 
 if TYPE_CHECKING:
     from .phases import StageTrainer
+
+#: Keys of a ``metrics.jsonl`` line that measure time (they differ between two
+#: runs of the same recipe; every other key is reproducible).
+TIMING_KEYS = ("seconds", "images_per_s")
 
 
 @dataclass
@@ -208,16 +213,19 @@ class TrainPhase:
         self.opt.zero_grad(set_to_none=True)
         if start == 0:
             self._call(self.on_epoch, epoch, 0, len(plan))
+        self.clock = [time.perf_counter(), 0]  # this process's part of the epoch: start, images trained
         b = start
         for x, y in it:
             self.step(x, y, epoch, b, plan, running)
             b += 1
         if self.sched is not None:
             self.sched.step()
+        seconds = time.perf_counter() - self.clock[0]
         line = {"stage": s.name, "phase": ph["name"], "epoch": epoch + 1,
                 **{f"loss/{k}": v / max(running.count, 1) for k, v in running.sums.items()},
                 "train_accuracy": running.correct / max(running.seen, 1),
-                "lr": [g["lr"] for g in self.opt.param_groups]}
+                "lr": [g["lr"] for g in self.opt.param_groups],
+                "seconds": round(seconds, 3), "images_per_s": round(self.clock[1] / max(seconds, 1e-9), 1)}
         s.metrics_line(line)
         if ctx.dist.is_main:  # observers run where files are written
             ctx.plugins.call("kdt_after_epoch", stage=s.name, phase=ph["name"], epoch=epoch + 1, metrics=line)
@@ -277,7 +285,9 @@ class TrainPhase:
         running.count += 1
         running.correct += correct
         running.seen += n_global
-        ctx.progress.advance(self.task, loss=tval, epoch=f"{epoch + 1}/{self.ph['epochs']}")
+        self.clock[1] += n_global
+        ips = self.clock[1] / max(time.perf_counter() - self.clock[0], 1e-9)
+        ctx.progress.advance(self.task, loss=tval, epoch=f"{epoch + 1}/{self.ph['epochs']}", images_per_s=ips)
         if stop and stepped:  # never with gradients half accumulated
             s.save(self.i, epoch, b + 1, self.opt, self.sched, self.scaler, rng=True, running=running.to_json())
             raise Interrupted(f"interrupted: checkpoint saved in {s.ckpt_path} (phase '{self.ph['name']}', "

@@ -144,8 +144,6 @@ multistep.check_params = _check_multistep
 exponential.check_params = _check_gamma
 cosine.check_params = _check_cosine
 
-OPTIMIZERS = {"adam": adam, "adamw": adamw, "sgd": sgd}
-SCHEDULERS = {"none": no_schedule, "step": step, "multistep": multistep, "cosine": cosine, "exponential": exponential}
 #: Keys of a phase's ``optimizer`` table that are not the optimiser's own parameters.
 OPTIMIZER_CORE_KEYS = ("name", "weight_decay")
 #: Keys of a phase's ``scheduler`` table that are not the schedule's own parameters.

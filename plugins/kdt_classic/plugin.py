@@ -10,93 +10,32 @@
 - the standard distillation methods ``dkd``, ``dist``, ``fitnet``,
   ``attention``, ``similarity_preserving``, ``pkt``, ``rkd`` and ``crd``.
 
-The loss components live in :mod:`kdt_classic.losses` (over the pure
+The heads live in :mod:`kdt_classic.heads`, the losses in :mod:`kdt_classic.losses` (over the pure
 functions of :mod:`kdt_classic.functional`); ``docs/methods.md`` describes
 each method.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from kdtoolkit.hookspecs import hookimpl
-
-from .losses import (AttentionLoss, CRDLoss, CrossEntropyLoss, DISTLoss, DKDLoss, FitNetLoss, HintonKDLoss, PKTLoss,
-                     RKDLoss, SimilarityPreservingLoss)
-
-
-class LinearHead(nn.Module):
-    """Global average pooling, dropout and a linear classifier.
-
-    Outputs ``logits`` ``[B,K]`` and ``features`` (the backbone's map).
-
-    :param dropout: dropout probability before the classifier.
-    """
-
-    outputs = ("logits", "features")
-    param_groups = ("classifier",)
-    record_keys = ()
-
-    def __init__(self, in_channels: int, num_classes: int, *, dropout: float = 0.0):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(in_channels, num_classes)
-
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if not 0 <= params["dropout"] < 1:
-            raise ValueError("dropout", f"must be in [0, 1), got {params['dropout']}")
-
-    def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = f.mean(dim=(2, 3))
-        return {"logits": self.classifier(self.dropout(pooled)), "features": f}
-
-
-class IdentityHead(nn.Module):
-    """The backbone already outputs logits: passes them on unchanged.
-
-    For a whole classifier as the backbone (``timm`` with ``classifier =
-    true``). Outputs ``logits`` ``[B,K]``; has no parameters.
-    """
-
-    outputs = ("logits",)
-    param_groups = ()
-    record_keys = ()
-
-    def __init__(self, in_channels: int, num_classes: int):
-        super().__init__()
-        if in_channels != num_classes:
-            from kdtoolkit.errors import RecipeError
-
-            raise RecipeError(f"head 'identity' needs a backbone that outputs logits for the {num_classes} classes "
-                              f"(e.g. timm with classifier = true); this backbone has {in_channels} output channels",
-                              key="head")
-        self.num_classes = num_classes
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.dim() != 2 or x.shape[1] != self.num_classes:
-            raise ValueError(f"head 'identity' expects logits [B, {self.num_classes}] from the backbone, "
-                             f"got shape {list(x.shape)}")
-        return {"logits": x}
 
 
 @hookimpl
 def kdt_register_heads(registry):
-    registry.add("linear", LinearHead)
-    registry.add("identity", IdentityHead)
+    registry.add("linear", "kdt_classic.heads:LinearHead")
+    registry.add("identity", "kdt_classic.heads:IdentityHead")
 
 
 @hookimpl
 def kdt_register_losses(registry):
-    registry.add("cross_entropy", CrossEntropyLoss)
-    registry.add("hinton_kd", HintonKDLoss)
-    registry.add("kd", HintonKDLoss)
-    registry.add("dkd", DKDLoss)
-    registry.add("dist", DISTLoss)
-    registry.add("fitnet", FitNetLoss)
-    registry.add("attention", AttentionLoss)
-    registry.add("similarity_preserving", SimilarityPreservingLoss)
-    registry.add("pkt", PKTLoss)
-    registry.add("rkd", RKDLoss)
-    registry.add("crd", CRDLoss)
+    registry.add("cross_entropy", "kdt_classic.losses:CrossEntropyLoss")
+    registry.add("hinton_kd", "kdt_classic.losses:HintonKDLoss")
+    registry.add("kd", "kdt_classic.losses:HintonKDLoss")
+    registry.add("dkd", "kdt_classic.losses:DKDLoss")
+    registry.add("dist", "kdt_classic.losses:DISTLoss")
+    registry.add("fitnet", "kdt_classic.losses:FitNetLoss")
+    registry.add("attention", "kdt_classic.losses:AttentionLoss")
+    registry.add("similarity_preserving", "kdt_classic.losses:SimilarityPreservingLoss")
+    registry.add("pkt", "kdt_classic.losses:PKTLoss")
+    registry.add("rkd", "kdt_classic.losses:RKDLoss")
+    registry.add("crd", "kdt_classic.losses:CRDLoss")

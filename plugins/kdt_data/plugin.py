@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from kdtoolkit.hookspecs import hookimpl
 
-from .datasets import digits, image_folder
-
 
 @hookimpl
 def kdt_register_datasets(registry):
-    registry.add("digits", digits)
-    registry.add("image_folder", image_folder)
+    registry.add("digits", "kdt_data.datasets:digits")
+    registry.add("image_folder", "kdt_data.datasets:image_folder")

@@ -3,155 +3,16 @@
 Each model is a stage directory of a run (evaluated once on its recipe's
 test set if it has no records yet; the records are then saved) or a records
 file. ``kdt metrics RUN_DIR`` compares every student stage of a run with its
-teacher. The PMS matching (teacher prototype → student prototype,
-similarity) is saved beside the student's records for explanations.
+teacher. This module only declares the command (it is imported when the CLI
+starts, so it imports neither torch nor scipy); the work is in
+:mod:`kdt_proto2proto.compare`.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import click
-
-from kdtoolkit.engine.device import check_device_spec
-from kdtoolkit.engine.rundir import RunDir, StageDir
-from kdtoolkit.errors import KdtError
-from kdtoolkit.io import atomic_write_json
-from kdtoolkit.records import Records
-
-from . import metrics as M
-from .evaluation import check_pair, grid_locations
-
-
-def records_for(source: Path, device: str = "auto", progress=None) -> Records:
-    """Records of a model given as a records file or a stage directory of a run
-    (evaluated once on its recipe's test set, and saved, when it has none)."""
-    if source.is_file():
-        return Records.load(source)
-    if not source.is_dir():
-        raise KdtError("no such file or directory", source=str(source))
-    saved = source / "records.safetensors"
-    if saved.is_file():
-        return Records.load(saved)
-    if not (source / "model.safetensors").is_file():
-        raise KdtError("not a stage directory (no model.safetensors or records.safetensors)", source=str(source))
-    return StageDir.open(source).records(device, progress)
-
-
-def _name(source: Path, recs: Records) -> str:
-    return str(recs.meta.get("stage") or source.stem)
-
-
-def _matching_path(student_source: Path, teacher_name: str) -> Path:
-    base = student_source if student_source.is_dir() else student_source.parent
-    return base / f"pms_matching_vs_{teacher_name}.json"
-
-
-def _last_push(stage_dir: Path) -> dict | None:
-    """The record of the stage's last projection of prototypes onto training
-    patches (``push-<phase>.json`` of a ProtoPNet push, ``project-<phase>.json``
-    of a ProtoTree projection), if any."""
-    try:
-        res = json.loads((stage_dir / "result.json").read_text())
-        pushes = [(h["kind"], h["name"]) for h in res.get("history", []) if h.get("kind") in ("push", "project")]
-        return json.loads((stage_dir / f"{pushes[-1][0]}-{pushes[-1][1]}.json").read_text()) if pushes else None
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
-
-
-def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list, path: Path, top: int = 20) -> Path | None:
-    """PNG of the best-matched teacher/student prototype pairs, side by side.
-
-    Each pair shows the training patch each prototype was pushed onto (its
-    activation box on the source image). Needs both models as stage
-    directories of one run whose last phase with prototypes was a push;
-    returns ``None`` (no figure) otherwise.
-    """
-    if teacher_dir is None or not (teacher_dir.is_dir() and student_dir.is_dir() and teacher_dir.parent == student_dir.parent):
-        return None
-    tpush, spush = _last_push(teacher_dir), _last_push(student_dir)
-    if tpush is None or spush is None:
-        return None
-    from kdt_protopnet.figures import prototype_figure
-
-    tdata = StageDir.open(teacher_dir).data().train_eval
-    sdata = StageDir.open(student_dir).data().train_eval
-    images, boxes, labels = [], [], []
-    for i, j, sim in sorted(matching, key=lambda m: -m[2])[:top]:
-        tp, sp = tpush["prototypes"][i], spush["prototypes"][j]
-        if "box" not in tp or "box" not in sp:
-            return None
-        for p, ds, who, k in ((tp, tdata, "t", i), (sp, sdata, "s", j)):
-            images.append(ds[p["image"]][0])
-            boxes.append(tuple(p["box"]))
-            labels.append(f"{who} p{k}" + (f" · sim {sim:.2f}" if who == "s" else ""))
-    if not images:
-        return None
-    prototype_figure(path, images, boxes, labels,
-                     f"PMS matching: {teacher_dir.name} (t) ↔ {student_dir.name} (s), best {len(images) // 2} pairs", cols=10)
-    return path
-
-
-def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: tuple[float, ...], with_pms: bool,
-            teacher_name: str, teacher_source: Path | None = None) -> dict:
-    """Metrics of a teacher and its students, keyed by model name."""
-    out: dict = {}
-    for _, recs, _ in students:
-        check_pair(teacher, recs)  # prototype records, same images, same grid: before anything is read
-    locations = grid_locations(teacher, "teacher")
-    acc = lambda r: float((r["logits"].argmax(1) == r["labels"]).float().mean())
-    out[teacher_name] = {"role": "teacher", "accuracy": acc(teacher),
-                         "aap": M.aap_by_tau(teacher["min_distances"], teacher["argmin"], locations, taus)}
-    for name, recs, source in students:
-        entry = {"role": "student", "teacher": teacher_name, "accuracy": acc(recs),
-                 "aap": M.aap_by_tau(recs["min_distances"], recs["argmin"], locations, taus),
-                 "ajs": M.ajs_by_tau(teacher["min_distances"], teacher["argmin"], recs["min_distances"], recs["argmin"],
-                                     locations, taus)}
-        if with_pms:
-            t0 = time.perf_counter()
-            res = M.prototype_matching_score(teacher["argmin"], recs["argmin"], locations)
-            entry["pms"] = res.score
-            entry["pms_seconds"] = round(time.perf_counter() - t0, 3)
-            if res.reason:
-                entry["pms_note"] = res.reason
-            else:
-                path = _matching_path(source, teacher_name)
-                atomic_write_json(path, {"teacher": teacher_name, "student": name, **res.to_json()})
-                entry["pms_matching"] = str(path)
-                fig = matching_figure(teacher_source, source, res.matching, path.with_suffix(".png"))
-                if fig is not None:
-                    entry["pms_figure"] = str(fig)
-        out[name] = entry
-    return out
-
-
-def _print(results: dict, taus: tuple[float, ...], with_pms: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from kdtoolkit.report import fmt
-
-    console = Console()
-    keys = [M.tau_key(t) for t in taus]
-    t = Table(title="Interpretability metrics (AAP, AJS per τ)")
-    for c in ["model", "role", "accuracy", "metric", *[f"τ={k}" for k in keys]]:
-        t.add_column(c)
-    for name, e in results.items():
-        t.add_row(name, e["role"], fmt(e["accuracy"]), "AAP", *[fmt(e["aap"][k]) for k in keys])
-        if "ajs" in e:
-            t.add_row("", "", "", f"AJS vs {e['teacher']}", *[fmt(e["ajs"][k]) for k in keys])
-    console.print(t)
-    if with_pms:
-        p = Table(title="Prototype Matching Score (τ = ∞)")
-        for c in ("student", "teacher", "PMS", "seconds", "matching / note"):
-            p.add_column(c)
-        for name, e in results.items():
-            if e["role"] == "student":
-                p.add_row(name, e["teacher"], fmt(e.get("pms")), fmt(e.get("pms_seconds")),
-                          e.get("pms_note") or e.get("pms_matching", ""))
-        console.print(p)
 
 
 @click.command()
@@ -163,44 +24,15 @@ def _print(results: dict, taus: tuple[float, ...], with_pms: bool) -> None:
 @click.option("--pms", "with_pms", is_flag=True, help="Also compute the Prototype Matching Score.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the metrics as JSON.")
 @click.option("--device", default="auto", help="Device for evaluating stages without records.")
+@click.option("--figures/--no-figures", default=True,
+              help="With --pms, draw each matching as a PNG beside its JSON (default: on).")
 def metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path, ...], tau_text: str | None,
-            with_pms: bool, json_out: Path | None, device: str) -> None:
+            with_pms: bool, json_out: Path | None, device: str, figures: bool) -> None:
     """AAP and AJS per τ, and PMS (--pms), of students against their teacher.
 
     Either RUN_DIR (every student stage of a run against its teacher) or
     --teacher T --student S [--student S2 ...].
     """
-    try:
-        taus = M.parse_taus(tau_text) if tau_text else tuple(M.DEFAULT_TAUS)
-    except ValueError as exc:
-        raise KdtError(str(exc), source="--tau") from None
-    check_device_spec(device, "--device")
-    groups: list[tuple[Path, list[Path]]] = []
-    if run_dir is not None:
-        if teacher or students:
-            raise KdtError("give either RUN_DIR or --teacher/--student, not both", source="kdt metrics")
-        refs = RunDir(run_dir).students_by_reference()
-        if not refs:
-            raise KdtError("the run has no stage with a teacher or compare_to stage", source=str(run_dir))
-        for ref, names in refs.items():
-            groups.append((run_dir / ref, [run_dir / n for n in names]))
-    else:
-        if teacher is None or not students:
-            raise KdtError("give RUN_DIR, or --teacher and at least one --student", source="kdt metrics")
-        groups.append((teacher, list(students)))
-    results: dict = {}
-    for tsrc, ssrcs in groups:
-        trec = records_for(tsrc, device)
-        tname = _name(tsrc, trec)
-        srecs = []
-        for s in ssrcs:
-            r = records_for(s, device)
-            srecs.append((_name(s, r), r, s))
-        for name, entry in compare(trec, srecs, taus, with_pms, tname, tsrc).items():
-            if name in results and results[name]["role"] == "teacher" and entry["role"] == "teacher":
-                continue
-            results[name] = entry
-    _print(results, taus, with_pms)
-    if json_out is not None:
-        atomic_write_json(json_out, results)
-        click.echo(f"metrics: {json_out}")
+    from .compare import run_metrics
+
+    run_metrics(run_dir, teacher, students, tau_text, with_pms, json_out, device, figures)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from kdt_protopnet.functional import _as_matrix, _check_latent
@@ -215,6 +214,8 @@ def match_prototypes(student_prototypes: Tensor, teacher_prototypes: Tensor) -> 
         ``(student_index [M], teacher_index [M])`` int64 on the CPU, sorted by
         student index.
     """
+    from scipy.optimize import linear_sum_assignment
+
     cost = prototype_distance_matrix(student_prototypes, teacher_prototypes).numpy()
     rows, cols = linear_sum_assignment(cost)
     order = np.argsort(rows, kind="stable")

@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+# scipy (sparse products, the Hungarian solver) is imported where PMS needs
+# it, so that checking a recipe that names these metrics does not import it.
 
 __all__ = [
     "DEFAULT_TAUS",
@@ -457,8 +458,10 @@ def _unique_taus(taus: Iterable[float]) -> list[float]:
 # --------------------------------------------------------------------------
 
 
-def _onehot_codes(a: np.ndarray, num_locations: int) -> sp.csr_matrix:
+def _onehot_codes(a: np.ndarray, num_locations: int) -> "scipy.sparse.csr_matrix":  # noqa: F821
     """CSR ``[P, N*L]``: row ``j`` has a 1 at code ``x*L + a_j(x)`` for each image ``x``."""
+    import scipy.sparse as sp
+
     n, p = a.shape
     width = n * num_locations
     itype = np.int32 if width < np.iinfo(np.int32).max and n * p < np.iinfo(np.int32).max else np.int64
@@ -490,10 +493,22 @@ PACKED_MAX_LOCATIONS = 100
 
 _COUNTER_CAPACITY = 255  # 8-bit counters
 
-try:  # the kernel behind ``csr_matrix @ ndarray``, called to accumulate in place
-    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
-except ImportError:  # pragma: no cover - a scipy without it: the public product
-    _csr_matvecs = None
+_UNSET = object()
+#: The kernel behind ``csr_matrix @ ndarray``, called to accumulate in place
+#: (``None``: a scipy without it, where the public product is used); looked
+#: up on first use.
+_csr_matvecs: Any = _UNSET
+
+
+def _kernel() -> Any:
+    global _csr_matvecs
+    if _csr_matvecs is _UNSET:
+        try:
+            from scipy.sparse._sparsetools import csr_matvecs as kernel
+        except ImportError:  # pragma: no cover - a scipy without it: the public product
+            kernel = None
+        _csr_matvecs = kernel
+    return _csr_matvecs
 
 
 def _add_rows(
@@ -502,9 +517,12 @@ def _add_rows(
     """``acc += A @ rows`` for the CSR ``A = (data, indices, indptr)``, in place."""
     n_row, n_vecs = acc.shape
     n_col = rows.shape[0]
-    if _csr_matvecs is not None:
-        _csr_matvecs(n_row, n_col, n_vecs, indptr, indices, data, rows.ravel(), acc.ravel())
+    kernel = _kernel()
+    if kernel is not None:
+        kernel(n_row, n_col, n_vecs, indptr, indices, data, rows.ravel(), acc.ravel())
     else:  # pragma: no cover - exercised by a test that removes the kernel
+        import scipy.sparse as sp
+
         acc += sp.csr_matrix((data, indices, indptr), shape=(n_row, n_col)) @ rows
 
 
@@ -717,6 +735,8 @@ def pms_from_colocation(colocation: Any, num_images: int) -> PMSResult:
     With ``c = int(0.1 * N) = 0`` (``N < 10``) there is no cap: the result
     has ``score = None`` and a ``reason``, nothing is raised.
     """
+    from scipy.optimize import linear_sum_assignment
+
     counts = np.asarray(colocation)
     if counts.ndim != 2:
         raise ValueError(f"colocation must be a [P_t, P_s] matrix, got shape {counts.shape}")

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 from kdtoolkit.hookspecs import hookimpl
 
-from .evaluation import AAP, AJS, PMS
-from .losses import GlobalExplanationLoss, PatchPrototypeCorrespondenceLoss, TreeKDLoss
-
 
 @hookimpl
 def kdt_register_losses(registry):
-    registry.add("global_explanation", GlobalExplanationLoss)
-    registry.add("patch_prototype_correspondence", PatchPrototypeCorrespondenceLoss)
-    registry.add("tree_kd", TreeKDLoss)
+    registry.add("global_explanation", "kdt_proto2proto.losses:GlobalExplanationLoss")
+    registry.add("patch_prototype_correspondence", "kdt_proto2proto.losses:PatchPrototypeCorrespondenceLoss")
+    registry.add("tree_kd", "kdt_proto2proto.losses:TreeKDLoss")
 
 
 @hookimpl
 def kdt_register_metrics(registry):
-    registry.add("aap", AAP)
-    registry.add("ajs", AJS)
-    registry.add("pms", PMS)
+    registry.add("aap", "kdt_proto2proto.evaluation:AAP")
+    registry.add("ajs", "kdt_proto2proto.evaluation:AJS")
+    registry.add("pms", "kdt_proto2proto.evaluation:PMS")
 
 
 @hookimpl

@@ -49,30 +49,55 @@ def _display(img: torch.Tensor) -> torch.Tensor:
     return ((img - lo) / (hi - lo + 1e-8)).permute(1, 2, 0).clamp(0, 1)
 
 
+def _canvas(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], cols: int, gap: int) -> tuple:
+    """The images tiled ``cols`` to a row on a white ``[R*(S+gap), C*(S+gap), 3]`` canvas, each
+    box drawn in yellow pixels; returns the canvas and each tile's top-left corner."""
+    side_h = max(int(im.shape[-2]) for im in images)
+    side_w = max(int(im.shape[-1]) for im in images)
+    rows = math.ceil(len(images) / cols)
+    canvas = torch.ones(rows * (side_h + gap), cols * (side_w + gap), 3)
+    corners = []
+    for k, (img, box) in enumerate(zip(images, boxes)):
+        y0, x0 = (k // cols) * (side_h + gap) + gap, (k % cols) * (side_w + gap) + gap // 2
+        tile = _display(img).clone()
+        top, left, bottom, right = box
+        yellow = torch.tensor([1.0, 0.9, 0.0])
+        tile[top, left:right + 1] = yellow
+        tile[bottom, left:right + 1] = yellow
+        tile[top:bottom + 1, left] = yellow
+        tile[top:bottom + 1, right] = yellow
+        h, w = tile.shape[:2]
+        canvas[y0:y0 + h, x0:x0 + w] = tile
+        corners.append((y0, x0))
+    return canvas, corners
+
+
 def prototype_figure(path: Path, images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]],
                      labels: list[str], title: str, cols: int = 10) -> None:
-    """Save a grid of images with one box each as a PNG (``cols`` images a row)."""
+    """Save a grid of images with one box each as a PNG (``cols`` images a row).
+
+    The images are tiled into one picture drawn on a single set of axes (one
+    ``imshow``, one text per label, no layout pass): drawing cost hardly grows
+    with the number of images (see ``docs/performance.md``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     n = len(images)
     cols = min(cols, max(1, n))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for k, (img, box, lab) in enumerate(zip(images, boxes, labels)):
-        ax = axes.flat[k]
-        ax.imshow(_display(img).numpy(), interpolation="nearest")
-        top, left, bottom, right = box
-        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left + 1, bottom - top + 1, fill=False, edgecolor="yellow",
-                               linewidth=1.2))
-        ax.set_title(lab, fontsize=6)
+    side = max(int(im.shape[-2]) for im in images)
+    gap = max(4, side // 4)  # room for each label above its tile
+    canvas, corners = _canvas(images, boxes, cols, gap)
+    fig = plt.figure(figsize=(1.3 * cols, 1.45 * rows + 0.5))
+    ax = fig.add_axes((0.01, 0.01, 0.98, 1 - 0.5 / (1.45 * rows + 0.5) - 0.01))
+    ax.imshow(canvas.numpy(), interpolation="nearest", aspect="auto")
+    ax.axis("off")
+    for (y0, x0), lab in zip(corners, labels):
+        ax.text(x0, y0 - 1, lab, fontsize=6, va="bottom", ha="left", clip_on=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,23 +9,19 @@ from __future__ import annotations
 
 from kdtoolkit.hookspecs import hookimpl
 
-from .head import ProtoPNetHead
-from .losses import ClusterLoss, LastLayerL1, SeparationLoss
-from .push import PushPhase
-
 
 @hookimpl
 def kdt_register_heads(registry):
-    registry.add("protopnet", ProtoPNetHead)
+    registry.add("protopnet", "kdt_protopnet.head:ProtoPNetHead")
 
 
 @hookimpl
 def kdt_register_losses(registry):
-    registry.add("cluster", ClusterLoss)
-    registry.add("separation", SeparationLoss)
-    registry.add("l1_last_layer", LastLayerL1)
+    registry.add("cluster", "kdt_protopnet.losses:ClusterLoss")
+    registry.add("separation", "kdt_protopnet.losses:SeparationLoss")
+    registry.add("l1_last_layer", "kdt_protopnet.losses:LastLayerL1")
 
 
 @hookimpl
 def kdt_register_phases(registry):
-    registry.add("push", PushPhase)
+    registry.add("push", "kdt_protopnet.push:PushPhase")

@@ -10,31 +10,26 @@ from __future__ import annotations
 
 from kdtoolkit.hookspecs import hookimpl
 
-from .head import ProtoTreeHead
-from .losses import ProtoTreeNLL
-from .metrics import TreeModes
-from .phases import ProjectPhase, PrunePhase
-
 
 @hookimpl
 def kdt_register_heads(registry):
-    registry.add("prototree", ProtoTreeHead)
+    registry.add("prototree", "kdt_prototree.head:ProtoTreeHead")
 
 
 @hookimpl
 def kdt_register_losses(registry):
-    registry.add("prototree_nll", ProtoTreeNLL)
+    registry.add("prototree_nll", "kdt_prototree.losses:ProtoTreeNLL")
 
 
 @hookimpl
 def kdt_register_phases(registry):
-    registry.add("prune", PrunePhase)
-    registry.add("project", ProjectPhase)
+    registry.add("prune", "kdt_prototree.phases:PrunePhase")
+    registry.add("project", "kdt_prototree.phases:ProjectPhase")
 
 
 @hookimpl
 def kdt_register_metrics(registry):
-    registry.add("tree_modes", TreeModes)
+    registry.add("tree_modes", "kdt_prototree.metrics:TreeModes")
 
 
 @hookimpl

@@ -1,0 +1,91 @@
+"""timm's model names, for validating a recipe without importing timm.
+
+Importing timm imports torchvision and ``torch._dynamo`` (about 2 s on a
+2-core CPU), which a recipe check does not otherwise need. The names of the
+installed timm's architectures are therefore listed once, by importing timm,
+and kept in a small JSON file keyed by timm's version:
+``$KDT_CACHE_DIR`` or ``$XDG_CACHE_HOME/kdtoolkit`` (default
+``~/.cache/kdtoolkit``), ``timm-<version>-models.json``. A cache that cannot be
+read is rebuilt; one that cannot be written is skipped (the names are then
+listed by timm each time).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+CACHE_ENV = "KDT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where kdtoolkit keeps small per-user caches."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "kdtoolkit"
+
+
+def _timm_version() -> str:
+    try:
+        return metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _from_timm() -> list[str]:
+    import timm
+
+    return sorted(timm.list_models())
+
+
+def model_names() -> list[str]:
+    """Every architecture name the installed timm registers (as ``timm.list_models()``)."""
+    version = _timm_version()
+    path = cache_dir() / f"timm-{version}-models.json"
+    try:
+        data = json.loads(path.read_text())
+        if data.get("timm") == version and isinstance(data.get("models"), list) and data["models"]:
+            return data["models"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    names = _from_timm()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"timm": version, "models": names}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return names
+
+
+def arch_name(name: str) -> str:
+    """The architecture of a model name, without its pretrained tag (``resnet50.a1_in1k`` → ``resnet50``),
+    as timm's ``is_model`` reads it."""
+    return name.split(".", 1)[0]
+
+
+def is_model(name: str) -> bool:
+    """Whether timm has the architecture of ``name`` (as ``timm.is_model``)."""
+    return arch_name(name) in set(model_names())
+
+
+def similar(name: str, n: int = 5) -> list[str]:
+    """Close names for an unknown one: spelling neighbours first, then names sharing its first word."""
+    names = model_names()
+    arch = arch_name(name)
+    close = difflib.get_close_matches(arch, names, n=n, cutoff=0.75)
+    stem = arch.split("_")[0]
+    for other in fnmatch.filter(names, f"*{stem}*"):
+        if len(close) >= n:
+            break
+        if other not in close:
+            close.append(other)
+    return close[:n]
