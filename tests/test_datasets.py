@@ -103,6 +103,38 @@ def test_digits_augmentation_changes_images_keeps_shape_and_is_repeatable():
     assert torch.equal(after_item, torch.rand(3))
 
 
+def _digits_item_one_at_a_time(ds, i):
+    """An item computed as the dataset computed it before it kept its images upsampled:
+    one image interpolated, (augmented,) clamped, made RGB and normalised on its own."""
+    import torch.nn.functional as F
+
+    j = int(ds.indices[i])
+    img = F.interpolate(ds._images[j].reshape(1, 1, 8, 8), size=(ds.image_size, ds.image_size), mode="bilinear",
+                        align_corners=False).squeeze(0)
+    if ds.augment:
+        img = D._random_affine(img, max_shift_px=2.0 * ds.image_size / 32.0)
+    img = img.clamp_(0.0, 1.0).expand(3, -1, -1).contiguous()
+    if ds.normalize:
+        img = (img - D.DIGITS_MEAN) / D.DIGITS_STD
+    return img, int(ds._labels[j])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("size", [32, 56])
+def test_digits_items_equal_the_one_image_at_a_time_computation(augment, normalize, size):
+    ds = D.digits("train", augment, image_size=size, normalize=normalize)
+    for i in (0, 1, 17, len(ds) - 1):
+        torch.manual_seed(i)
+        got, label = ds[i]
+        torch.manual_seed(i)
+        want, want_label = _digits_item_one_at_a_time(ds, i)
+        assert label == want_label and got.shape == want.shape == (3, size, size) and got.is_contiguous()
+        assert torch.equal(got, want), (i, (got - want).abs().max())
+    got[:] = 7.0  # an item is a copy: changing it changes nothing kept
+    assert not torch.equal(ds[len(ds) - 1][0], got)
+
+
 @pytest.mark.parametrize("params, key", [
     ({"image_size": 4}, "image_size"),
     ({"image_size": 32.0}, "image_size"),

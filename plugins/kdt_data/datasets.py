@@ -118,17 +118,31 @@ class DigitsDataset(Dataset):
         self.num_classes = len(self.classes)
         self.name = "digits"
         self.targets = [int(labels[i]) for i in self.indices]
+        self._up = self._done = None  # filled on first access (see _upsampled, _finished)
 
     def __len__(self):
         return len(self.indices)
 
+    def _upsampled(self):
+        """Every image of the split upsampled to ``[1,S,S]`` once (the same values as one image at a time)."""
+        if self._up is None:
+            self._up = F.interpolate(self._images[self.indices].unsqueeze(1), size=(self.image_size, self.image_size),
+                                     mode="bilinear", align_corners=False)  # [n,1,S,S]
+        return self._up
+
+    def _finished(self):
+        """Every un-augmented image, clamped and normalised, one channel ``[n,1,S,S]``: the per-channel work
+        done once (the 3 channels are copies), so that reading an image is an index and a copy."""
+        if self._done is None:
+            img = self._upsampled().clamp(0.0, 1.0)
+            self._done = (img - DIGITS_MEAN) / DIGITS_STD if self.normalize else img
+        return self._done
+
     def __getitem__(self, i):
         j = int(self.indices[i])
-        img = self._images[j].reshape(1, 1, 8, 8)
-        img = F.interpolate(img, size=(self.image_size, self.image_size), mode="bilinear",
-                            align_corners=False).squeeze(0)  # [1,S,S]
-        if self.augment:
-            img = _random_affine(img, max_shift_px=2.0 * self.image_size / 32.0)
+        if not self.augment:
+            return self._finished()[i].expand(3, -1, -1).contiguous(), int(self._labels[j])
+        img = _random_affine(self._upsampled()[i].clone(), max_shift_px=2.0 * self.image_size / 32.0)
         img = img.clamp_(0.0, 1.0).expand(3, -1, -1).contiguous()
         if self.normalize:
             img = (img - DIGITS_MEAN) / DIGITS_STD
