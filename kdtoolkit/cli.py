@@ -40,14 +40,12 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines; the summary still prints.")
 def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str, ...], force: bool, quiet: bool) -> None:
     """Run every stage of RECIPE (teachers first) and write the run directory."""
-    from rich.console import Console
-
     from .distributed import Dist
     from .engine.device import check_device_spec, resolve_device
     from .engine.runner import RunOptions, run_recipe
     from .progress import Progress
     from .recipe import load_recipe
-    from .report import collect_tables
+    from .report import collect_tables, print_tables
 
     plugins = get_manager()
     rec = load_recipe(recipe, overrides, plugins=plugins)
@@ -60,10 +58,8 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
     with Progress(enabled=not quiet and dist.is_main) as progress:
         results = run_recipe(rec, opts, plugins, progress, dist)
     if dist.is_main:
-        console = Console()
-        for table in collect_tables(results, rec.resolved, plugins):
-            console.print(table.to_rich())
-        console.print(f"results: {out / 'results.md'}")
+        print_tables(collect_tables(results, rec.resolved, plugins))
+        click.echo(f"results: {out / 'results.md'}")
 
 
 @cli.command()
@@ -104,24 +100,19 @@ def plugins(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([i.to_json() for i in infos], indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     from .registry import PLURALS
+    from .tables import Table, print_tables
 
-    t = Table(title="kdt plugins")
-    for col in ("plugin", "version", "from", "status", "contributes"):
-        t.add_column(col, overflow="fold")
+    rows = []
     for i in infos:
         contributes = "; ".join(f"{PLURALS[kind]}: {', '.join(names)}" for kind, names in sorted(i.components.items()))
         if i.status != "loaded":
-            contributes = f"[red]{i.error}[/]" if i.error else i.status
+            contributes = i.error or i.status
         extra = [h for h in i.hooks if not h.startswith("kdt_register_")]
         if extra and i.status == "loaded":
             contributes += ("; " if contributes else "") + "hooks: " + ", ".join(extra)
-        status = {"loaded": "[green]loaded[/]", "failed": "[red]failed[/]"}.get(i.status, f"[yellow]{i.status}[/]")
-        t.add_row(i.name, i.version or "—", i.source or i.module, status, contributes or "—")
-    Console(width=160).print(t)
+        rows.append([i.name, i.version or "—", i.source or i.module, i.status, contributes or "—"])
+    print_tables([Table("kdt plugins", ["plugin", "version", "from", "status", "contributes"], rows)])
 
 
 def build_cli() -> click.Group:

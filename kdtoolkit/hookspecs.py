@@ -187,7 +187,7 @@ def kdt_report_tables(results, recipe):
     :param results: the run's results (``results.json`` content: a dict with
         ``"stages"`` mapping stage names to their metrics).
     :param recipe: the resolved recipe (a plain dict).
-    :return: a list of :class:`kdtoolkit.report.Table` (or ``None``); the
+    :return: a list of :class:`kdtoolkit.tables.Table` (or ``None``); the
         lists of all plugins are concatenated (collect-all).
     """
 

@@ -6,64 +6,11 @@ bundle adds the reproduction's Table 1 and Table 2).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_json, atomic_write_text
-
-
-@dataclass
-class Table:
-    """A titled table of strings/numbers, rendered as Markdown or with rich.
-
-    :ivar title: the heading.
-    :ivar columns: column names.
-    :ivar rows: rows of cells (numbers are formatted with :func:`fmt`).
-    :ivar note: a paragraph printed under the table.
-    """
-
-    title: str
-    columns: list[str]
-    rows: list[list[Any]]
-    note: str = ""
-    key: str = field(default="")
-
-    def to_markdown(self) -> str:
-        lines = [f"## {self.title}", ""]
-        lines.append("| " + " | ".join(self.columns) + " |")
-        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
-        for row in self.rows:
-            lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
-        if self.note:
-            lines += ["", self.note]
-        return "\n".join(lines) + "\n"
-
-    def to_rich(self):
-        from rich.table import Table as RichTable
-
-        t = RichTable(title=self.title, caption=self.note or None)
-        for c in self.columns:
-            t.add_column(c)
-        for row in self.rows:
-            t.add_row(*[fmt(c) for c in row])
-        return t
-
-
-def fmt(value: Any) -> str:
-    """Cells: floats with 4 significant decimals, ``None`` as an em dash."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "∞"
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
-    return str(value)
+from .tables import Table, fmt, print_tables  # noqa: F401 -- part of this module's interface
 
 
 def stages_table(results: dict[str, Any]) -> Table:

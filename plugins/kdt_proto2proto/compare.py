@@ -126,30 +126,22 @@ def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: t
 
 
 def _print(results: dict, taus: tuple[float, ...], with_pms: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from kdtoolkit.tables import Table, print_tables
 
-    from kdtoolkit.report import fmt
-
-    console = Console()
     keys = [M.tau_key(t) for t in taus]
-    t = Table(title="Interpretability metrics (AAP, AJS per τ)")
-    for c in ["model", "role", "accuracy", "metric", *[f"τ={k}" for k in keys]]:
-        t.add_column(c)
+    rows = []
     for name, e in results.items():
-        t.add_row(name, e["role"], fmt(e["accuracy"]), "AAP", *[fmt(e["aap"][k]) for k in keys])
+        rows.append([name, e["role"], e["accuracy"], "AAP", *[e["aap"][k] for k in keys]])
         if "ajs" in e:
-            t.add_row("", "", "", f"AJS vs {e['teacher']}", *[fmt(e["ajs"][k]) for k in keys])
-    console.print(t)
+            rows.append(["", "", "", f"AJS vs {e['teacher']}", *[e["ajs"][k] for k in keys]])
+    tables = [Table("Interpretability metrics (AAP, AJS per τ)",
+                    ["model", "role", "accuracy", "metric", *[f"τ={k}" for k in keys]], rows)]
     if with_pms:
-        p = Table(title="Prototype Matching Score (τ = ∞)")
-        for c in ("student", "teacher", "PMS", "seconds", "matching / note"):
-            p.add_column(c)
-        for name, e in results.items():
-            if e["role"] == "student":
-                p.add_row(name, e["teacher"], fmt(e.get("pms")), fmt(e.get("pms_seconds")),
-                          e.get("pms_note") or e.get("pms_matching", ""))
-        console.print(p)
+        tables.append(Table("Prototype Matching Score (τ = ∞)", ["student", "teacher", "PMS", "seconds", "matching / note"],
+                            [[name, e["teacher"], e.get("pms"), e.get("pms_seconds"),
+                              e.get("pms_note") or e.get("pms_matching", "")]
+                             for name, e in results.items() if e["role"] == "student"]))
+    print_tables(tables)
 
 
 def run_metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path, ...], tau_text: str | None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from kdtoolkit.report import Table
+from kdtoolkit.tables import Table
 
 from .evaluation import at_tau
 from .metrics import tau_key

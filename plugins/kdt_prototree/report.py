@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdtoolkit.report import Table
+from kdtoolkit.tables import Table
 
 
 def _pct(x):

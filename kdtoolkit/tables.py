@@ -1,0 +1,85 @@
+"""Tables of results, rendered as Markdown (files, pipes) or with rich (terminals).
+
+Light on purpose (no torch): commands that only list things print through it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Table:
+    """A titled table of strings/numbers, rendered as Markdown or with rich.
+
+    :ivar title: the heading.
+    :ivar columns: column names.
+    :ivar rows: rows of cells (numbers are formatted with :func:`fmt`).
+    :ivar note: a paragraph printed under the table.
+    """
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+    key: str = field(default="")
+
+    def to_markdown(self) -> str:
+        lines = [f"## {self.title}", ""]
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
+        for row in self.rows:
+            lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
+        if self.note:
+            lines += ["", self.note]
+        return "\n".join(lines) + "\n"
+
+    def to_rich(self):
+        """A rich table whose cells wrap (fold) rather than being cut with an ellipsis."""
+        from rich.table import Table as RichTable
+
+        t = RichTable(title=self.title, caption=self.note or None)
+        for c in self.columns:
+            t.add_column(c, overflow="fold")
+        for row in self.rows:
+            t.add_row(*[fmt(c) for c in row])
+        return t
+
+
+def print_tables(tables: list[Table], file=None, width: int | None = None) -> None:
+    """Print tables for a person or a pipe: on a terminal as rich tables whose cells
+    wrap to its width (never cut); otherwise (``kdt ... | cat``, a file) as plain
+    Markdown, every cell in full.
+
+    :param file: the stream (default ``sys.stdout``).
+    :param width: the terminal's width in characters (default: detected).
+    """
+    import sys
+
+    file = file if file is not None else sys.stdout
+    if not (hasattr(file, "isatty") and file.isatty()):
+        file.write("\n".join(t.to_markdown() for t in tables))
+        file.flush()
+        return
+    from rich.console import Console
+
+    console = Console(file=file, width=width)
+    for t in tables:
+        console.print(t.to_rich())
+
+
+def fmt(value: Any) -> str:
+    """Cells: floats with 4 significant decimals, ``None`` as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "∞"
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
