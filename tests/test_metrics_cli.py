@@ -87,3 +87,54 @@ def test_pms_with_fewer_than_ten_images_is_reported_not_crashed(proto_run, tmp_p
     assert main(["metrics", "--teacher", str(tp), "--student", str(sp), "--pms", "--json", str(js)]) == 0
     e = json.loads(js.read_text())["kd"]
     assert e["pms"] is None and "at least 10 test images" in e["pms_note"]
+
+
+def _bad_records(recs: Records, **changes) -> Records:
+    tensors = dict(recs.tensors)
+    for key, fn in changes.items():
+        tensors[key] = fn(tensors[key].clone())
+    return Records(tensors, dict(recs.meta))
+
+
+def test_malformed_records_are_one_line_errors_naming_the_file(proto_run, tmp_path, capsys):
+    _, out, _ = proto_run
+    teacher = str(out / "teacher" / "records.safetensors")
+    s = Records.load(out / "kd" / "records.safetensors")
+    cells = int(s.meta["H"]) * int(s.meta["W"])
+
+    def out_of_range(a):
+        a[3, 1] = cells
+        return a
+
+    def nan(d):
+        d[0, 0] = float("nan")
+        return d
+
+    def negative(d):
+        d[2, 2] = -1.0
+        return d
+
+    cases = {
+        "argmin_out_of_range": (_bad_records(s, argmin=out_of_range), "'argmin' holds locations outside"),
+        "nan_distance": (_bad_records(s, min_distances=nan), "'min_distances' holds 1 NaN or infinite values"),
+        "inf_distance": (_bad_records(s, min_distances=lambda d: d.fill_(float("inf"))), "NaN or infinite"),
+        "negative_distance": (_bad_records(s, min_distances=negative), "negative distances"),
+        "float_argmin": (_bad_records(s, argmin=lambda a: a.float()), "'argmin' must be an integer tensor"),
+        "argmin_shape": (_bad_records(s, argmin=lambda a: a[:, :3]), "'argmin' must be an integer tensor shaped"),
+        "int_distances": (_bad_records(s, min_distances=lambda d: d.long()), "'min_distances' must be a float"),
+        "nan_logits": (_bad_records(s, logits=lambda x: x.fill_(float("nan"))), "'logits' must be finite"),
+    }
+    for name, (recs, expected) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        recs.save(path)
+        code = main(["metrics", "--teacher", teacher, "--student", str(path), "--pms"])
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+        assert str(path) in err and "student records" in err and expected in err, (name, err)
+    # the teacher is checked too
+    bad_teacher = tmp_path / "teacher_nan.safetensors"
+    _bad_records(Records.load(teacher), min_distances=nan).save(bad_teacher)
+    assert main(["metrics", "--teacher", str(bad_teacher), "--student", str(out / "kd")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad_teacher) in err and "teacher records" in err

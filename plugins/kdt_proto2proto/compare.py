@@ -20,7 +20,7 @@ from kdtoolkit.io import atomic_write_json
 from kdtoolkit.records import Records
 
 from . import metrics as M
-from .evaluation import check_pair, grid_locations
+from .evaluation import check_pair, check_records, grid_locations
 
 
 def records_for(source: Path, device: str = "auto", progress=None) -> Records:
@@ -169,10 +169,13 @@ def run_metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path
     results: dict = {}
     for tsrc, ssrcs in groups:
         trec = records_for(tsrc, device)
+        check_records(trec, "teacher", str(tsrc))
         tname = _name(tsrc, trec)
         srecs = []
         for s in ssrcs:
             r = records_for(s, device)
+            check_pair(trec, r)  # same images, same grid: the clearest message first
+            check_records(r, "student", str(s))
             srecs.append((_name(s, r), r, s))
         for name, entry in compare(trec, srecs, taus, with_pms, tname, tsrc, figures).items():
             if name in results and results[name]["role"] == "teacher" and entry["role"] == "teacher":

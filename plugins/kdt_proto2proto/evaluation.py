@@ -23,6 +23,51 @@ def grid_locations(records: Records, who: str = "model") -> int:
     return int(records.meta["H"]) * int(records.meta["W"])
 
 
+def check_records(records: Records, who: str = "model", source: str | None = None) -> int:
+    """A prototype model's records hold what the metrics read, with sane values; returns ``H·W``.
+
+    ``min_distances`` float ``[N, P]``, every value finite and ``>= 0``;
+    ``argmin`` integer ``[N, P]`` in ``[0, H·W)``; ``logits`` float ``[N, K]``,
+    finite; ``labels`` integer ``[N]`` in ``[0, K)``; ``H``, ``W`` positive
+    integers. A records file is user input: anything else is one clear line.
+
+    :raises KdtError: naming ``source`` (the file) and what is wrong.
+    """
+    import torch
+
+    def bad(message: str) -> KdtError:
+        return KdtError(f"{who} records: {message}", source=source)
+
+    for key in ("min_distances", "argmin"):
+        if key not in records:
+            raise bad(f"no '{key}': not a prototype model")
+    h, w = records.meta.get("H"), records.meta.get("W")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w)):
+        raise bad(f"the latent grid (metadata H, W) must be positive integers, got H={h!r}, W={w!r}")
+    d, a, logits, labels = records["min_distances"], records["argmin"], records["logits"], records["labels"]
+    n = records.n
+    if not d.dtype.is_floating_point or d.dim() != 2:
+        raise bad(f"'min_distances' must be a float [N, P] tensor, got {d.dtype} {tuple(d.shape)}")
+    if a.dtype.is_floating_point or a.dtype == torch.bool or tuple(a.shape) != tuple(d.shape):
+        raise bad(f"'argmin' must be an integer tensor shaped like 'min_distances' {tuple(d.shape)}, "
+                  f"got {a.dtype} {tuple(a.shape)}")
+    if not bool(torch.isfinite(d).all()):
+        count = int((~torch.isfinite(d)).sum())
+        raise bad(f"'min_distances' holds {count} NaN or infinite values")
+    if bool((d < 0).any()):
+        raise bad(f"'min_distances' holds negative distances (smallest {float(d.min()):.4g})")
+    if a.numel() and (int(a.min()) < 0 or int(a.max()) >= h * w):
+        raise bad(f"'argmin' holds locations outside the {h}×{w} grid (range {int(a.min())}..{int(a.max())}, "
+                  f"expected 0..{h * w - 1})")
+    if not logits.dtype.is_floating_point or logits.dim() != 2 or not bool(torch.isfinite(logits).all()):
+        raise bad(f"'logits' must be finite float [N, K] values, got {logits.dtype} {tuple(logits.shape)}")
+    if labels.dtype.is_floating_point or labels.dim() != 1 or labels.shape[0] != n:
+        raise bad(f"'labels' must be integer [N], got {labels.dtype} {tuple(labels.shape)}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise bad(f"'labels' outside 0..{logits.shape[1] - 1}")
+    return h * w
+
+
 def check_pair(teacher: Records, student: Records) -> int:
     """Teacher and student records are comparable; returns ``H·W``.
 
