@@ -74,6 +74,16 @@ epochs = 1
 limit_batches = 3
 optimizer = { name = "sgd" }
 groups = [{ params = ["backbone", "head", "loss.tap_regress"], lr = 0.05 }]
+
+[stages.tree]
+model.backbone = { name = "tinyconv" }
+model.head = { name = "prototree", depth = 2, prototype_depth = 8 }
+losses = [{ name = "prototree_nll" }]
+[[stages.tree.phases]]
+epochs = 1
+limit_batches = 3
+optimizer = { name = "sgd" }
+groups = [{ params = ["backbone", "head.add_on", "head.prototypes"], lr = 0.05 }]
 """
 
 # Same global batches, summed in another order: float32 rounding only.
@@ -160,6 +170,11 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
     for k in ("tap_regress/connector.weight", "tap_regress/connector.bias"):
         torch.testing.assert_close(la[k], lb[k], atol=ATOL, rtol=RTOL, msg=k)
     assert int(la["tap_regress/steps"]) == int(lb["tap_regress/steps"]) == 3
+    # ProtoTree's derivative-free leaf update (the head's per-step hook, no gradient): each rank's
+    # update from its shard is all-reduced, so every rank holds the leaves of one process
+    _close(ddp, single, "tree")
+    leaves = load_file(str(ddp / "tree" / "model.safetensors"))["head.leaves"]
+    assert leaves.abs().sum() > 0  # updated from their zero initialisation
     results = json.loads((ddp / "results.json").read_text())
     assert results["stages"]["kd"]["test_images"] == json.loads((single / "results.json").read_text())["stages"]["kd"]["test_images"]
 

@@ -330,7 +330,7 @@ def test_shipped_prototree_recipe_validates_and_round_trips(tmp_path, capsys):
     assert out.partition("\n")[0] == f"# {path}: valid; stages in order: teacher, baseline, kd, kd_no_global, kd_no_ppc"
     st = tomllib.loads(out)["stages"]
     ge = {s: next(l for l in st[s]["losses"] if l["id"] == "global_explanation") for s in ("kd", "kd_no_global")}
-    assert ge["kd"]["pairing"] == "index" and ge["kd"]["weight"] == 10.0 and ge["kd_no_global"]["weight"] == 0.0
+    assert ge["kd"]["pairing"] == "index" and ge["kd"]["weight"] == 1.0 and ge["kd_no_global"]["weight"] == 0.0
     joint = st["teacher"]["phases"][1]
     assert joint["optimizer"] == {"name": "adamw", "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-7, "amsgrad": False}
     assert joint["scheduler"]["name"] == "multistep" and joint["scheduler"]["gamma"] == 0.5
