@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import load as st_load, load_file as st_load_file, save as st_save
 
 from .errors import CheckpointError
 
@@ -116,26 +116,31 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            raw_header = fh.read(header_len) if 0 < header_len <= size - 8 else b""
     except FileNotFoundError:
         raise CheckpointError("file not found", source=str(path)) from None
     except (IsADirectoryError, PermissionError) as exc:
         raise CheckpointError(f"cannot read: {type(exc).__name__}", source=str(path)) from None
-    if len(data) < 8:
+    if len(head) < 8:
         raise CheckpointError("not a safetensors file (too short)", source=str(path))
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len <= 0 or 8 + header_len > len(data):
+    if header_len <= 0 or 8 + header_len > size:
         raise CheckpointError("not a safetensors file or truncated (bad header length)", source=str(path))
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = json.loads(raw_header)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError("not a safetensors file (corrupt header)", source=str(path)) from None
     if not isinstance(header, dict):
         raise CheckpointError("not a safetensors file (corrupt header)", source=str(path))
     meta = header.get("__metadata__") or {}
     try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        # memory-mapped and copied once into the tensors (no intermediate bytes object); safetensors
+        # checks every tensor's offsets against the file, so a truncated file is an error here
+        tensors = st_load_file(str(path))
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, OSError) as exc:
         raise CheckpointError(f"corrupt or truncated safetensors file ({' '.join(str(exc).split())[:120]})", source=str(path)) from None
     return tensors, dict(meta)
 
