@@ -49,7 +49,7 @@ there, the script says so and exits with status 0.
 Usage::
 
     python benchmarks/bench_vs_cabrnet.py [--cabrnet-python /path/to/python]
-        [--short 1] [--long 3] [--repeats 1] [--max-train N] [--keep]
+        [--short 1] [--long 3] [--repeats 1] [--max-train N] [--keep] [--kdt-set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -246,7 +246,8 @@ def _timed(cmd: list[str], what: str) -> tuple[float, float]:
     return elapsed, cpu
 
 
-def run_kdt(tmp: Path, data_root: Path, epochs: int, tag: str) -> tuple[tuple[float, float], list[float]]:
+def run_kdt(tmp: Path, data_root: Path, epochs: int, tag: str,
+            overrides: tuple[str, ...] = ()) -> tuple[tuple[float, float], list[float]]:
     """(wall, CPU) seconds of a whole ``kdt run`` and the in-loop seconds of each epoch from metrics.jsonl."""
     recipe = tmp / f"kdt-{epochs}.toml"
     if not recipe.exists():
@@ -255,7 +256,8 @@ def run_kdt(tmp: Path, data_root: Path, epochs: int, tag: str) -> tuple[tuple[fl
             batch=BATCH, cluster=CLUSTER, separation=SEPARATION, epochs=epochs, lr_backbone=LR_BACKBONE,
             lr_add_on=LR_ADD_ON, lr_prototypes=LR_PROTOTYPES))
     out = tmp / f"kdt-run-{epochs}-{tag}"
-    elapsed = _timed([sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q"],
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    elapsed = _timed([sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q", *sets],
                      f"kdt run ({epochs} epochs)")
     metrics = out / "p" / "metrics.jsonl"
     lines = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.exists() else []
@@ -298,6 +300,8 @@ def main() -> None:
     ap.add_argument("--max-train", type=int, default=None,
                     help="use only this many train images (quick checks; default: all 1437)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (data, configs, runs)")
+    ap.add_argument("--kdt-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for kdt's runs (repeatable), e.g. channels_last=true, data.num_workers=2")
     args = ap.parse_args()
     if not 1 <= args.short < args.long:
         ap.error("need 1 <= --short < --long")
@@ -319,7 +323,7 @@ def main() -> None:
         in_loop: list[float] = []
         for r in range(args.repeats):
             for epochs in (args.short, args.long):
-                t, secs = run_kdt(tmp, data_root, epochs, str(r))
+                t, secs = run_kdt(tmp, data_root, epochs, str(r), tuple(args.kdt_set))
                 times.setdefault(("kdt", epochs), []).append(t)
                 if epochs == args.long:
                     in_loop.extend(s / per_epoch for s in secs)
