@@ -111,6 +111,8 @@ def plugins(as_json: bool) -> None:
         extra = [h for h in i.hooks if not h.startswith("kdt_register_")]
         if extra and i.status == "loaded":
             contributes += ("; " if contributes else "") + "hooks: " + ", ".join(extra)
+        if i.warnings:
+            contributes += ("; " if contributes else "") + "; ".join(f"warning: {w}" for w in i.warnings)
         rows.append([i.name, i.version or "—", i.source or i.module, i.status, contributes or "—"])
     print_tables([Table("kdt plugins", ["plugin", "version", "from", "status", "contributes"], rows)])
 

@@ -50,6 +50,7 @@ class PluginInfo:
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
     components: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +63,7 @@ class PluginInfo:
             "error": self.error,
             "hooks": self.hooks,
             "components": self.components,
+            "warnings": self.warnings,
         }
 
 
@@ -185,6 +187,15 @@ class PluginManager:
             info.hooks = sorted(
                 h.name for h in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []
             )
+            # A function named like a hook but not decorated with @hookimpl is silently ignored by pluggy.
+            plain = [
+                h for h in dir(obj)
+                if h.startswith("kdt_") and callable(getattr(obj, h)) and h not in info.hooks
+                and getattr(getattr(self.pm.hook, h, None), "spec", None) is not None
+            ]
+            if plain:
+                info.warnings.append(f"{', '.join(plain)} not decorated with @hookimpl, so never called "
+                                     "(from kdtoolkit.hookspecs import hookimpl)")
         self.infos[name] = info
 
     # -- registries -----------------------------------------------------
@@ -209,6 +220,9 @@ class PluginManager:
                 if info is not None and added:
                     info.components.setdefault(kind, []).extend(added)
             self.registries[kind] = registry
+        failed = [(i.name, i.error or i.status) for i in self.failed()]
+        for registry in self.registries.values():
+            registry.failed[:] = failed
 
     def _fail(self, name: str, error: str, current: Registry | None = None) -> None:
         info = self.infos.get(name)

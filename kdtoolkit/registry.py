@@ -41,6 +41,31 @@ RESERVED_ARGS: dict[str, tuple[str, ...]] = {
 
 KINDS = tuple(RESERVED_ARGS)
 
+#: Keys the core reads itself in a component's recipe table, per kind: a
+#: factory parameter with one of these names would never receive its value,
+#: so it is refused (a plugin registering the class fails; a reference fails
+#: on first use).
+RESERVED_KEYS: dict[str, tuple[str, ...]] = {
+    "backbone": ("name",),
+    "head": ("name",),
+    "loss": ("name", "id", "weight"),
+    "metric": ("name",),
+    "dataset": ("dataset", "batch_size", "eval_batch_size", "num_workers", "drop_last", "augment"),
+    "phase": ("name", "kind"),
+    "optimizer": ("name", "weight_decay"),
+    "scheduler": ("name", "warmup_epochs", "warmup_start_factor"),
+}
+
+#: Longest list of names an error message spells out (the rest is summarised).
+LIST_LIMIT = 20
+
+
+def summarize(names: list[str], limit: int = LIST_LIMIT, hint: str = "see kdt plugins") -> str:
+    """``"a, b, c"``, or the first ``limit`` names and ``"… and N more; <hint>"``: never cut mid-list."""
+    if len(names) <= limit:
+        return ", ".join(names) or "none"
+    return ", ".join(names[:limit]) + f", … and {len(names) - limit} more; {hint}"
+
 #: Plural of each kind, as in hook names and listings.
 PLURALS = {kind: kind + ("es" if kind.endswith("s") else "s") for kind in KINDS}
 #: The registration hook of each kind.
@@ -98,10 +123,17 @@ class Component:
 
     def _read_params(self) -> None:
         try:
-            self._params = signature_params(self._factory, skip=RESERVED_ARGS[self.kind])
+            params = signature_params(self._factory, skip=RESERVED_ARGS[self.kind])
         except TypeError as exc:
             self._factory = None if self.reference else self._factory
             raise self._fail(str(exc)) from None
+        clash = [p for p in params if p in RESERVED_KEYS[self.kind]]
+        if clash:
+            self._factory = None if self.reference else self._factory
+            raise self._fail(f"parameter '{clash[0]}' is a key the core reads itself in every {self.kind}'s table "
+                             f"({', '.join(RESERVED_KEYS[self.kind])}), so it would never reach the {self.kind}: "
+                             "rename it")
+        self._params = params
 
     @property
     def params(self) -> dict[str, ParamSpec]:
@@ -151,6 +183,8 @@ class Registry:
         self.kind = kind
         self._items: dict[str, Component] = {}
         self._owner = "<core>"
+        #: ``(plugin, error)`` of every plugin that failed to load, named in "unknown" messages.
+        self.failed: list[tuple[str, str]] = []
 
     # -- registration -------------------------------------------------
     def bound(self, owner: str) -> "Registry":
@@ -159,6 +193,7 @@ class Registry:
         view.kind = self.kind
         view._items = self._items
         view._owner = owner
+        view.failed = self.failed
         return view
 
     def add(self, name: str, factory: Callable[..., Any] | str, *, summary: str | None = None) -> None:
@@ -213,15 +248,20 @@ class Registry:
     def get(self, name: str, *, source: str | None = None, key: str | None = None) -> Component:
         """The component called ``name``.
 
-        :raises RecipeError: naming ``source``/``key``, with a suggestion and
-            the registered names, when there is none.
+        :raises RecipeError: naming ``source``/``key``, with a suggestion, the
+            registered names (summarised beyond :data:`LIST_LIMIT`) and every
+            plugin that failed to load, when there is none.
         """
         try:
             return self._items[name]
         except (KeyError, TypeError):
-            known = ", ".join(self.names()) or "none"
+            failed = ""
+            if self.failed:
+                failed = "; plugins that failed to load: " + "; ".join(
+                    f"'{plugin}' ({error})" for plugin, error in self.failed) + " (see kdt plugins)"
             raise RecipeError(
-                f"unknown {self.kind} {name!r}{suggest(str(name), self.names())}; registered: {known}",
+                f"unknown {self.kind} {name!r}{suggest(str(name), self.names())}; registered: "
+                f"{summarize(self.names())}{failed}",
                 source=source,
                 key=key,
             ) from None

@@ -17,7 +17,7 @@ from .engine.device import DEVICE_CHOICES, DEVICE_PATTERN
 from .errors import RecipeError
 from .params import REQUIRED, ParamTypeError, coerce, describe_value
 from .plugins import PluginManager
-from .registry import Component, suggest
+from .registry import RESERVED_KEYS, Component, suggest
 from .validate_stage import StageChecks
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -27,7 +27,7 @@ TOP_KEYS = (
     "extends", "name", "description", "seed", "device", "precision", "data",
     "evaluate", "checkpoint_every", "channels_last", "stages",
 )
-DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "num_workers", "drop_last", "augment")
+DATA_KEYS = RESERVED_KEYS["dataset"]
 EVAL_KEYS = ("metrics",)
 
 

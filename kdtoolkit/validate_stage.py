@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .params import REQUIRED, describe_value
-from .registry import suggest
+from .registry import RESERVED_KEYS, suggest
 
 STAGE_KEYS = (
     "base", "description", "teacher", "compare_to", "seed", "data", "model", "losses",
@@ -20,15 +20,15 @@ STAGE_KEYS = (
 )
 TEACHER_CACHE = ("off", "memory", "disk")
 MODEL_KEYS = ("backbone", "head", "init_from_teacher", "weights", "strict", "taps")
-LOSS_CORE_KEYS = ("name", "id", "weight")
-PHASE_CORE_KEYS = ("name", "kind")
+LOSS_CORE_KEYS = RESERVED_KEYS["loss"]
+PHASE_CORE_KEYS = RESERVED_KEYS["phase"]
 TRAIN_KEYS = (
     "epochs", "losses", "optimizer", "groups", "scheduler", "clip_grad_norm",
     "limit_batches", "accumulate",
 )
 GROUP_KEYS = ("params", "lr", "weight_decay")
-OPTIMIZER_CORE_KEYS = ("name", "weight_decay")
-SCHEDULER_CORE_KEYS = ("name", "warmup_epochs", "warmup_start_factor")
+OPTIMIZER_CORE_KEYS = RESERVED_KEYS["optimizer"]
+SCHEDULER_CORE_KEYS = RESERVED_KEYS["scheduler"]
 
 
 def _taps_of(comp, attr: str, params: dict[str, Any]) -> tuple[str, ...]:

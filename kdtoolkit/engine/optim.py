@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..plugins import PluginManager
+from ..registry import RESERVED_KEYS
 
 
 def _betas(params: dict) -> None:
@@ -145,9 +146,9 @@ exponential.check_params = _check_gamma
 cosine.check_params = _check_cosine
 
 #: Keys of a phase's ``optimizer`` table that are not the optimiser's own parameters.
-OPTIMIZER_CORE_KEYS = ("name", "weight_decay")
+OPTIMIZER_CORE_KEYS = RESERVED_KEYS["optimizer"]
 #: Keys of a phase's ``scheduler`` table that are not the schedule's own parameters.
-SCHEDULER_CORE_KEYS = ("name", "warmup_epochs", "warmup_start_factor")
+SCHEDULER_CORE_KEYS = RESERVED_KEYS["scheduler"]
 
 
 def build_optimizer(spec: dict[str, Any], groups: list[dict[str, Any]], plugins: PluginManager) -> torch.optim.Optimizer:
