@@ -38,7 +38,9 @@ def cli() -> None:
               help="Override a recipe key, e.g. --set stages.kd.phases[0].epochs=3 (repeatable).")
 @click.option("--force", is_flag=True, help="Retrain stages whose stored results came from a different recipe (others are reused).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines; the summary still prints.")
-def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str, ...], force: bool, quiet: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the results (results.json) instead of the summary tables.")
+def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str, ...], force: bool, quiet: bool,
+        as_json: bool) -> None:
     """Run every stage of RECIPE (teachers first) and write the run directory."""
     from .distributed import Dist
     from .engine.device import check_device_spec, resolve_device
@@ -57,7 +59,9 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
                       command="kdt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with Progress(enabled=not quiet and dist.is_main) as progress:
         results = run_recipe(rec, opts, plugins, progress, dist)
-    if dist.is_main:
+    if dist.is_main and as_json:
+        click.echo(json.dumps(results, indent=2))
+    elif dist.is_main:
         print_tables(collect_tables(results, rec.resolved, plugins))
         click.echo(f"results: {out / 'results.md'}")
 
@@ -78,17 +82,23 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--stage", "stage", required=True, help="The stage whose models to show.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
-def inspect(recipe: Path, stage: str, overrides: tuple[str, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect(recipe: Path, stage: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Print a stage's student (and teacher) with every module path and its output shape for one batch.
 
     The paths are what ``model.taps`` and ``teacher_taps`` name. Models are
     built with random weights (shapes do not depend on them); nothing is written.
     """
-    from .engine.inspect import inspect_stage
+    from .engine.inspect import inspect_stage, tables
     from .recipe import load_recipe
+    from .tables import print_tables
 
     rec = load_recipe(recipe, overrides, plugins=get_manager())
-    inspect_stage(rec, stage, get_manager())
+    models = inspect_stage(rec, stage, get_manager())
+    if as_json:
+        click.echo(json.dumps(models, indent=2))
+    else:
+        print_tables(tables(models))
 
 
 @cli.command()

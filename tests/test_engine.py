@@ -202,6 +202,14 @@ def test_kdt_inspect_lists_module_paths_and_shapes(site, tmp_path):
     assert "backbone.body.1" in proc.stdout and "2×8×8×8" in proc.stdout and "teacher" in proc.stdout
     bad = run(["inspect", str(recipe), "--stage", "x"], plugin_env(site))
     assert bad.returncode == 2 and "no stage named 'x'" in one_line_error(bad)
+    # piped: Markdown, every path in full; --json: the same rows as data
+    assert proc.stdout.startswith("## stage 's': student (input 2×3×16×16)")
+    as_json = run(["inspect", str(recipe), "--stage", "s", "--json"], plugin_env(site))
+    models = json.loads(as_json.stdout)
+    assert [m["model"] for m in models] == ["student", "teacher"] and models[0]["input"] == [2, 3, 16, 16]
+    row = next(r for r in models[0]["modules"] if r["path"] == "backbone.body.1")
+    assert row["output_shape"] == "2×8×8×8" and row["tap"] == "s"
+    assert sum(r["parameters"] for r in models[0]["modules"]) > 0
 
 
 # ---------------------------------------------------------------------------- per-step hooks

@@ -138,3 +138,18 @@ def test_malformed_records_are_one_line_errors_naming_the_file(proto_run, tmp_pa
     assert main(["metrics", "--teacher", str(bad_teacher), "--student", str(out / "kd")]) == 2
     err = capsys.readouterr().err
     assert str(bad_teacher) in err and "teacher records" in err
+
+
+def test_json_on_stdout_for_metrics_and_run(proto_run, tmp_path, capsys):
+    recipe, out, results = proto_run
+    js = tmp_path / "m.json"
+    assert main(["metrics", str(out), "--json", str(js)]) == 0
+    capsys.readouterr()
+    assert main(["metrics", str(out), "--json", "-"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == json.loads(js.read_text())  # the JSON instead of the tables
+    # kdt run --json on a finished run: every stage reused, the results as JSON
+    assert main(["run", str(recipe), "--out", str(out), "-q", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["stages"].keys() == results["stages"].keys()
+    assert again["stages"]["kd"]["accuracy"] == results["stages"]["kd"]["accuracy"]

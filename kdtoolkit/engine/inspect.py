@@ -13,23 +13,29 @@ from .models import build_model
 from .taps import output_shapes
 
 
-def _table(title: str, rows: list[tuple[str, str, str, int]], taps: dict[str, str]):
-    from rich.table import Table
-
+def _modules(rows: list[tuple[str, str, str, int]], taps: dict[str, str]) -> list[dict]:
     marks = {path: name for name, path in taps.items()}
-    t = Table(title=title)
-    t.add_column("module path", no_wrap=True, min_width=max((len(r[0]) for r in rows), default=10))
-    for col in ("type", "output shape", "parameters", "tap"):
-        t.add_column(col, overflow="fold")
-    for path, kind, shape, n in rows:
-        t.add_row(path, kind, shape, f"{n:,}" if n else "", marks.get(path, ""))
-    return t
+    return [{"path": path, "type": kind, "output_shape": shape, "parameters": n, "tap": marks.get(path)}
+            for path, kind, shape, n in rows]
 
 
-def inspect_stage(recipe: Recipe, stage: str, plugins: PluginManager) -> None:
-    """Print the student (and the teacher) of ``stage`` with module paths and output shapes."""
-    from rich.console import Console
+def tables(models: list[dict]):
+    """The inspection as :class:`kdtoolkit.tables.Table` objects, one per model."""
+    from ..tables import Table
 
+    return [Table(m["title"], ["module path", "type", "output shape", "parameters", "tap"],
+                  [[r["path"], r["type"], r["output_shape"], f"{r['parameters']:,}" if r["parameters"] else "",
+                    r["tap"] or ""] for r in m["modules"]]) for m in models]
+
+
+def inspect_stage(recipe: Recipe, stage: str, plugins: PluginManager) -> list[dict]:
+    """The student (and the teacher) of ``stage``: every module path, its type, output shape
+    for one batch, parameter count and tap name.
+
+    :returns: one dict per model: ``model`` (``student``/``teacher``), ``title``, ``input``
+        (the batch shape) and ``modules`` (``path``, ``type``, ``output_shape``,
+        ``parameters``, ``tap``), as ``kdt inspect --json`` prints them.
+    """
     if stage not in recipe.resolved["stages"]:
         names = list(recipe.resolved["stages"])
         raise RecipeError(f"no stage named '{stage}'{suggest(stage, names)}; stages: {', '.join(names)}",
@@ -37,13 +43,15 @@ def inspect_stage(recipe: Recipe, stage: str, plugins: PluginManager) -> None:
     st = recipe.stage(stage)
     data = build_data(st, plugins)
     x, _ = next(iter(batches(data.test, 2, shuffle=False, seed=0, limit=1)))
-    console = Console(width=max(Console().width, 120))  # paths are never cut, even in a pipe
+    shape = "×".join(map(str, x.shape))
+    out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(st["seed"])
         student = build_model(st, data.num_classes, plugins).eval()
-        console.print(_table(f"stage '{stage}': student (input {'×'.join(map(str, x.shape))})",
-                             output_shapes(student, x), st["model"].get("taps") or {}))
+        out.append({"model": "student", "title": f"stage '{stage}': student (input {shape})", "input": list(x.shape),
+                    "modules": _modules(output_shapes(student, x), st["model"].get("taps") or {})})
         if st["teacher"]:
             teacher = build_model(recipe.stage(st["teacher"]), data.num_classes, plugins).eval()
-            console.print(_table(f"stage '{stage}': teacher '{st['teacher']}' (architecture only)",
-                                 output_shapes(teacher, x), st.get("teacher_taps") or {}))
+            out.append({"model": "teacher", "title": f"stage '{stage}': teacher '{st['teacher']}' (architecture only)",
+                        "input": list(x.shape), "modules": _modules(output_shapes(teacher, x), st.get("teacher_taps") or {})})
+    return out

@@ -22,7 +22,8 @@ import click
               help="Student: a stage directory or a records file (repeatable).")
 @click.option("--tau", "tau_text", default=None, help="Thresholds, e.g. 0.01,0.1,0.2,0.45,1,3,5,inf (default).")
 @click.option("--pms", "with_pms", is_flag=True, help="Also compute the Prototype Matching Score.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the metrics as JSON.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write the metrics as JSON to this file; '-' prints them instead of the tables.")
 @click.option("--device", default="auto", help="Device for evaluating stages without records.")
 @click.option("--figures/--no-figures", default=True,
               help="With --pms, draw each matching as a PNG beside its JSON (default: on).")

@@ -181,6 +181,9 @@ def run_metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path
             if name in results and results[name]["role"] == "teacher" and entry["role"] == "teacher":
                 continue
             results[name] = entry
+    if json_out is not None and str(json_out) == "-":  # --json -: the JSON on stdout instead of the tables
+        print(json.dumps(results, indent=2))
+        return results
     _print(results, taus, with_pms)
     if json_out is not None:
         atomic_write_json(json_out, results)
