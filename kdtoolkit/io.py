@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +103,44 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+#: Metadata key of the content checksum every file written by :func:`atomic_save_safetensors` carries.
+CHECKSUM_KEY = "checksum"
+
+
+def content_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """``crc32:<8 hex digits>`` of every tensor's name, dtype, shape and bytes (in name order)
+    and of the metadata (without the checksum itself)."""
+    crc = 0
+    for key in sorted(metadata):
+        if key != CHECKSUM_KEY:
+            crc = zlib.crc32(f"{key}={metadata[key]}\n".encode(), crc)
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        crc = zlib.crc32(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(memoryview(t.reshape(-1).view(torch.uint8).numpy()), crc)
+    return f"crc32:{crc:08x}"
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Save ``tensors`` as safetensors with string ``metadata``, atomically."""
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(Path(path), data)
+    """Save ``tensors`` as safetensors with string ``metadata``, atomically, with a content
+    checksum in the metadata (``checksum``) that :func:`read_safetensors` verifies."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {k: v for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}
+    metadata[CHECKSUM_KEY] = content_checksum(tensors, metadata)
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: ``(tensors, metadata)``.
 
+    A file with a ``checksum`` in its metadata (every file kdtoolkit writes)
+    is verified against its contents; files without one (written by other
+    tools, or by kdtoolkit before 0.2) are read as they are. The checksum is
+    not part of the returned metadata.
+
     :raises CheckpointError: naming the file when it is missing, truncated,
-        not safetensors, or otherwise unreadable.
+        not safetensors, fails its checksum, or is otherwise unreadable.
     """
     path = Path(path)
     try:
@@ -142,7 +170,12 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         tensors = st_load_file(str(path))
     except (SafetensorError, ValueError, RuntimeError, OverflowError, OSError) as exc:
         raise CheckpointError(f"corrupt or truncated safetensors file ({' '.join(str(exc).split())[:120]})", source=str(path)) from None
-    return tensors, dict(meta)
+    meta = dict(meta)
+    stored = meta.pop(CHECKSUM_KEY, None)
+    if stored is not None and stored != content_checksum(tensors, meta):
+        raise CheckpointError("content checksum mismatch: the file changed after it was written (a flipped bit, "
+                              "an incomplete copy or an edit); it cannot be trusted", source=str(path))
+    return tensors, meta
 
 
 def _looks_like_safetensors(path: Path) -> bool:

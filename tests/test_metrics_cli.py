@@ -153,3 +153,44 @@ def test_json_on_stdout_for_metrics_and_run(proto_run, tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["stages"].keys() == results["stages"].keys()
     assert again["stages"]["kd"]["accuracy"] == results["stages"]["kd"]["accuracy"]
+
+
+def _flip_bit(path, offset_in_data: int) -> None:
+    """Flip one bit of a tensor byte of a safetensors file (after its header)."""
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + offset_in_data] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_is_reported_with_the_files_path(proto_run, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from kdtoolkit.engine.models import load_model_file
+    from kdtoolkit.errors import CheckpointError
+    from kdtoolkit.io import read_safetensors
+
+    _, out, _ = proto_run
+    # records: through kdt metrics, one line, exit 2 (before: NaN logits and silent numbers)
+    recs = tmp_path / "kd.safetensors"
+    shutil.copy(out / "kd" / "records.safetensors", recs)
+    _flip_bit(recs, 1234)
+    code = main(["metrics", "--teacher", str(out / "teacher" / "records.safetensors"), "--student", str(recs)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(recs) in err and "content checksum mismatch" in err
+    # a model file
+    model = tmp_path / "model.safetensors"
+    shutil.copy(out / "kd" / "model.safetensors", model)
+    tensors, meta = load_model_file(model)  # intact: loads, the checksum is not part of the metadata
+    assert "checksum" not in meta and tensors
+    _flip_bit(model, 7)
+    try:
+        load_model_file(model)
+        raise AssertionError("a flipped bit was not detected")
+    except CheckpointError as exc:
+        assert str(model) in str(exc) and "checksum" in str(exc)
+    # files written by other tools (no checksum) load as they are
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(3)}, str(plain), metadata={"x": "1"})
+    assert read_safetensors(plain)[1] == {"x": "1"}
