@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load, load_file as st_load_file, save as st_save
+from safetensors.torch import load_file as st_load_file, save as st_save
 
 from .errors import CheckpointError
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ from torch import Tensor
 
 # scipy (sparse products, the Hungarian solver) is imported where PMS needs
 # it, so that checking a recipe that names these metrics does not import it.
+if TYPE_CHECKING:
+    import scipy.sparse
 
 __all__ = [
     "DEFAULT_TAUS",
@@ -458,7 +460,7 @@ def _unique_taus(taus: Iterable[float]) -> list[float]:
 # --------------------------------------------------------------------------
 
 
-def _onehot_codes(a: np.ndarray, num_locations: int) -> "scipy.sparse.csr_matrix":  # noqa: F821
+def _onehot_codes(a: np.ndarray, num_locations: int) -> scipy.sparse.csr_matrix:
     """CSR ``[P, N*L]``: row ``j`` has a 1 at code ``x*L + a_j(x)`` for each image ``x``."""
     import scipy.sparse as sp
 
