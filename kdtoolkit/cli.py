@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .catalog import resolve_recipe
 from .errors import KdtError
 from .plugins import get_manager
 
@@ -50,7 +51,7 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
     from .report import collect_tables, print_tables
 
     plugins = get_manager()
-    rec = load_recipe(recipe, overrides, plugins=plugins)
+    rec = load_recipe(resolve_recipe(recipe), overrides, plugins=plugins)
     if device is not None:
         resolve_device(check_device_spec(device, "--device"))
     out = out or Path("runs") / rec.resolved["name"]
@@ -73,8 +74,8 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check RECIPE completely and print it resolved (defaults filled in)."""
     from .recipe import load_recipe
 
-    rec = load_recipe(recipe, overrides, plugins=get_manager())
-    click.echo(f"# {recipe}: valid; stages in order: {', '.join(rec.order)}")
+    rec = load_recipe(resolve_recipe(recipe), overrides, plugins=get_manager())
+    click.echo(f"# {rec.path}: valid; stages in order: {', '.join(rec.order)}")
     click.echo(rec.to_toml(), nl=False)
 
 
@@ -93,7 +94,7 @@ def inspect(recipe: Path, stage: str, overrides: tuple[str, ...], as_json: bool)
     from .recipe import load_recipe
     from .tables import print_tables
 
-    rec = load_recipe(recipe, overrides, plugins=get_manager())
+    rec = load_recipe(resolve_recipe(recipe), overrides, plugins=get_manager())
     models = inspect_stage(rec, stage, get_manager())
     if as_json:
         click.echo(json.dumps(models, indent=2))
@@ -125,6 +126,21 @@ def plugins(as_json: bool) -> None:
             contributes += ("; " if contributes else "") + "; ".join(f"warning: {w}" for w in i.warnings)
         rows.append([i.name, i.version or "—", i.source or i.module, i.status, contributes or "—"])
     print_tables([Table("kdt plugins", ["plugin", "version", "from", "status", "contributes"], rows)])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def recipes(as_json: bool) -> None:
+    """List the recipes shipped with kdtoolkit (kdt run NAME runs one from any directory)."""
+    from .catalog import packaged_recipes
+    from .tables import Table, print_tables
+
+    shipped = packaged_recipes()
+    if as_json:
+        click.echo(json.dumps(shipped, indent=2))
+        return
+    print_tables([Table("Shipped recipes (kdt run NAME, kdt validate NAME)", ["name", "description", "file"],
+                        [[r["name"], r["description"], r["path"]] for r in shipped])])
 
 
 def build_cli() -> click.Group:
