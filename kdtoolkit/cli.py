@@ -61,7 +61,9 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
     with Progress(enabled=not quiet and dist.is_main) as progress:
         results = run_recipe(rec, opts, plugins, progress, dist)
     if dist.is_main and as_json:
-        click.echo(json.dumps(results, indent=2))
+        from .io import _json_default
+
+        click.echo(json.dumps(results, indent=2, default=_json_default))
     elif dist.is_main:
         print_tables(collect_tables(results, rec.resolved, plugins))
         click.echo(f"results: {out / 'results.md'}")

@@ -104,7 +104,7 @@ def _json_default(o: Any) -> Any:
 
 
 #: Metadata key of the content checksum every file written by :func:`atomic_save_safetensors` carries.
-CHECKSUM_KEY = "checksum"
+CHECKSUM_KEY = "kdtoolkit.checksum"
 
 
 def content_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -134,7 +134,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: ``(tensors, metadata)``.
 
-    A file with a ``checksum`` in its metadata (every file kdtoolkit writes)
+    A file with a ``kdtoolkit.checksum`` in its metadata (every file kdtoolkit writes)
     is verified against its contents; files without one (written by other
     tools, or by kdtoolkit before 0.2) are read as they are. The checksum is
     not part of the returned metadata.

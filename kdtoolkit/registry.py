@@ -124,7 +124,7 @@ class Component:
     def _read_params(self) -> None:
         try:
             params = signature_params(self._factory, skip=RESERVED_ARGS[self.kind])
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # ValueError: no signature (a built-in callable)
             self._factory = None if self.reference else self._factory
             raise self._fail(str(exc)) from None
         clash = [p for p in params if p in RESERVED_KEYS[self.kind]]

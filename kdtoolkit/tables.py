@@ -38,13 +38,14 @@ class Table:
 
     def to_rich(self):
         """A rich table whose cells wrap (fold) rather than being cut with an ellipsis."""
+        from rich.markup import escape
         from rich.table import Table as RichTable
 
-        t = RichTable(title=self.title, caption=self.note or None)
+        t = RichTable(title=escape(self.title), caption=escape(self.note) if self.note else None)
         for c in self.columns:
-            t.add_column(c, overflow="fold")
-        for row in self.rows:
-            t.add_row(*[fmt(c) for c in row])
+            t.add_column(escape(c), overflow="fold")
+        for row in self.rows:  # cells are text, never rich markup ("[/opt/x]" in a path or an error)
+            t.add_row(*[escape(fmt(c)) for c in row])
         return t
 
 

@@ -128,7 +128,9 @@ def kdt_plugin() -> Iterator:
     kit's plugin and every module registered so far in the test (a module
     registered again keeps only its latest name).
     """
-    previous = get_manager()
+    from . import plugins as _plugins
+
+    previous = _plugins._MANAGER  # None when no manager was made yet: restored as it was
     registered: list[tuple[Any, str]] = []
 
     def register(module: Any, name: str) -> PluginManager:
@@ -148,7 +150,8 @@ def run_recipe(text_or_path: str | os.PathLike, overrides: tuple[str, ...] | lis
 
     :param text_or_path: TOML text, or the path of a recipe file.
     :param overrides: ``KEY=VALUE`` overrides, as ``kdt run --set``.
-    :param out: the run directory (default: a new temporary folder).
+    :param out: the run directory (default: a new temporary folder). Recipe text is
+        written beside it, as ``<out>.recipe.toml``.
     :param device: as ``kdt run --device`` (default ``cpu``, so tests are repeatable).
     :raises kdtoolkit.errors.KdtError: for bad input, as the command would report it.
     """
@@ -204,10 +207,10 @@ def check_component(kind: str, name: str, params: dict[str, Any] | None = None,
     check = {"head": _check_head, "loss": _check_loss, "metric": _check_metric}.get(kind)
     if check is None:
         return None
-    return check(comp, params, label)
+    return check(comp, params, label, plugins)
 
 
-def _tiny_model(num_classes: int = 3):
+def _tiny_model(plugins: PluginManager, num_classes: int = 3):
     import torch
     from torch import nn
 
@@ -223,13 +226,12 @@ def _tiny_model(num_classes: int = 3):
         def forward(self, x):
             return self.body(x)
 
-    plugins = get_manager()
     torch.manual_seed(0)
     head = plugins.registry("head").get("linear").factory(8, num_classes)
     return Model(Backbone(), head)
 
 
-def _check_head(comp, params, label):
+def _check_head(comp, params, label, plugins):
     outputs = comp.attr("outputs")
     assert isinstance(outputs, tuple) and "logits" in outputs, f"{label}: class attribute 'outputs' must list 'logits'"
     assert isinstance(comp.attr("param_groups"), tuple), f"{label}: class attribute 'param_groups' must be a tuple"
@@ -242,7 +244,7 @@ def _check_head(comp, params, label):
     return head
 
 
-def _check_loss(comp, params, label):
+def _check_loss(comp, params, label, plugins):
     import math
 
     import torch
@@ -255,7 +257,7 @@ def _check_loss(comp, params, label):
     if (set(needs) - {"logits", "features"} or comp.attr("requires_taps") or comp.attr("requires_teacher_taps")
             or comp.attr("requires_indices") or hasattr(loss, "setup")):
         return loss  # reads what the tiny model does not provide: built only
-    model, teacher = _tiny_model(), _tiny_model()
+    model, teacher = _tiny_model(plugins), _tiny_model(plugins)
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
         t_out = teacher(x) if comp.attr("requires_teacher") else None
@@ -267,7 +269,7 @@ def _check_loss(comp, params, label):
     return loss
 
 
-def _check_metric(comp, params, label):
+def _check_metric(comp, params, label, plugins):
     import torch
 
     from .records import Records

@@ -47,3 +47,11 @@ def test_kdt_plugins_piped_is_markdown():
     assert lines[0] == "## kdt plugins" and "…" not in proc.stdout
     row = next(l for l in lines if l.startswith("| protopnet |"))
     assert "heads: protopnet" in row and "phases: push" in row
+
+
+def test_cells_are_text_never_rich_markup():
+    out = _Terminal()
+    table = Table("[bold]title", ["col"], [["error in [/opt/x] and [red]not red[/]"]], note="[dim]n")
+    print_tables([table], file=out, width=120)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue())
+    assert "[/opt/x]" in text and "[red]not red[/]" in text and "[bold]title" in text

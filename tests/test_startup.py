@@ -164,7 +164,7 @@ def test_timm_names_cache_is_built_reused_and_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(names, "_from_timm", lambda: calls.append(1) or real())
     first = names.model_names()
     assert "resnet18" in first and len(calls) == 1
-    (path,) = tmp_path.glob("timm-*-models.json")
+    (path,) = tmp_path.glob("timm-*-models-v2.json")
     assert names.model_names() == first and len(calls) == 1  # read from the cache
     path.write_text("{not json")
     assert names.model_names() == first and len(calls) == 2  # unreadable: rebuilt
@@ -185,9 +185,17 @@ def test_timm_name_check_and_suggestions(tmp_path, monkeypatch):
     import timm
 
     assert names.is_model("resnet50.a1_in1k") and timm.is_model("resnet50.a1_in1k")
+    assert names.is_model("convnext_tiny_in22ft1k") and timm.is_model("convnext_tiny_in22ft1k")  # deprecated, still built
     assert not names.is_model("resnet181") and not timm.is_model("resnet181")
     assert names.similar("resnet181")[0] == "resnet18"  # no '_' in the name: still a suggestion
     assert "resnet18" in names.similar("resnt18")
     with pytest.raises(ValueError) as err:
         TimmBackbone.check_params({"model": "resnet181"})
     assert err.value.args[0] == "model" and "did you mean 'resnet18'" in err.value.args[1]
+
+
+def test_reference_to_a_callable_without_signature_is_a_plugin_error():
+    reg = Registry("loss").bound("builtin_ref")
+    reg.add("hypot", "math:hypot")  # a C function: inspect.signature raises ValueError
+    with pytest.raises(PluginError, match="plugin 'builtin_ref': loss 'hypot'"):
+        reg.get("hypot").params

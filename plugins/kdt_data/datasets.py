@@ -136,6 +136,7 @@ class DigitsDataset(Dataset):
         if self._done is None:
             img = self._upsampled().clamp(0.0, 1.0)
             self._done = (img - DIGITS_MEAN) / DIGITS_STD if self.normalize else img
+            self._up = None  # an un-augmented split needs only the finished images
         return self._done
 
     def __getitem__(self, i):

@@ -5,7 +5,7 @@ Importing timm imports torchvision and ``torch._dynamo`` (about 2 s on a
 installed timm's architectures are therefore listed once, by importing timm,
 and kept in a small JSON file keyed by timm's version:
 ``$KDT_CACHE_DIR`` or ``$XDG_CACHE_HOME/kdtoolkit`` (default
-``~/.cache/kdtoolkit``), ``timm-<version>-models.json``. A cache that cannot be
+``~/.cache/kdtoolkit``), ``timm-<version>-models-v2.json``. A cache that cannot be
 read is rebuilt; one that cannot be written is skipped (the names are then
 listed by timm each time).
 """
@@ -39,15 +39,23 @@ def _timm_version() -> str:
 
 
 def _from_timm() -> list[str]:
+    """Every name ``timm.is_model`` accepts: the listed architectures and the deprecated
+    names timm still builds (mapped to their new names)."""
     import timm
 
-    return sorted(timm.list_models())
+    names = set(timm.list_models())
+    try:
+        from timm.models._registry import _deprecated_models
+        names.update(_deprecated_models)
+    except ImportError:  # another timm layout: the listed names only
+        pass
+    return sorted(names)
 
 
 def model_names() -> list[str]:
-    """Every architecture name the installed timm registers (as ``timm.list_models()``)."""
+    """Every model name the installed timm accepts (``timm.list_models()`` and its deprecated names)."""
     version = _timm_version()
-    path = cache_dir() / f"timm-{version}-models.json"
+    path = cache_dir() / f"timm-{version}-models-v2.json"
     try:
         data = json.loads(path.read_text())
         if data.get("timm") == version and isinstance(data.get("models"), list) and data["models"]:
