@@ -8,7 +8,8 @@ declares the recipe keys ``image_size`` (an integer, default 32) and
 ``normalize``. Supported annotations: ``int``, ``float``, ``bool``, ``str``,
 ``list[T]`` of those, ``T | None``, ``typing.Literal[...]``,
 ``dict[str, T]`` and ``pathlib.Path`` (a string naming an existing file or
-folder, checked during validation). An ``int`` is accepted where a ``float`` is asked for, a
+folder, checked during validation; a relative one is resolved against the
+recipe's folder first, see ``docs/recipes.md``). An ``int`` is accepted where a ``float`` is asked for, a
 ``bool`` never counts as a number, and ``"inf"`` strings are not numbers (use
 ``inf`` in TOML).
 """
@@ -110,6 +111,14 @@ def type_name(ann: Any) -> str:
     if ann is pathlib.Path:
         return "a path to an existing file or folder"
     raise TypeError(f"unsupported annotation {ann!r}")
+
+
+def is_path_annotation(ann: Any) -> bool:
+    """Whether ``ann`` is ``pathlib.Path`` or ``pathlib.Path | None`` (a recipe value that names a file)."""
+    try:
+        return _is_optional(ann)[1] is pathlib.Path
+    except TypeError:
+        return False
 
 
 def describe_value(value: Any) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +92,32 @@ def _read_toml(path: Path, *, source: str, key: str | None) -> dict[str, Any]:
         raise RecipeError(f"invalid TOML: {exc}", source=str(path)) from None
 
 
-def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def key_string(parts: list[str | int] | tuple[str | int, ...]) -> str:
+    """``["stages", "kd", "phases", 0]`` → ``"stages.kd.phases[0]"`` (the inverse of :func:`parse_key_path`)."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(parts))
+
+
+def _leaf_keys(data: Any, prefix: tuple = ()) -> list[str]:
+    """The key path of every value of a TOML document that is not a table."""
+    if isinstance(data, dict):
+        return [k for name, value in data.items() for k in _leaf_keys(value, prefix + (name,))]
+    return [key_string(prefix)]
+
+
+def _set_origin(origins: dict[str, str], key: str, folder: str) -> None:
+    """``key`` now comes from ``folder``; nothing below it comes from anywhere else."""
+    for k in [k for k in origins if k.startswith((key + ".", key + "["))]:
+        del origins[k]
+    origins[key] = folder
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged recipe, and for every value not a table the folder of the file that set it."""
     data = _read_toml(path, source=str(chain[-1]) if chain else str(path), key="extends" if chain else None)
     parent = data.pop("extends", None)
+    folder = os.path.abspath(path.parent)
     if parent is None:
-        return data
+        return data, {k: folder for k in _leaf_keys(data)}
     if not isinstance(parent, str):
         raise RecipeError(f"expected a string, got {describe_value(parent)}", source=str(path), key="extends")
     parent_path = (path.parent / parent).resolve()
@@ -103,8 +125,10 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, An
         raise RecipeError(f"'extends' forms a cycle through {parent}", source=str(path), key="extends")
     if not parent_path.is_file():
         raise RecipeError(f"file not found: {parent}", source=str(path), key="extends")
-    base = _load_with_extends(parent_path, chain + (path.resolve(),))
-    return deep_merge(base, data)
+    base, origins = _load_with_extends(parent_path, chain + (path.resolve(),))
+    for key in _leaf_keys(data):
+        _set_origin(origins, key, folder)
+    return deep_merge(base, data), origins
 
 
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -186,10 +210,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     path = Path(path)
     if not path.is_file():
         raise RecipeError("recipe file not found" if not path.exists() else "not a file", source=str(path))
-    data = _load_with_extends(path)
+    data, origins = _load_with_extends(path)
     for assignment in overrides:
         if assignment.partition("=")[0].strip() == "extends":
             raise RecipeError("'extends' is resolved before overrides; edit the recipe file instead", source="--set", key="extends")
         apply_override(data, assignment)
-    resolved, order = Validator(str(path), plugins or get_manager()).recipe(data, default_name=path.stem)
+        _set_origin(origins, key_string(parse_key_path(assignment.partition("=")[0].strip())), os.getcwd())
+    validator = Validator(str(path), plugins or get_manager(), base_dir=os.path.abspath(path.parent), origins=origins)
+    resolved, order = validator.recipe(data, default_name=path.stem)
     return Recipe(path=path, resolved=resolved, order=order)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from typing import Any
 
 from .engine.device import DEVICE_CHOICES, DEVICE_PATTERN
 from .errors import RecipeError
-from .params import REQUIRED, ParamTypeError, coerce, describe_value
+from .params import REQUIRED, ParamTypeError, coerce, describe_value, is_path_annotation
 from .plugins import PluginManager
 from .registry import RESERVED_KEYS, Component, suggest
 from .validate_stage import StageChecks
@@ -24,7 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 TOP_KEYS = (
-    "extends", "name", "description", "seed", "device", "precision", "data",
+    "extends", "name", "description", "seed", "seeds", "device", "precision", "data",
     "evaluate", "checkpoint_every", "channels_last", "stages",
 )
 DATA_KEYS = RESERVED_KEYS["dataset"]
@@ -48,13 +49,25 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 class Validator(StageChecks):
-    """Checks a raw recipe dict and returns it with defaults filled in."""
+    """Checks a raw recipe dict and returns it with defaults filled in.
+
+    With ``base_dir``, relative paths (a dataset's ``root``, ``model.weights``,
+    component parameters annotated ``pathlib.Path``) are made absolute against
+    the folder of the file that set them: ``origins`` maps a key path (such
+    as ``"data.root"`` or ``"stages.kd.losses[0]"``) to that folder; a key without an entry
+    resolves against ``base_dir``. Without ``base_dir`` paths are kept as written.
+    """
 
     DATA_KEYS = DATA_KEYS
 
-    def __init__(self, source: str, plugins: PluginManager):
+    def __init__(self, source: str, plugins: PluginManager, *, base_dir: str | None = None,
+                 origins: dict[str, str] | None = None):
         self.source = source
         self.plugins = plugins
+        self.base_dir = base_dir
+        self.origins = origins or {}
+        self.stage_base: dict[str, str] = {}
+        self.stage_names: list[str] = []
 
     # -- helpers ---------------------------------------------------------
     def fail(self, key: str, message: str) -> None:
@@ -122,6 +135,8 @@ class Validator(StageChecks):
         self.known(spec, key, list(core_keys) + list(comp.params))
         out: dict[str, Any] = {}
         for pname, p in comp.params.items():
+            if pname in spec and (is_path_annotation(p.annotation) or (comp.kind == "dataset" and pname == "root")):
+                spec = {**spec, pname: self.resolve_path(spec[pname], f"{key}.{pname}")}
             out[pname] = self.value(spec, key, pname, p.annotation, p.default)
         check = getattr(comp.factory, "check_params", None)
         if check is not None:
@@ -133,6 +148,34 @@ class Validator(StageChecks):
                 self.fail(key, str(exc))
         return out
 
+    def resolve_path(self, value: Any, key: str) -> Any:
+        """A relative path made absolute against the folder of the recipe file that set ``key``
+        (the working directory for a ``--set`` override); other values are returned as they are."""
+        if (self.base_dir is None or not isinstance(value, str) or not value or value.startswith("~")
+                or os.path.isabs(value)):
+            return value
+        return os.path.normpath(os.path.join(self.origin(key), value))
+
+    def origin(self, key: str) -> str:
+        """The folder that a relative path at ``key`` is relative to: that of the file that set the key
+        (or a table above it), following a stage's ``base`` and the top-level ``data`` a stage inherits;
+        else ``base_dir``."""
+        while True:
+            found = [k for k in self.origins if key == k or key.startswith((k + ".", k + "["))]
+            if found:
+                return self.origins[max(found, key=len)]
+            stages = [n for n in self.stage_names if key.startswith(f"stages.{n}.")]
+            if not stages:
+                return str(self.base_dir)
+            stage = max(stages, key=len)
+            rest = key[len(f"stages.{stage}."):]
+            if stage in self.stage_base:
+                key = f"stages.{self.stage_base[stage]}.{rest}"
+            elif rest.startswith("data."):
+                key = rest
+            else:
+                return str(self.base_dir)
+
     # -- sections --------------------------------------------------------
     def recipe(self, raw: dict[str, Any], default_name: str) -> tuple[dict[str, Any], list[str]]:
         self.known(raw, "", TOP_KEYS)
@@ -140,6 +183,7 @@ class Validator(StageChecks):
         res["name"] = self.value(raw, "", "name", str, default_name)
         res["description"] = self.value(raw, "", "description", str, "")
         res["seed"] = self.number(raw, "", "seed", 0, lo=0, integer=True)
+        res["seeds"] = self.seeds(raw)
         res["device"] = self.value(raw, "", "device", str, "auto")
         if not DEVICE_PATTERN.match(res["device"]):
             self.fail("device", f"expected {DEVICE_CHOICES}, got {describe_value(res['device'])}")
@@ -155,6 +199,7 @@ class Validator(StageChecks):
         stages_raw = self.table(raw.get("stages"), "stages") if "stages" in raw else self.fail("stages", "missing required key: a recipe needs at least one stage")
         if not stages_raw:
             self.fail("stages", "a recipe needs at least one stage")
+        self.stage_names = list(stages_raw)
         stages_raw = self.stage_bases(stages_raw)
         stages: dict[str, Any] = {}
         for sname, sraw in stages_raw.items():
@@ -166,6 +211,17 @@ class Validator(StageChecks):
         for sname in order:
             self.cross_check(sname, stages)
         return res, order
+
+    def seeds(self, raw: dict[str, Any]) -> list[int] | None:
+        """``seeds``: distinct integers >= 0 (``kdt run`` runs once per seed); ``None`` when absent or empty."""
+        out: list[int] = []
+        for i, v in enumerate(self.array(raw.get("seeds", []), "seeds")):
+            if isinstance(v, bool) or not isinstance(v, int):
+                self.fail(f"seeds[{i}]", f"expected an integer, got {describe_value(v)}")
+            if v < 0 or v in out:
+                self.fail(f"seeds[{i}]", f"must be >= 0, got {v}" if v < 0 else f"seed {v} is listed twice")
+            out.append(v)
+        return out or None
 
     def stage_bases(self, stages_raw: dict[str, Any]) -> dict[str, Any]:
         """Resolve ``base = "other"``: a stage starts as a copy of another stage's
@@ -186,6 +242,7 @@ class Validator(StageChecks):
                 self.fail(f"stages.{name}.base", f"no stage named '{base}'{suggest(base, list(stages_raw))}")
             if base in trail or base == name:
                 self.fail(f"stages.{name}.base", "stage bases form a cycle: " + " -> ".join(trail + (name, base)))
+            self.stage_base[name] = base
             merged = deep_merge(resolve(base, trail + (name,)), {k: v for k, v in raw.items() if k != "base"})
             merged.pop("base", None)
             if "description" not in raw:

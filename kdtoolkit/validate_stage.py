@@ -90,9 +90,10 @@ class StageChecks:
         bb, bb_params = self.component("backbone", model.get("backbone") if "backbone" in model else self.fail(f"{mkey}.backbone", "missing required key"), f"{mkey}.backbone")
         hd, hd_params = self.component("head", model.get("head") if "head" in model else self.fail(f"{mkey}.head", "missing required key"), f"{mkey}.head")
         init = self.value(model, mkey, "init_from_teacher", list[str], [])
-        weights = self.value(model, mkey, "weights", str | None, None)
+        written = self.value(model, mkey, "weights", str | None, None)
+        weights = self.resolve_path(written, f"{mkey}.weights")
         if weights is not None and not Path(weights).is_file():
-            self.fail(f"{mkey}.weights", f"file not found: {weights}")
+            self.fail(f"{mkey}.weights", f"file not found: {written}" + (f" ({weights})" if weights != written else ""))
         st["model"] = {"backbone": {"name": bb.name, **bb_params}, "head": {"name": hd.name, **hd_params},
                        "init_from_teacher": init, "weights": weights}
         if weights is not None:

@@ -403,7 +403,7 @@ def test_unknown_name_suggests_closest():
 
     with pytest.raises(RecipeError, match=r"unknown backbone 'resnet' \(did you mean 'timm'\?\)|unknown backbone 'resnet'; registered: timm"):
         pm.registry("backbone").get("resnet")
-    with pytest.raises(RecipeError, match=r"\(did you mean 'image_folder'\?\); registered: digits, image_folder"):
+    with pytest.raises(RecipeError, match=r"\(did you mean 'image_folder'\?\); registered: cub200, digits, image_folder, stanford_cars"):
         pm.registry("dataset").get("imagefolder")
 
 

@@ -245,7 +245,7 @@ CASES = [
     Case("unknown_loss", _set(f"{KD}.losses[1].name", "hinton"), f"{KD}.losses[1].name",
          ("unknown loss 'hinton' (did you mean 'hinton_kd'?)", "registered: ", "cross_entropy")),
     Case("unknown_dataset", _set("data.dataset", "digit"), "data.dataset",
-         ("unknown dataset 'digit' (did you mean 'digits'?)", "registered: digits, image_folder")),
+         ("unknown dataset 'digit' (did you mean 'digits'?)", "registered: cub200, digits, image_folder, stanford_cars")),
     Case("unknown_stage_dataset", _set(f"{KD}.data", {"dataset": "digitz"}), f"{KD}.data.dataset",
          ("unknown dataset 'digitz' (did you mean 'digits'?)",)),
     Case("dataset_wrong_type", _set("data.dataset", 3), "data.dataset", ("expected a string, got 3",)),

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
+from kdt_data.imagelist import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, check_image_params,
+                                 train_augmentation)
 
 __all__ = ["digits", "image_folder", "describe_dataset", "IMAGE_EXTENSIONS",
            "DigitsDataset", "ImageFolderDataset"]
@@ -139,6 +141,28 @@ class DigitsDataset(Dataset):
             self._up = None  # an un-augmented split needs only the finished images
         return self._done
 
+    def preprocess(self, image):
+        """One image file's evaluation tensor ``[3, S, S]``, prepared as the dataset's own images are.
+
+        The image is converted to grey levels in [0, 1], shrunk to 8x8 by
+        area averaging unless it already is 8x8 (the dataset's resolution),
+        then upsampled, clamped and normalised like a test image. Digits are
+        bright strokes on a dark background, as in the dataset.
+
+        :param image: a PIL image (any mode).
+        """
+        from PIL import Image
+
+        grey = image.convert("L")
+        if grey.size != (8, 8):
+            grey = grey.resize((8, 8), Image.Resampling.BOX)
+        x = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(1, 1, 8, 8).to(torch.float32) / 255.0
+        img = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)[0]
+        img = img.clamp(0.0, 1.0)
+        if self.normalize:
+            img = (img - DIGITS_MEAN) / DIGITS_STD
+        return img.expand(3, -1, -1).contiguous()
+
     def __getitem__(self, i):
         j = int(self.indices[i])
         if not self.augment:
@@ -214,42 +238,46 @@ def _image_files(class_dir):
             if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file()]
 
 
-def _load_rgb(path):
-    """Open ``path`` with Pillow as a fully decoded RGB image, or raise DataError naming it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        detail = str(exc).strip() or type(exc).__name__
-        raise DataError(f"cannot read image: {detail}", source=str(path)) from exc
+#: Values of image_folder's ``augmentation`` key.
+FOLDER_AUGMENTATIONS = ("crop_flip", "protopnet", "none")
 
 
-class ImageFolderDataset(Dataset):
-    """Images under ``<split_dir>/<class>/``; loaded lazily, one file per item."""
+def folder_augmentation(name, hflip):
+    """The PIL-to-PIL training augmentation of an ``image_folder`` ``augmentation`` value, or None for none.
+
+    Parameters:
+        name: ``crop_flip`` (the flip of ``hflip``; the crop is the dataset's), ``protopnet`` or ``none``.
+        hflip: with ``crop_flip``, flip horizontally with probability 0.5.
+    """
+    if name == "crop_flip":
+        return train_augmentation(hflip)
+    if name == "protopnet":
+        from kdt_data.augment import build_augmentation
+
+        return build_augmentation("protopnet")
+    return None
+
+
+class ImageFolderDataset(ImageListDataset):
+    """Images under ``<split_dir>/<class>/``; loaded lazily, one file per item.
+
+    Evaluation: the shorter side resized to ``resize``, then the centre ``image_size`` square.  Training
+    (``augmentation_name`` ``crop_flip``): the same resize, a random (or centre) crop, then the dataset's
+    ``augmentation`` (random horizontal flip with ``hflip``); ``protopnet``: the whole image augmented
+    (:mod:`kdt_data.augment`), then the evaluation transform; ``none``: the evaluation transform.
+    """
 
     def __init__(self, split, augment, root, split_dir, classes, samples, image_size, resize,
-                 mean, std, hflip, random_crop):
-        self.split = split
-        self.augment = bool(augment)
+                 mean, std, hflip, random_crop, augmentation="crop_flip"):
+        super().__init__(name=f"image_folder:{root}", split=split, augment=augment, classes=classes,
+                         samples=samples, image_size=image_size, mean=mean, std=std,
+                         augmentation=folder_augmentation(augmentation, hflip))
+        self.augmentation_name = augmentation
         self.root = root
         self.split_dir = split_dir
-        self.classes = list(classes)
-        self.num_classes = len(self.classes)
-        self.samples = samples  # list of (path str, label int)
-        self.targets = [label for _, label in samples]
-        self.image_size = int(image_size)
         self.resize = int(resize)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.hflip = bool(hflip)
         self.random_crop = bool(random_crop)
-        self.name = f"image_folder:{root}"
-
-    def __len__(self):
-        return len(self.samples)
 
     def _resize_shorter(self, im):
         from PIL import Image
@@ -266,24 +294,31 @@ class ImageFolderDataset(Dataset):
             im = im.resize((nw, nh), Image.Resampling.BILINEAR)
         return im
 
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        im = self._resize_shorter(_load_rgb(path))
+    def _crop(self, im, random):
         w, h = im.size
         s = self.image_size
-        if self.augment and self.random_crop:
+        if random:
             top = int(torch.randint(0, h - s + 1, ()).item())
             left = int(torch.randint(0, w - s + 1, ()).item())
         else:
             top = int(round((h - s) / 2.0))
             left = int(round((w - s) / 2.0))
-        im = im.crop((left, top, left + s, top + s))
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        img = data.view(s, s, 3).permute(2, 0, 1).to(torch.float32).div_(255.0)
-        if self.augment and self.hflip and torch.rand(()).item() < 0.5:
-            img = img.flip(-1)
-        img = (img - self.mean) / self.std
-        return img.contiguous(), int(label)
+        return im.crop((left, top, left + s, top + s))
+
+    def preprocess(self, im):
+        """The evaluation transform of any PIL image: shorter side to ``resize``, centre crop, normalise."""
+        im = im if im.mode == "RGB" else im.convert("RGB")
+        return self.to_tensor(self._crop(self._resize_shorter(im), random=False))
+
+    def train_transform(self, im):
+        """Shorter side to ``resize``, a random crop (with ``random_crop``), ``augmentation``, normalise;
+        with ``protopnet`` or ``none``: ``augmentation`` (if any) on the whole image, then :meth:`preprocess`."""
+        if self.augmentation_name != "crop_flip":
+            return super().train_transform(im)
+        im = self._crop(self._resize_shorter(im), random=self.random_crop)
+        if self.augmentation is not None:
+            im = self.augmentation(im)
+        return self.to_tensor(im)
 
     def __repr__(self):
         return (f"ImageFolderDataset(root={self.root!r}, split={self.split!r}, size={len(self)}, "
@@ -292,8 +327,8 @@ class ImageFolderDataset(Dataset):
 
 def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str = "train",
                  test_dir: str = "test", image_size: int = 224, resize: int | None = None,
-                 mean: list[float] = [0.485, 0.456, 0.406], std: list[float] = [0.229, 0.224, 0.225],
-                 hflip: bool = True, random_crop: bool = True) -> Dataset:
+                 mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
+                 hflip: bool = True, random_crop: bool = True, augmentation: str = "crop_flip") -> Dataset:
     """Images in one sub-folder per class: ``root/<train_dir>/<class>/*`` and ``root/<test_dir>/<class>/*``.
 
     Classes are the sorted sub-folder names; the test split must have the same
@@ -313,26 +348,24 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
         std: per-channel (R, G, B) std divided by after subtracting the mean.
         hflip: with augmentation, flip images horizontally with probability 0.5.
         random_crop: with augmentation, crop at a random position instead of the center.
+        augmentation: training augmentation: ``crop_flip`` (the crop and flip above), ``protopnet``
+            (ProtoPNet's: the whole image rotated, skewed, sheared or distorted, each equally likely,
+            then flipped with probability 0.5, then center-cropped; hflip and random_crop unused;
+            see kdt_data.augment) or ``none``.
     """
     source = "image_folder"
     _check_split(split, source)
+    if augmentation not in FOLDER_AUGMENTATIONS:
+        raise DataError(f"augmentation must be one of {', '.join(map(repr, FOLDER_AUGMENTATIONS))}, "
+                        f"got {augmentation!r}", source=source, key="augmentation")
     if not isinstance(root, (str, os.PathLike)) or not str(root):
         raise DataError(f"root must be a folder path, got {root!r}", source=source, key="root")
-    if not _is_int(image_size) or image_size < 1:
-        raise DataError(f"image_size must be a positive integer, got {image_size!r}",
-                        source=source, key="image_size")
+    check_image_params(source, image_size, mean, std)
     if resize is None:
         resize = int(round(image_size * 8 / 7))
     if not _is_int(resize) or resize < image_size:
         raise DataError(f"resize must be an integer of at least image_size ({image_size}), got {resize!r}",
                         source=source, key="resize")
-    for key, values in (("mean", mean), ("std", std)):
-        if (not isinstance(values, (list, tuple)) or len(values) != 3
-                or not all(_is_number(v) for v in values)):
-            raise DataError(f"{key} must be a list of 3 numbers (R, G, B), got {values!r}",
-                            source=source, key=key)
-    if any(float(v) <= 0 for v in std):
-        raise DataError(f"std values must be positive, got {list(std)!r}", source=source, key="std")
     for key, sub in (("train_dir", train_dir), ("test_dir", test_dir)):
         if not isinstance(sub, str) or not sub:
             raise DataError(f"{key} must be a folder name, got {sub!r}", source=source, key=key)
@@ -373,7 +406,7 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
 
     return ImageFolderDataset(split, augment, str(root_path), str(split_path), classes, samples,
                               image_size, resize, [float(v) for v in mean], [float(v) for v in std],
-                              hflip, random_crop)
+                              hflip, random_crop, augmentation)
 
 
 # --------------------------------------------------------------------------- metadata

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layouts import to_timm_layout
+
 log = logging.getLogger("kdt.timm")
 
 #: ``timm.create_model`` arguments the plugin sets itself (not allowed in ``model_kwargs``).
@@ -28,9 +30,6 @@ OWN_KWARGS = {
     "pretrained_cfg_overlay": "weights",
     "checkpoint_path": "weights",
 }
-
-#: Key prefixes stripped from weight files (DataParallel/DDP and wrapper exports).
-STRIP_PREFIXES = ("module.", "model.")
 
 
 class TimmBackbone(nn.Module):
@@ -50,10 +49,14 @@ class TimmBackbone(nn.Module):
     false }`` avoids it.
 
     :param model: a timm model name (``resnet18``, ``resnet50``, ``vgg11``,
-        ``densenet121``, ...); ``timm.list_models()`` lists them.
+        ``densenet121``, ...), optionally with a pretrained tag
+        (``resnet50.tv_in1k``: torchvision's ImageNet weights with
+        ``pretrained = true``); ``timm.list_models()`` lists them.
     :param out_index: which feature stage to return, as an index into timm's
         ``feature_info`` (``-1``: the last, stride 32 for ResNets; ``2`` is
-        stride 8 and ``3`` stride 16). Ignored with ``classifier = true``.
+        stride 8 and ``3`` stride 16). ``-1`` gives the 7×7 grid of a 224 px
+        image for ResNets, VGGs (after the last max-pool, 512 channels, as
+        ProtoPNet's VGG features) and DenseNets. Ignored with ``classifier = true``.
     :param classifier: use the complete timm model (pooling and classifier
         for the recipe's classes) instead of a feature map; the output is
         logits ``[B,K]``, ``out_channels`` is K and ``reduction`` is none.
@@ -61,8 +64,15 @@ class TimmBackbone(nn.Module):
         never in tests).
     :param weights: load weights from this local ``.safetensors`` (or
         ``.pth``/``.bin``, read with ``weights_only``) file instead. Keys
-        prefixed ``module.``/``model.`` are accepted; a feature-map backbone
-        ignores the keys of the stages and classifier it cuts away.
+        prefixed ``module.``/``model.`` are accepted, and so are torchvision's
+        VGG and DenseNet files (converted to timm's names); a feature-map
+        backbone ignores the keys of the stages and classifier it cuts away.
+    :param weights_rename: with ``weights``: prefixes of the file's keys
+        renamed to timm's, e.g. ``{ "module.backbone." = "" }``; the longest
+        matching prefix of each key applies.
+    :param weights_ignore: with ``weights``: prefixes of the file's keys
+        dropped before the strict check (e.g. a second branch or another
+        classifier). Both see the names as stored in the file.
     :param strict: with ``weights``: refuse a file with missing, unexpected or
         differently shaped keys (false: load what fits and log the counts).
     :param drop_path_rate: stochastic depth rate, for models that support it.
@@ -72,7 +82,8 @@ class TimmBackbone(nn.Module):
 
     def __init__(self, num_classes: int | None = None, *, model: str, out_index: int = -1, classifier: bool = False,
                  pretrained: bool = False, weights: Path | None = None, strict: bool = True,
-                 drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None):
+                 drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None,
+                 weights_rename: dict[str, str] | None = None, weights_ignore: list[str] | None = None):
         super().__init__()
         import timm
 
@@ -112,10 +123,12 @@ class TimmBackbone(nn.Module):
                               key="model_kwargs") from None
         self.model_name = model
         self.classifier = classifier
-        #: counts of the last weights load (``loaded``, ``missing``, ``unexpected``, ``shape``, ``ignored``).
+        #: counts of the last weights load (``loaded``, ``missing``, ``unexpected``, ``shape``, ``ignored``,
+        #: and from the key mapping ``dropped`` and ``converted``).
         self.weights_report: dict[str, int] | None = None
         if weights is not None:
-            self.weights_report = self._load_weights(Path(weights), strict, kwargs)
+            self.weights_report = self._load_weights(Path(weights), strict, kwargs,
+                                                     rename=weights_rename, ignore=weights_ignore)
 
     @staticmethod
     def check_params(params: dict) -> None:
@@ -129,6 +142,12 @@ class TimmBackbone(nn.Module):
             raise ValueError("model", f"unknown timm model {name!r}{hint}")
         if params.get("pretrained") and params.get("weights"):
             raise ValueError("weights", "set either pretrained = true or weights, not both")
+        for key in ("weights_rename", "weights_ignore"):
+            if params.get(key) and not params.get("weights"):
+                raise ValueError(key, "applies to a weights file: set weights too")
+        for prefix in params.get("weights_ignore") or []:
+            if not prefix:
+                raise ValueError("weights_ignore", "an empty prefix would drop every key")
         for key in params.get("model_kwargs") or {}:
             if key in OWN_KWARGS:
                 raise ValueError("model_kwargs", f"'{key}' is set by the backbone itself (use its key "
@@ -173,15 +192,19 @@ class TimmBackbone(nn.Module):
                 out.append(f"{first[:i]}.{first[i + 1:]}" + (f".{rest}" if rest else ""))
         return out
 
-    def _load_weights(self, path: Path, strict: bool, kwargs: dict[str, Any]) -> dict[str, int]:
-        from kdtoolkit.errors import CheckpointError
+    def _load_weights(self, path: Path, strict: bool, kwargs: dict[str, Any], *,
+                      rename: dict[str, str] | None = None, ignore: list[str] | None = None) -> dict[str, int]:
+        from kdtoolkit.errors import CheckpointError, RecipeError
         from kdtoolkit.io import load_external_state_dict
 
-        state = load_external_state_dict(path)
-        for prefix in STRIP_PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
         full_shapes, head_keys = self._reference_keys(kwargs)
+        try:
+            state, remapped = to_timm_layout(load_external_state_dict(path), full_shapes, rename=rename,
+                                             ignore=ignore)
+        except ValueError as exc:
+            raise RecipeError(str(exc), key="weights_rename") from None
+        if remapped["converted"]:
+            log.info("%s: %d keys of torchvision's layout renamed to timm's", path, remapped["converted"])
         own = self.body.state_dict()
         # own key -> key in the file's (complete model's) layout
         mapping = {}
@@ -197,29 +220,13 @@ class TimmBackbone(nn.Module):
         used = set(mapping.values())
         ignored = [k for k in state if k in full_shapes and k not in used]
         report = {"loaded": len(fits), "missing": len(missing), "unexpected": len(unexpected), "shape": len(shape),
-                  "ignored": len(ignored)}
+                  "ignored": len(ignored), "dropped": remapped["dropped"], "converted": remapped["converted"]}
         if missing or unexpected or shape:
             counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} with another shape"
             if strict:
-                details = []
-                if missing:
-                    details.append("missing: " + _first(missing))
-                if unexpected:
-                    details.append("unexpected: " + _first(unexpected))
-                if shape:
-                    f = shape[0]
-                    own_key = next(k for k, v in mapping.items() if v == f)
-                    details.append(f"shape of {f}: {tuple(state[f].shape)} in the file, "
-                                   f"{tuple(own[own_key].shape)} in the model")
-                if not fits:
-                    cause = "no key fits: weights of a different model"
-                elif missing or unexpected:
-                    cause = "likely weights of another architecture or depth"
-                else:
-                    cause = "likely another width or variant of this architecture"
-                raise CheckpointError(f"weights do not fit timm model '{self.model_name}' ({counts}; "
-                                      f"{'; '.join(details)}); {cause}; strict = false loads what fits",
-                                      source=str(path))
+                details = _mismatch_details(missing, unexpected, shape, state, own, mapping, bool(fits))
+                raise CheckpointError(f"weights do not fit timm model '{self.model_name}' ({counts}; {details}); "
+                                      "strict = false loads what fits", source=str(path))
             log.warning("%s: loaded %d of %d tensors into timm model '%s' (%s)", path, len(fits), len(own),
                         self.model_name, counts)
         if head_skipped:
@@ -232,6 +239,27 @@ class TimmBackbone(nn.Module):
         if self.classifier:
             return self.body(x)
         return self.body(x)[-1]
+
+
+def _mismatch_details(missing: list[str], unexpected: list[str], shape: list[str], state: dict, own: dict,
+                      mapping: dict[str, str], any_fits: bool) -> str:
+    """The first offending names of each kind and the likely cause, for the one-line strict-load error."""
+    details = []
+    if missing:
+        details.append("missing: " + _first(missing))
+    if unexpected:
+        details.append("unexpected: " + _first(unexpected))
+    if shape:
+        f = shape[0]
+        own_key = next(k for k, v in mapping.items() if v == f)
+        details.append(f"shape of {f}: {tuple(state[f].shape)} in the file, {tuple(own[own_key].shape)} in the model")
+    if not any_fits:
+        cause = "no key fits: weights of a different model"
+    elif missing or unexpected:
+        cause = "likely weights of another architecture or depth"
+    else:
+        cause = "likely another width or variant of this architecture"
+    return "; ".join(details) + "; " + cause
 
 
 def _first(names: list[str], n: int = 3) -> str:

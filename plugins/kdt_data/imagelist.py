@@ -1,0 +1,150 @@
+"""What the image datasets share: decoding, boxes, tensors, training augmentation.
+
+:class:`ImageListDataset` is a dataset of ``(path, label)`` samples, each
+with an optional bounding box, decoded lazily one file per item.  A subclass
+defines :meth:`~ImageListDataset.preprocess`, the un-augmented evaluation
+transform of an RGB image; training items apply the dataset's
+``augmentation`` (a callable from a PIL image to a PIL image, drawing from
+torch's global RNG; :func:`train_augmentation` builds the default, a random
+horizontal flip) to the decoded, box-cropped image before it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from kdtoolkit.errors import DataError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_rgb", "crop_box", "random_hflip", "train_augmentation",
+           "check_image_params", "ImageListDataset"]
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def load_rgb(path):
+    """Open ``path`` with Pillow as a fully decoded RGB image, or raise DataError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        detail = str(exc).strip() or type(exc).__name__
+        raise DataError(f"cannot read image: {detail}", source=str(path)) from exc
+
+
+def crop_box(im, box, path):
+    """``im`` cropped to ``box`` = (left, top, right, bottom), 0-based pixels, right and bottom exclusive.
+
+    The box is clipped to the image; a box with nothing inside the image raises DataError naming ``path``.
+    """
+    w, h = im.size
+    left, top, right, bottom = box
+    left, top, right, bottom = max(0, left), max(0, top), min(w, right), min(h, bottom)
+    if right <= left or bottom <= top:
+        raise DataError(f"bounding box {tuple(box)} (left, top, right, bottom) lies outside the {w}x{h} image",
+                        source=str(path))
+    if (left, top, right, bottom) == (0, 0, w, h):
+        return im
+    return im.crop((left, top, right, bottom))
+
+
+def random_hflip(im):
+    """Flip ``im`` horizontally with probability 0.5 (one draw from torch's global RNG)."""
+    if torch.rand(()).item() < 0.5:
+        from PIL import Image
+
+        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return im
+
+
+def train_augmentation(hflip: bool) -> Callable | None:
+    """The training-time augmentation of a dataset's images (PIL image to PIL image), or None for none."""
+    return random_hflip if hflip else None
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_image_params(source, image_size, mean, std):
+    """Check ``image_size`` (a positive integer) and ``mean``/``std`` (3 numbers each, std > 0); raise DataError."""
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}", source=source, key="image_size")
+    for key, values in (("mean", mean), ("std", std)):
+        if (not isinstance(values, (list, tuple)) or len(values) != 3
+                or not all(_is_number(v) for v in values)):
+            raise DataError(f"{key} must be a list of 3 numbers (R, G, B), got {values!r}", source=source, key=key)
+    if any(float(v) <= 0 for v in std):
+        raise DataError(f"std values must be positive, got {list(std)!r}", source=source, key="std")
+
+
+class ImageListDataset(Dataset):
+    """Images listed as ``(path, label)`` samples, each with an optional box; decoded lazily, one file per item.
+
+    :ivar samples: ``(path, label)`` per item.
+    :ivar boxes: ``None``, or per item ``(left, top, right, bottom)`` in 0-based pixels (right and bottom
+        exclusive) that :meth:`image` crops to.
+    :ivar augmentation: applied to the decoded (cropped) image of a training item when ``augment`` is on.
+    """
+
+    def __init__(self, *, name, split, augment, classes, samples, image_size, mean, std, boxes=None,
+                 augmentation=None):
+        self.name = name
+        self.split = split
+        self.augment = bool(augment)
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.boxes = boxes
+        self.image_size = int(image_size)
+        self.mean = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
+        self.augmentation = augmentation
+
+    def __len__(self):
+        return len(self.samples)
+
+    def image(self, i):
+        """Item ``i`` decoded as an RGB PIL image, cropped to its box if it has one."""
+        path = self.samples[i][0]
+        im = load_rgb(path)
+        if self.boxes is not None:
+            im = crop_box(im, self.boxes[i], path)
+        return im
+
+    def preprocess(self, im) -> torch.Tensor:
+        """The un-augmented transform of a PIL image: a normalised float tensor ``[3, S, S]``."""
+        raise NotImplementedError
+
+    def train_transform(self, im) -> torch.Tensor:
+        """The training transform of a decoded (cropped) image: ``augmentation``, then :meth:`preprocess`."""
+        if self.augmentation is not None:
+            im = self.augmentation(im)
+        return self.preprocess(im)
+
+    def __getitem__(self, i):
+        im = self.image(i)
+        img = self.train_transform(im) if self.augment else self.preprocess(im)
+        return img, int(self.samples[i][1])
+
+    def check_item(self, i) -> None:
+        """Decode item ``i`` completely (and crop it to its box); raise DataError naming the file if that fails."""
+        self.image(i)
+
+    def to_tensor(self, im) -> torch.Tensor:
+        """An RGB PIL image as a float tensor ``[3, H, W]``, scaled to [0, 1] and normalised with mean/std."""
+        w, h = im.size
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        img = data.view(h, w, 3).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        return ((img - self.mean) / self.std).contiguous()
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, size={len(self)}, "
+                f"classes={self.num_classes}, image_size={self.image_size}, augment={self.augment})")
