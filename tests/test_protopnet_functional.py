@@ -276,6 +276,32 @@ def test_active_patch_mask_by_hand():
         F.active_patch_mask(dmin, argm, 2, 2, tau=1.0)  # index 5 out of a 2x2 grid
 
 
+def _original_ppc_mask(distances, tau):
+    """The original code's mask: max-pool of -d, equality with -d, threshold, any over prototypes."""
+    scores = torch.nn.functional.max_pool2d(-distances, kernel_size=distances.shape[2:])
+    return ((scores == -distances) & (distances < tau)).any(dim=1)
+
+
+def test_ppc_mask_with_all_ties_equals_the_original_and_differs_from_first_on_flat_regions():
+    g = _gen(11)
+    d = torch.rand(3, 5, 4, 4, generator=g) * 4
+    d[0, 1] = 0.7  # a constant map: every location ties (a prototype on a uniform background)
+    d[1, 2, :2, :] = 0.1  # ties on the top half only
+    dmin, argm = _protopnet.min_pool_distances(d)
+    for tau in (0.5, 1.0, 2.0, math.inf):
+        all_ties = F.active_patch_mask_all_ties(d, dmin, tau)
+        assert torch.equal(all_ties, _original_ppc_mask(d, tau))
+        first = F.active_patch_mask(dmin, argm, 4, 4, tau)
+        assert torch.equal(all_ties | first, all_ties)  # the first location is one of the tied ones
+    assert F.active_patch_mask_all_ties(d, dmin, 1.0)[0].all()  # the flat map masks every location
+    assert int(F.active_patch_mask(dmin, argm, 4, 4, 1.0)[1].sum()) < int(F.active_patch_mask_all_ties(d, dmin, 1.0)[1].sum())
+    d2 = torch.rand(2, 3, 3, 3, generator=g)  # no ties: both masks agree
+    m2, a2 = _protopnet.min_pool_distances(d2)
+    assert torch.equal(F.active_patch_mask_all_ties(d2, m2, 0.5), F.active_patch_mask(m2, a2, 3, 3, 0.5))
+    with pytest.raises(ValueError):
+        F.active_patch_mask_all_ties(d2[0], m2, 0.5)
+
+
 def test_ppc_loss_by_hand():
     zt = torch.zeros(1, 2, 2, 2)
     zs = torch.zeros(1, 2, 2, 2)
@@ -432,3 +458,23 @@ def test_projector_accepts_4d_prototypes_and_does_not_alias_input():
     res = proj.result()
     assert res.prototypes.shape == (2, 3)
     assert torch.equal(protos, before)
+
+
+def test_ppc_loss_mask_ties_option_reads_the_distance_map():
+    from kdt_proto2proto.losses import PatchPrototypeCorrespondenceLoss
+
+    g = _gen(3)
+    d = torch.rand(2, 4, 3, 3, generator=g) * 3
+    d[0, 0] = 0.2  # a flat map: all 9 locations tie
+    dmin, argm = _protopnet.min_pool_distances(d)
+    zs, zt = torch.rand(2, 5, 3, 3, generator=g), torch.rand(2, 5, 3, 3, generator=g)
+    student = {"features": zs, "min_distances": dmin, "argmin": argm, "distances": d}
+    step = SimpleNamespace(outputs=student, teacher_outputs={"features": zt})
+    first = PatchPrototypeCorrespondenceLoss(tau=1.0, mask_ties="first")
+    every = PatchPrototypeCorrespondenceLoss(tau=1.0)
+    assert every.mask_ties == "all" and "distances" in every.requires_outputs and "argmin" not in every.requires_outputs
+    assert "argmin" in first.requires_outputs and "distances" not in first.requires_outputs
+    expect_first = F.patch_prototype_correspondence_loss(zt, zs, F.active_patch_mask(dmin, argm, 3, 3, 1.0))
+    expect_all = F.patch_prototype_correspondence_loss(zt, zs, _original_ppc_mask(d, 1.0))
+    assert torch.equal(first(step), expect_first) and torch.equal(every(step), expect_all)
+    assert not torch.equal(expect_first, expect_all)

@@ -338,3 +338,37 @@ def test_shipped_prototree_recipe_validates_and_round_trips(tmp_path, capsys):
     again = tmp_path / "resolved.toml"
     again.write_text(out)
     assert main(["validate", str(again)]) == 0
+
+
+@pytest.mark.parametrize("fmt", ["exported-program", "torchscript"])
+def test_a_tree_exports_with_its_logits_and_predicts_with_nodes(tree_run, tmp_path, capsys, fmt):
+    import warnings
+
+    from kdtoolkit.cli import main
+    from kdtoolkit.engine.rundir import StageDir
+
+    *_, out, _, _ = tree_run
+    path = tmp_path / "tree.model"
+    assert main(["export", str(out / "kd"), "--format", fmt, "--out", str(path)]) == 0
+    stage = StageDir.open(out / "kd")
+    x = torch.stack([stage.data().test[i][0] for i in range(3)])
+    with torch.no_grad():
+        ref = stage.model("cpu")(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.export.load(str(path)).module() if fmt == "exported-program" else torch.jit.load(str(path))
+        got = loaded(x)
+    assert torch.allclose(got["logits"], ref["logits"], atol=1e-5, rtol=0)
+    assert torch.equal(got["greedy_prediction"], ref["greedy_prediction"])
+    if fmt == "torchscript":
+        return
+    from PIL import Image
+
+    img = tmp_path / "digit.png"
+    Image.fromarray((torch.rand(8, 8) * 255).to(torch.uint8).numpy()).save(img)
+    capsys.readouterr()
+    assert main(["predict", str(out / "kd"), str(img), "--top", "2", "--json", "-", "-q"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    nodes = row["top_prototypes"]
+    assert len(nodes) == 2 and all(set(n) == {"prototype", "similarity", "location"} for n in nodes)
+    assert 0 < nodes[1]["similarity"] <= nodes[0]["similarity"] <= 1

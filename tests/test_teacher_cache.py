@@ -222,6 +222,8 @@ def test_needed_outputs_follow_the_losses_declarations():
 
     assert teachercache.needed_outputs([PatchPrototypeCorrespondenceLoss()]) == {"features"}
     assert teachercache.needed_outputs([PatchPrototypeCorrespondenceLoss(mask_source="either")]) == {
+        "features", "min_distances", "distances"}
+    assert teachercache.needed_outputs([PatchPrototypeCorrespondenceLoss(mask_source="either", mask_ties="first")]) == {
         "features", "min_distances", "argmin"}
 
 

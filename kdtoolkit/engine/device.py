@@ -52,6 +52,22 @@ def resolve_device(spec: str) -> "torch.device":
     return dev
 
 
+def full_precision(device_type: str):
+    """A context that turns autocast off where it is on (a head's float32 region), else does nothing.
+
+    Entering ``torch.autocast(enabled=False)`` unconditionally would put an
+    autocast node into graphs that :func:`torch.export.export` captures even
+    when no autocast is active, and some such graphs fail to load.
+
+    :param device_type: ``cpu``, ``cuda``, ... (a tensor's ``device.type``).
+    """
+    import torch
+
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def autocast(device: "torch.device", precision: str):
     """Autocast context for ``bf16``/``fp16``; a no-op for ``fp32``."""
     if precision == "fp32":

@@ -154,18 +154,35 @@ class StageDir:
         return build_data(self.spec, self.run.plugins)
 
     def model(self, device: str = "cpu", data=None):
-        """The trained model (weights loaded strictly from ``model.safetensors``), in eval mode on ``device``."""
+        """The trained model (weights loaded strictly from ``model.safetensors``), in eval mode on ``device``.
+
+        The class count comes from ``data`` when given, else from the model
+        file's metadata (no dataset is built), else from the stage's data.
+        """
         from .device import resolve_device
         from .models import build_model, load_model_file, load_state_strict
 
         weights = self.path / "model.safetensors"
         if not weights.is_file():
             raise KdtError("not a trained stage (no model.safetensors)", source=str(self.path))
-        data = data or self.data()
-        model = build_model(self.spec, data.num_classes, self.run.plugins)
-        state, _ = load_model_file(weights)
+        state, meta = load_model_file(weights)
+        if data is not None:
+            num_classes = data.num_classes
+        elif isinstance(meta.get("num_classes"), int):
+            num_classes = meta["num_classes"]
+        else:
+            num_classes = self.data().num_classes
+        model = build_model(self.spec, num_classes, self.run.plugins)
         load_state_strict(model, state, str(weights))
         return model.to(resolve_device(device)).eval()
+
+    def num_classes(self) -> int:
+        """The trained model's class count (from ``model.safetensors``' metadata, else from the stage's data)."""
+        from .models import load_model_file
+
+        _, meta = load_model_file(self.path / "model.safetensors")
+        n = meta.get("num_classes")
+        return n if isinstance(n, int) else self.data().num_classes
 
     def records(self, device: str = "auto", progress=None, save: bool = True):
         """The stage's evaluation :class:`~kdtoolkit.records.Records`: read from

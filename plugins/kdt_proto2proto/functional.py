@@ -26,6 +26,7 @@ from kdt_protopnet.functional import _as_matrix, _check_latent
 __all__ = [
     "global_explanation_loss",
     "active_patch_mask",
+    "active_patch_mask_all_ties",
     "patch_prototype_correspondence_loss",
     "prototype_distance_matrix",
     "match_prototypes",
@@ -129,6 +130,36 @@ def active_patch_mask(
     )
     counts.scatter_add_(1, idx, active)
     return (counts > 0).view(min_distances.shape[0], height, width)
+
+
+def active_patch_mask_all_ties(distances: Tensor, min_distances: Tensor, tau: float) -> Tensor:
+    """The PPC mask as the original code computes it: every location where a
+    prototype's distance equals its minimum, not only the first such location.
+
+    ``m_{b,h,w} = 1`` iff some prototype j has ``d_{b,j,h,w} = min_{h',w'}
+    d_{b,j,h',w'}`` and ``min_distances_{b,j} < tau`` (STRICT). Where features
+    are constant over a region (a uniform background), a prototype's minimum
+    is reached at many locations and all of them are masked; with distinct
+    distances this equals :func:`active_patch_mask`.
+
+    Args:
+        distances: ``[B, P, H, W]``, the map the head min-pools.
+        min_distances: ``[B, P]``, the head's pooled minima (their threshold
+            decides which prototypes are active).
+        tau: threshold (float, may be ``math.inf``).
+
+    Returns:
+        ``[B, H, W]`` bool on ``distances``'s device.
+    """
+    if distances.dim() != 4 or tuple(distances.shape[:2]) != tuple(min_distances.shape):
+        raise ValueError(
+            f"distances must have shape [B, P, H, W] matching min_distances [B, P]; got "
+            f"{tuple(distances.shape)} and {tuple(min_distances.shape)}"
+        )
+    d = distances.detach()
+    at_min = d == d.amin(dim=(2, 3), keepdim=True)  # [B, P, H, W]
+    active = (min_distances.detach() < tau)[:, :, None, None]
+    return (at_min & active).any(dim=1)
 
 
 def patch_prototype_correspondence_loss(

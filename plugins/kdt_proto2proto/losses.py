@@ -120,17 +120,26 @@ class PatchPrototypeCorrespondenceLoss:
         ``student`` (what the original code does, and the default, so that
         results stay comparable with the published numbers), ``teacher`` (what
         the original variable names suggest) or ``either`` (the union).
+    :param mask_ties: which locations of an active prototype are masked:
+        ``all`` locations where its distance equals its minimum (what the
+        original code does, and the default) or only the ``first`` (its
+        ``argmin``). They differ where features are constant over a region,
+        such as a uniform background.
     """
 
     requires_teacher = True
-    requires_outputs = ("min_distances", "argmin", "features")
-    requires_teacher_outputs = ("features", "min_distances", "argmin")
+    requires_outputs = ("min_distances", "argmin", "features", "distances")
+    requires_teacher_outputs = ("features", "min_distances", "argmin", "distances")
 
-    def __init__(self, *, tau: float = 100.0, mask_source: Literal["student", "teacher", "either"] = "student"):
+    def __init__(self, *, tau: float = 100.0, mask_source: Literal["student", "teacher", "either"] = "student",
+                 mask_ties: Literal["all", "first"] = "all"):
         self.tau = tau
         self.mask_source = mask_source
+        self.mask_ties = mask_ties
+        located = ("min_distances", "distances") if mask_ties == "all" else ("min_distances", "argmin")
+        self.requires_outputs = ("features", *located)
         # the teacher's distances are read only when its patches decide the mask
-        self.requires_teacher_outputs = ("features",) if mask_source == "student" else ("features", "min_distances", "argmin")
+        self.requires_teacher_outputs = ("features",) if mask_source == "student" else ("features", *located)
 
     @staticmethod
     def check_params(params: dict) -> None:
@@ -153,11 +162,12 @@ class PatchPrototypeCorrespondenceLoss:
             raise ValueError(f"teacher and student add-on features differ in shape: {tuple(zt.shape)} vs {tuple(zs.shape)}; "
                              "use the same prototype_depth and a backbone cut with the same grid")
         h, w = zs.shape[-2:]
-        masks = []
-        if self.mask_source in ("student", "either"):
-            masks.append(F.active_patch_mask(s["min_distances"].detach(), s["argmin"], h, w, self.tau))
-        if self.mask_source in ("teacher", "either"):
-            masks.append(F.active_patch_mask(t["min_distances"], t["argmin"], h, w, self.tau))
+        sources = [o for o, used in ((s, self.mask_source in ("student", "either")),
+                                     (t, self.mask_source in ("teacher", "either"))) if used]
+        if self.mask_ties == "all":
+            masks = [F.active_patch_mask_all_ties(o["distances"], o["min_distances"], self.tau) for o in sources]
+        else:
+            masks = [F.active_patch_mask(o["min_distances"].detach(), o["argmin"], h, w, self.tau) for o in sources]
         mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
         return F.patch_prototype_correspondence_loss(zt, zs, mask)
 

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kdtoolkit.engine.device import full_precision
+
 from . import functional as F
 
 
@@ -55,7 +57,9 @@ class ProtoPNetHead(nn.Module):
 
     Outputs: ``logits`` ``[B,K]``, ``min_distances`` ``[B,P]`` (squared L2),
     ``argmin`` ``[B,P]`` (flat location h·W+w of each minimum), ``features``
-    (the add-on output z ``[B,D,H,W]``) and ``similarities`` ``[B,P]``.
+    (the add-on output z ``[B,D,H,W]``), ``distances`` ``[B,P,H,W]`` (the
+    squared-L2 map that ``min_distances`` pools; the correspondence loss
+    reads it to find tied minima) and ``similarities`` ``[B,P]``.
     Parameter groups: ``head.add_on``, ``head.prototypes``, ``head.last_layer``.
 
     :param prototypes_per_class: prototypes per class (paper: 10); P = K × this.
@@ -67,7 +71,7 @@ class ProtoPNetHead(nn.Module):
         the other classes (own class: +1); paper −0.5.
     """
 
-    outputs = ("logits", "min_distances", "argmin", "features", "similarities")
+    outputs = ("logits", "min_distances", "argmin", "features", "distances", "similarities")
     param_groups = ("add_on", "prototypes", "last_layer")
     record_keys = ("min_distances", "argmin")
 
@@ -107,14 +111,34 @@ class ProtoPNetHead(nn.Module):
         h, w = outputs["features"].shape[-2:]
         return {"H": int(h), "W": int(w)}
 
+    def top_prototypes(self, outputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """The ``k`` most activated prototypes of each image, for ``kdt predict`` and explanations.
+
+        :param outputs: a :meth:`forward` result for a batch.
+        :param k: how many prototypes per image (at most P).
+        :return: ``[B, k]`` tensors: ``prototype`` (index, most similar first),
+            ``similarity``, ``contribution`` (similarity times the last-layer
+            weight to the predicted class: its share of that logit),
+            ``class`` (the prototype's class) and ``location`` (flat index
+            ``h·W + w`` of its closest latent patch).
+        """
+        sim = outputs["similarities"].float()
+        k = max(1, min(int(k), sim.shape[1]))
+        top_sim, idx = sim.topk(k, dim=1)
+        pred = outputs["logits"].argmax(dim=1)
+        weights = self.last_layer.weight.detach().float()[pred]  # [B, P]
+        return {"prototype": idx, "similarity": top_sim, "contribution": top_sim * weights.gather(1, idx),
+                "class": self.class_identity.argmax(dim=1)[idx], "location": outputs["argmin"].gather(1, idx)}
+
     def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.add_on(f)
         # Distances in float32 even under bf16/fp16 autocast: ||z||² − 2<z,p> + ||p||²
         # cancels badly in low precision.
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with full_precision(z.device.type):
             z = z.float()
             distances = F.squared_l2_distances(z, self.prototypes.float())
             min_d, argmin = F.min_pool_distances(distances)
             sim = F.distance_to_similarity(min_d, self.similarity)
             logits = self.last_layer(sim)
-        return {"logits": logits, "min_distances": min_d, "argmin": argmin, "features": z, "similarities": sim}
+        return {"logits": logits, "min_distances": min_d, "argmin": argmin, "features": z, "distances": distances,
+                "similarities": sim}

@@ -15,6 +15,8 @@ from typing import Any, Iterable, Literal
 import torch
 from torch import Tensor, nn
 
+from kdtoolkit.engine.device import full_precision
+
 from . import functional as F
 
 MAX_DEPTH = 16
@@ -34,6 +36,9 @@ class ProtoTreeHead(nn.Module):
     * ``min_distances`` ``[B,N]`` (true L2, not squared) and ``argmin``
       ``[B,N]`` (flat location ``h·W + w``), one per decision node;
     * ``features``: the add-on output z ``[B,D,H,W]``;
+    * ``distances`` ``[B,N,H,W]``: every node's L2 distance to every latent
+      patch (the map ``min_distances`` pools; the correspondence loss reads
+      it to find tied minima);
     * ``leaf_log_probabilities`` ``[B,L]``: ``log π_l(x)``;
     * ``greedy_prediction``, ``sample_max_prediction`` ``[B]`` int64: the
       class predicted in the two deterministic inference modes (see
@@ -62,7 +67,7 @@ class ProtoTreeHead(nn.Module):
         optimiser, initialised N(0, 1) as the authors do).
     """
 
-    outputs = ("logits", "log_probabilities", "min_distances", "argmin", "features", "leaf_log_probabilities",
+    outputs = ("logits", "log_probabilities", "min_distances", "argmin", "features", "distances", "leaf_log_probabilities",
                "greedy_prediction", "sample_max_prediction", "greedy_path_length", "sample_max_path_length")
     param_groups = ("add_on", "prototypes", "leaves")
     record_keys = ("min_distances", "argmin", "greedy_prediction", "sample_max_prediction", "greedy_path_length",
@@ -124,14 +129,14 @@ class ProtoTreeHead(nn.Module):
         """
         return self.add_on(f)
 
-    def _routing(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _routing(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         z = self.add_on(f)
         # float32 even under autocast: the distance expansion cancels badly in low precision
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with full_precision(z.device.type):
             distances = F.l2_distances(z.float(), self.prototypes.float())
             min_d, argmin = F.min_pool(distances)
             log_pi = F.leaf_log_probabilities(min_d, self.depth, self.forced)
-        return z, min_d, argmin, log_pi
+        return z, min_d, argmin, log_pi, distances
 
     def forward(self, f: Tensor) -> dict[str, Tensor]:
         """Soft prediction and the per-node quantities.
@@ -139,17 +144,17 @@ class ProtoTreeHead(nn.Module):
         :param f: backbone features ``[B, C, H, W]``.
         :return: the dict described in the class docstring.
         """
-        z, min_d, argmin, log_pi = self._routing(f)
+        z, min_d, argmin, log_pi, distances = self._routing(f)
         # derivative-free leaves never receive a gradient, even if a phase selects them
         theta = self.leaves.detach() if self.leaf_mode == "derivative_free" else self.leaves
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with full_precision(z.device.type):
             log_y, _ = F.soft_output(log_pi, theta.float())
             with torch.no_grad():
                 lengths = self.path_lengths()
                 sm_log, _, sm_len = F.sample_max_prediction(log_pi.detach(), theta.detach().float(), lengths)
                 gr_log, _, gr_len = F.greedy_prediction(min_d.detach(), theta.detach().float(), self.depth, self.forced)
         return {"logits": log_y, "log_probabilities": log_y, "min_distances": min_d, "argmin": argmin,
-                "features": z, "leaf_log_probabilities": log_pi,
+                "features": z, "distances": distances, "leaf_log_probabilities": log_pi,
                 "greedy_prediction": gr_log.argmax(1), "sample_max_prediction": sm_log.argmax(1),
                 "greedy_path_length": gr_len, "sample_max_path_length": sm_len}
 
@@ -168,7 +173,7 @@ class ProtoTreeHead(nn.Module):
         :return: ``{"log_probabilities": [B,K], "leaf": [B] int64,
             "path_length": [B] int64}``.
         """
-        _, min_d, _, log_pi = self._routing(f)
+        _, min_d, _, log_pi, _ = self._routing(f)
         theta = self.leaves.float()
         lengths = self.path_lengths()
         b = min_d.shape[0]
@@ -185,6 +190,22 @@ class ProtoTreeHead(nn.Module):
         else:
             raise ValueError(f"unknown prediction mode {mode!r}; expected 'soft', 'sample_max' or 'greedy'")
         return {"log_probabilities": log_d, "leaf": leaf, "path_length": length}
+
+    def top_prototypes(self, outputs: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+        """The ``k`` most activated prototypes (tree nodes) of each image, for ``kdt predict``.
+
+        :param outputs: a :meth:`forward` result for a batch.
+        :param k: how many prototypes per image (at most the number of nodes).
+        :return: ``[B, k]`` tensors: ``prototype`` (node index, most similar
+            first), ``similarity`` (``exp(-d)``, the probability of routing
+            right at that node) and ``location`` (flat index ``h·W + w`` of its
+            closest latent patch). Tree prototypes have no class and no
+            additive contribution to a logit, so neither is returned.
+        """
+        d = outputs["min_distances"].float()
+        k = max(1, min(int(k), d.shape[1]))
+        neg, idx = (-d).topk(k, dim=1)
+        return {"prototype": idx, "similarity": neg.exp(), "location": outputs["argmin"].gather(1, idx)}
 
     def record_meta(self, outputs: dict[str, Tensor]) -> dict[str, int]:
         """The latent grid of the outputs, ``{"H": h, "W": w}``, the tree depth
