@@ -57,7 +57,7 @@ def test_predict_prepares_images_as_the_test_split_and_lists_prototypes(proto_ru
         assert sims == sorted(sims, reverse=True) and sims[0] == pytest.approx(float(o["similarities"].max()), abs=1e-3)
         for p in protos:
             j = p["prototype"]
-            w = float(head.last_layer.weight[row["prediction"], j])
+            w = float(head.last_layer.weight.detach()[row["prediction"], j])
             assert p["contribution"] == pytest.approx(p["similarity"] * w, rel=1e-4, abs=1e-5)
             assert p["class"] == str(j // 2)  # 2 prototypes per class
             loc = int(o["argmin"][0, j])
