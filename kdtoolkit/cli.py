@@ -1,6 +1,7 @@
 """The ``kdt`` command line.
 
-Commands: ``run``, ``validate``, ``inspect``, ``plugins``, plus those plugins add through
+Commands: ``run``, ``validate``, ``check``, ``inspect``, ``plugins``, ``recipes``, ``report``,
+``predict``, ``evaluate`` and ``export`` (:mod:`kdtoolkit.cli_use`), plus those plugins add through
 ``kdt_add_commands`` (the Proto2Proto bundle adds ``metrics``). Errors in
 user input print one line on stderr and exit with code 2; Ctrl-C during
 ``run`` saves a checkpoint and exits with 130. See ``docs/cli.md``.
@@ -40,8 +41,11 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Retrain stages whose stored results came from a different recipe (others are reused).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines; the summary still prints.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results (results.json) instead of the summary tables.")
+@click.option("--check-data", is_flag=True, help="First decode every image of every dataset (as kdt check does).")
+@click.option("--seeds", "seeds_text", metavar="N,N,...", default=None,
+              help="Run once per seed into OUT/seed-<n>/, then write OUT/report.md (mean ± sd); overrides the recipe's seeds.")
 def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str, ...], force: bool, quiet: bool,
-        as_json: bool) -> None:
+        as_json: bool, check_data: bool, seeds_text: str | None) -> None:
     """Run every stage of RECIPE (teachers first) and write the run directory."""
     from .distributed import Dist
     from .engine.device import check_device_spec, resolve_device
@@ -49,15 +53,23 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
     from .progress import Progress
     from .recipe import load_recipe
     from .report import collect_tables, print_tables
+    from .seeds import chosen_seeds, run_seeds
 
     plugins = get_manager()
     rec = load_recipe(resolve_recipe(recipe), overrides, plugins=plugins)
+    seeds = chosen_seeds(seeds_text, rec)
     if device is not None:
         resolve_device(check_device_spec(device, "--device"))
     out = out or Path("runs") / rec.resolved["name"]
     dist = Dist.from_env()  # the process group is destroyed in main(), once the outcome is printed
+    if check_data:
+        from .datacheck import check_data as check_images
+
+        check_images(rec, plugins, quiet=quiet or not dist.is_main)
     opts = RunOptions(out=out, device=device, force=force, quiet=quiet,
                       command="kdt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if seeds:
+        return run_seeds(rec, seeds, opts, plugins, dist, as_json=as_json)
     with Progress(enabled=not quiet and dist.is_main) as progress:
         results = run_recipe(rec, opts, plugins, progress, dist)
     if dist.is_main and as_json:
@@ -79,6 +91,22 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     rec = load_recipe(resolve_recipe(recipe), overrides, plugins=get_manager())
     click.echo(f"# {rec.path}: valid; stages in order: {', '.join(rec.order)}")
     click.echo(rec.to_toml(), nl=False)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Threads decoding images (default: CPUs, at most 8).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def check(recipe: Path, overrides: tuple[str, ...], workers: int | None, quiet: bool) -> None:
+    """Decode every image of every split of RECIPE's datasets; list every unreadable file (exit 2)."""
+    from .datacheck import check_data, summary_table
+    from .recipe import load_recipe
+    from .tables import print_tables
+
+    plugins = get_manager()
+    rec = load_recipe(resolve_recipe(recipe), overrides, plugins=plugins)
+    print_tables([summary_table(check_data(rec, plugins, quiet=quiet, workers=workers))])
 
 
 @cli.command()
@@ -143,6 +171,24 @@ def recipes(as_json: bool) -> None:
         return
     print_tables([Table("Shipped recipes (kdt run NAME, kdt validate NAME)", ["name", "description", "file"],
                         [[r["name"], r["description"], r["path"]] for r in shipped])])
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The report (default: report.md in the one folder given, or in the folder holding them all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the aggregated numbers as JSON instead of the tables.")
+def report(runs: tuple[Path, ...], out: Path | None, as_json: bool) -> None:
+    """Aggregate runs of one recipe (run directories, or a folder of seed-<n>/ runs) into report.md: mean ± sd."""
+    from .multirun import report_command
+
+    report_command(list(runs), out, as_json, get_manager())
+
+
+from .cli_use import evaluate as _evaluate, export as _export, predict as _predict  # noqa: E402  (click only)
+
+for _command in (_predict, _evaluate, _export):
+    cli.add_command(_command)
 
 
 def build_cli() -> click.Group:

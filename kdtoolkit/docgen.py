@@ -28,9 +28,11 @@ CORE_MODULES = (
     "kdtoolkit.engine.context", "kdtoolkit.engine.device", "kdtoolkit.engine.data", "kdtoolkit.engine.models",
     "kdtoolkit.engine.taps", "kdtoolkit.engine.teacher", "kdtoolkit.engine.losses", "kdtoolkit.engine.optim",
     "kdtoolkit.engine.loop", "kdtoolkit.engine.phases", "kdtoolkit.engine.evaluation", "kdtoolkit.engine.runner",
-    "kdtoolkit.engine.rundir", "kdtoolkit.engine.inspect",
+    "kdtoolkit.engine.rundir", "kdtoolkit.engine.inspect", "kdtoolkit.engine.predict",
+    "kdtoolkit.engine.reevaluate", "kdtoolkit.engine.export",
     "kdtoolkit.checkpoint", "kdtoolkit.records", "kdtoolkit.io", "kdtoolkit.distributed", "kdtoolkit.report",
-    "kdtoolkit.progress", "kdtoolkit.builtin",
+    "kdtoolkit.progress", "kdtoolkit.builtin", "kdtoolkit.datacheck", "kdtoolkit.seeds", "kdtoolkit.aggregate",
+    "kdtoolkit.multirun", "kdtoolkit.reportplots",
 )
 #: The distribution whose registered components and bundle modules are documented.
 DISTRIBUTION = "kdtoolkit"

@@ -10,6 +10,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class Number(float):
+    """A number that carries how it is shown: ``Number(0.9777, ".2%")`` is shown ``97.77%``.
+
+    Table cells keep the number itself (so that reports over several runs can
+    average them, see :mod:`kdtoolkit.aggregate`) instead of a formatted string.
+
+    :param value: the number.
+    :param spec: a :func:`format` specification (default ``".4f"``).
+    """
+
+    spec: str
+
+    def __new__(cls, value: float, spec: str = ".4f") -> "Number":
+        obj = super().__new__(cls, value)
+        obj.spec = spec
+        return obj
+
+    def __reduce__(self):
+        return (Number, (float(self), self.spec))
+
+
 @dataclass
 class Table:
     """A titled table of strings/numbers, rendered as Markdown or with rich.
@@ -72,7 +93,7 @@ def print_tables(tables: list[Table], file=None, width: int | None = None) -> No
 
 
 def fmt(value: Any) -> str:
-    """Cells: floats with 4 significant decimals, ``None`` as an em dash."""
+    """Cells: floats with 4 decimals (a :class:`Number` with its own format), ``None`` as an em dash."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -82,5 +103,7 @@ def fmt(value: Any) -> str:
             return "nan"
         if math.isinf(value):
             return "∞"
+        if isinstance(value, Number):
+            return format(float(value), value.spec)
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
     return str(value)

@@ -42,7 +42,7 @@ def _imported_after(code: str, env_extra: dict | None = None) -> dict:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], ["metrics", "--help"],
-                                  ["run", "--help"]])
+                                  ["run", "--help"], ["check", "--help"], ["report", "--help"], ["explain", "--help"]])
 def test_listing_commands_import_no_torch(args):
     got = _imported_after(f"from kdtoolkit.cli import _main\ncode = _main({args!r})\nassert code == 0, code")
     assert got["heavy"] == [], f"kdt {' '.join(args)} imported {got['heavy']}"

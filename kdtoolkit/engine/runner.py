@@ -56,7 +56,7 @@ from ..progress import Progress
 from ..recipe import Recipe
 from ..records import Records
 from ..report import write_reports
-from .context import RunContext
+from .context import RunContext, StopFlag
 from .data import StageData, build_data
 from .device import resolve_device
 from .evaluation import compute_metrics, evaluate
@@ -111,7 +111,8 @@ def stored_hash(path: Path) -> tuple[str | None, str | None]:
 class Runner:
     """Runs the stages of one recipe into one run directory."""
 
-    def __init__(self, recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress, dist: Dist | None = None):
+    def __init__(self, recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress, dist: Dist | None = None,
+                 stop: StopFlag | None = None):
         self.recipe = recipe
         self.opt = options
         self.out = Path(options.out)
@@ -122,7 +123,8 @@ class Runner:
             raise KdtError("precision 'fp16' needs a GPU; use bf16 or fp32 on the CPU", source=str(recipe.path), key="precision")
         self.ctx = RunContext(device=device, precision=precision, channels_last=bool(recipe.resolved.get("channels_last", False)),
                               dist=dist, progress=progress, plugins=plugins,
-                              checkpoint_every=recipe.resolved["checkpoint_every"], source=str(recipe.path))
+                              checkpoint_every=recipe.resolved["checkpoint_every"], source=str(recipe.path),
+                              stop=stop or StopFlag())
         self.versions = versions(plugins)
         self.caches = TeacherCaches(self.ctx, self.versions)
         self._records: dict[str, Records] = {}
@@ -363,14 +365,16 @@ class Runner:
 
 
 def run_recipe(recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress,
-               dist: Dist | None = None) -> dict[str, Any]:
+               dist: Dist | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
     """Run every stage of ``recipe`` into ``options.out``.
 
     SIGINT (Ctrl-C) writes a checkpoint at the current step (or, outside a
     train phase, at the next phase or stage boundary) and raises
     :class:`~kdtoolkit.errors.Interrupted`; a second Ctrl-C exits at once with code 130.
+    ``stop``: the flag Ctrl-C sets (default: a new one); runs in a row share one
+    (:mod:`kdtoolkit.seeds`), so that a Ctrl-C that came too late for one run stops the next.
     """
-    runner = Runner(recipe, options, plugins, progress, dist)
+    runner = Runner(recipe, options, plugins, progress, dist, stop)
     stop = runner.ctx.stop
 
     def on_sigint(signum, frame):  # pragma: no cover - exercised through a subprocess test

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from kdtoolkit.tables import Table
+from kdtoolkit.tables import Number, Table
 
 from .evaluation import at_tau
 from .metrics import tau_key
@@ -25,7 +25,7 @@ def _is_proto(res: dict) -> bool:
 
 
 def _pct(x):
-    return None if x is None else f"{100 * x:.2f}%"
+    return None if x is None else Number(x, ".2%")
 
 
 def _uses(res: dict, names: set[str]) -> bool:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from kdtoolkit.tables import Table
+from kdtoolkit.tables import Number, Table
 
 
 def _pct(x):
-    return None if x is None else f"{100 * x:.2f}%"
+    return None if x is None else Number(x, ".2%")
 
 
 def _pruned(res: dict) -> str | None:
