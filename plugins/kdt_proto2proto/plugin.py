@@ -6,7 +6,7 @@ and ``prototree`` bundles (any head satisfying :mod:`.protocol` works).
 - losses ``global_explanation``, ``patch_prototype_correspondence``, ``tree_kd``;
 - metrics ``aap``, ``ajs``, ``pms``;
 - the results tables (Table 1, Table 2, AAP/AJS per τ);
-- the ``kdt metrics`` command.
+- the ``kdt metrics`` and ``kdt explain`` commands.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def kdt_report_tables(results, recipe):
 
 @hookimpl
 def kdt_add_commands(cli):
-    from .command import metrics
+    from .command import explain, metrics
 
     cli.add_command(metrics)
+    cli.add_command(explain)
