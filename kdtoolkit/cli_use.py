@@ -13,16 +13,24 @@ from pathlib import Path
 import click
 
 STAGE_DIR = click.Path(file_okay=False, path_type=Path)
+DATA_OPTION = click.option("--data", "assignments", multiple=True, metavar="KEY=VALUE",
+                           help="Change a key of the stage's data table, e.g. --data root=PATH where the data lies "
+                                "elsewhere on this machine (repeatable).")
 
 
 def _json_out(obj, target: str) -> None:
     from .io import _json_default, atomic_write_text
 
+    from .errors import KdtError
+
     text = json.dumps(obj, indent=2, default=_json_default)
     if target == "-":
         click.echo(text)
-    else:
+        return
+    try:
         atomic_write_text(Path(target), text + "\n")
+    except OSError as exc:
+        raise KdtError(f"cannot write the JSON: {exc.strerror or exc}", source=target) from None
 
 
 @click.command()
@@ -34,9 +42,10 @@ def _json_out(obj, target: str) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--json", "json_out", metavar="FILE", default=None,
               help="Write the predictions as JSON to FILE ('-': standard output) instead of a table.")
+@DATA_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def predict(stage_dir: Path, images: tuple[Path, ...], top: int, batch_size: int, device: str,
-            json_out: str | None, quiet: bool) -> None:
+            json_out: str | None, assignments: tuple[str, ...], quiet: bool) -> None:
     """Predict the class of IMAGES (files or folders) with the trained stage STAGE_DIR.
 
     Each image is preprocessed as the stage's test split is (from the run's
@@ -53,7 +62,8 @@ def predict(stage_dir: Path, images: tuple[Path, ...], top: int, batch_size: int
     check_device_spec(device, "--device")
     stage = StageDir.open(stage_dir)
     with Progress(enabled=not quiet and json_out != "-") as progress:
-        rows = run_predict(stage, images, top=top, batch_size=batch_size, device=device, progress=progress)
+        rows = run_predict(stage, images, top=top, batch_size=batch_size, device=device, progress=progress,
+                           data=assignments)
     if json_out is not None:
         _json_out(rows, json_out)
         return
@@ -119,7 +129,7 @@ def _metric_rows(result: dict) -> list[list[str]]:
 
     rows = []
     for k, v in result.items():
-        if k in ("stage", "split", "data", "out"):
+        if k in ("stage", "split", "data", "out", "precision"):
             continue
         if isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
             rows.extend([f"{k} τ={t}", fmt(x)] for t, x in v.items())
@@ -134,7 +144,8 @@ def _metric_rows(result: dict) -> list[list[str]]:
               help="exported-program (torch.export, .pt2) or torchscript (torch.jit.trace, .pt).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The file to write (default: STAGE_DIR/model.pt2 or model.pt).")
-def export(stage_dir: Path, fmt_name: str, out: Path | None) -> None:
+@DATA_OPTION
+def export(stage_dir: Path, fmt_name: str, out: Path | None, assignments: tuple[str, ...]) -> None:
     """Write the trained stage STAGE_DIR as a self-contained model (no kdtoolkit needed to run it).
 
     The model maps preprocessed images [B, 3, S, S] to a dict with logits and
@@ -144,5 +155,5 @@ def export(stage_dir: Path, fmt_name: str, out: Path | None) -> None:
     from .engine.export import export_stage
     from .engine.rundir import StageDir
 
-    info = export_stage(StageDir.open(stage_dir), fmt_name, out)
+    info = export_stage(StageDir.open(stage_dir), fmt_name, out, assignments)
     click.echo(f"written: {info['path']} ({info['format']}; outputs: {', '.join(info['outputs'])})")

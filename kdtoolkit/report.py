@@ -50,8 +50,13 @@ def epoch_logs(out: Path, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
         f = Path(out) / name / "metrics.jsonl"
         if not f.exists():
             continue
-        rows = [json.loads(l) for l in f.read_text(encoding="utf-8").splitlines() if l.strip()]
-        rows = [r for r in rows if "epoch" in r and "loss/total" in r]
+        rows = []
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # e.g. a last line cut short when a run was killed
+                continue
+        rows = [r for r in rows if isinstance(r, dict) and "epoch" in r and "loss/total" in r]
         if rows:
             series[name] = rows
     return series

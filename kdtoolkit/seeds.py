@@ -13,7 +13,7 @@ The seed rule: the run of seed *n* is the recipe with
   ``derive_seed(s, n, 3)``: a 63-bit SHA-256 hash of ``"s,n,3"`` (3 marks
   the purpose, as 1 and 2 mark the per-epoch seeds of
   :mod:`kdtoolkit.engine.data`);
-- no ``seeds`` key (each folder holds one run).
+- ``seeds`` unset (``null``: each folder holds one run).
 
 So the seeds of a stage differ between seed folders, are the same on every
 machine, and stages that share a seed in the recipe share it in every seed

@@ -112,5 +112,5 @@ def test_missing_data_is_one_line_naming_the_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert str(PAPER / "data" / "stanford_cars") in err and "Traceback" not in err
-    assert "put the Stanford Cars folder (https://ai.stanford.edu/" in err and "--set data.root=PATH" in err
+    assert "put the Stanford Cars folder (https://ai.stanford.edu/" in err and "--set data.root=PATH" in err and "--data root=PATH" in err
     assert not (tmp_path / "run").exists()  # the preflight stops before anything is written

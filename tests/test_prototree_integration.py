@@ -372,3 +372,7 @@ def test_a_tree_exports_with_its_logits_and_predicts_with_nodes(tree_run, tmp_pa
     nodes = row["top_prototypes"]
     assert len(nodes) == 2 and all(set(n) == {"prototype", "similarity", "location"} for n in nodes)
     assert 0 < nodes[1]["similarity"] <= nodes[0]["similarity"] <= 1
+    kept = stage.model("cpu").head.node_kept
+    assert main(["predict", str(out / "kd"), str(img), "--top", "99", "--json", "-", "-q"]) == 0
+    nodes = json.loads(capsys.readouterr().out)[0]["top_prototypes"]
+    assert len(nodes) == int(kept.sum()) and all(bool(kept[n["prototype"]]) for n in nodes)  # pruned nodes never listed

@@ -133,6 +133,19 @@ def test_evaluate_refuses_data_with_another_class_count(proto_run, tmp_path, cap
     assert "the data has 3 classes, stage 'kd' was trained on 10" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_classes_in_another_order(proto_run, tmp_path, capsys):
+    _, out, _ = proto_run
+    names = [f"digit_{c}" for c in range(10)]  # 10 classes, but not the names (and order) the model was trained on
+    for split in ("train", "test"):
+        for cls in names:
+            (tmp_path / "f" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (20, 20), (10, 20, 30)).save(tmp_path / "f" / split / cls / "x.png")
+    assert main(["evaluate", str(out / "kd"), "--data", "dataset=image_folder", "--data", f"root={tmp_path / 'f'}",
+                 "--data", "image_size=16", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "classes differ from those stage 'kd' was trained on (label 0: 'digit_0' here, '0' in training)" in err
+
+
 @pytest.mark.parametrize("fmt", ["exported-program", "torchscript"])
 def test_export_gives_the_stages_logits(proto_run, tmp_path, capsys, fmt):
     _, out, _ = proto_run
@@ -161,10 +174,26 @@ def test_export_gives_the_stages_logits(proto_run, tmp_path, capsys, fmt):
     assert info["data"]["dataset"] == "digits" and info["outputs"] == ["logits", "min_distances", "argmin"]
 
 
-def test_export_refuses_an_untrained_stage(proto_run, tmp_path, capsys):
+def test_export_and_evaluate_refuse_what_would_overwrite_or_cannot_work(proto_run, tmp_path, capsys):
+    import shutil
+
     _, out, _ = proto_run
     assert main(["export", str(out / "kd"), "--format", "onnx"]) == 2
     assert "Invalid value for '--format'" in capsys.readouterr().err
-    (out / "untrained").mkdir(exist_ok=True)
-    assert main(["export", str(out / "untrained"), "--format", "torchscript"]) == 2
-    assert "stage 'untrained' is not in the run's recipe" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "nostage").mkdir()
+    assert main(["export", str(run / "nostage"), "--format", "torchscript"]) == 2
+    assert "stage 'nostage' is not in the run's recipe" in capsys.readouterr().err
+    weights = run / "kd" / "model.safetensors"
+    before = weights.read_bytes()
+    assert main(["export", str(run / "kd"), "--format", "torchscript", "--out", str(weights)]) == 2
+    assert "refusing to write an exported model over model.safetensors" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    records = (run / "kd" / "records.safetensors").read_bytes()
+    assert main(["evaluate", str(run / "kd"), "--out", str(run / "kd"), "-q"]) == 2
+    assert "it is a run or stage directory" in capsys.readouterr().err
+    assert (run / "kd" / "records.safetensors").read_bytes() == records
+    weights.unlink()
+    assert main(["export", str(run / "kd"), "--format", "torchscript"]) == 2
+    assert "not a trained stage (no model.safetensors)" in capsys.readouterr().err

@@ -63,7 +63,11 @@ def full_precision(device_type: str):
     """
     import torch
 
-    if torch.is_autocast_enabled(device_type):
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    if enabled:
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 

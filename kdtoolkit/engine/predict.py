@@ -61,9 +61,16 @@ def load_image(path: Path):
         raise DataError(f"cannot read image: {str(exc).strip() or type(exc).__name__}", source=str(path)) from None
 
 
-def stage_test_split(stage: StageDir) -> Any:
-    """The stage's un-augmented test dataset (the evaluation preprocessing and the class names)."""
-    spec = dict(stage.spec["data"])
+def stage_test_split(stage: StageDir, assignments: tuple[str, ...] | list[str] = ()) -> Any:
+    """The stage's un-augmented test dataset (the evaluation preprocessing and the class names).
+
+    :param assignments: ``KEY=VALUE`` changes to the stage's ``data`` table
+        (e.g. ``root=...`` where the data lies elsewhere on this machine), as
+        ``kdt evaluate --data`` takes them.
+    """
+    from .reevaluate import data_spec
+
+    spec = data_spec(stage, assignments) if assignments else dict(stage.spec["data"])
     comp = stage.run.plugins.registry("dataset").get(spec["dataset"])
     return comp.factory("test", False, **{k: v for k, v in spec.items() if k in comp.params})
 
@@ -101,7 +108,7 @@ def _prototype_entry(top: dict[str, torch.Tensor], b: int, j: int, classes: list
 
 @torch.inference_mode()
 def predict(stage: StageDir, inputs: Iterable[str | Path], *, top: int = 3, batch_size: int = 32,
-            device: str = "auto", progress=None) -> list[dict[str, Any]]:
+            device: str = "auto", progress=None, data: tuple[str, ...] | list[str] = ()) -> list[dict[str, Any]]:
     """Predict the class of every image in ``inputs`` with the trained ``stage``.
 
     :param stage: a finished stage (its ``model.safetensors`` is loaded strictly).
@@ -110,6 +117,7 @@ def predict(stage: StageDir, inputs: Iterable[str | Path], *, top: int = 3, batc
     :param batch_size: images per forward pass.
     :param device: ``auto``, ``cpu``, ``cuda``, ... .
     :param progress: a :class:`~kdtoolkit.progress.Progress` (optional).
+    :param data: ``KEY=VALUE`` changes to the stage's data table (see :func:`stage_test_split`).
     :return: one dict per image: ``image``, ``prediction`` (class index),
         ``class`` (its name), ``probability`` (softmax of the logits) and,
         for prototype heads, ``top_prototypes`` (``prototype``,
@@ -120,7 +128,7 @@ def predict(stage: StageDir, inputs: Iterable[str | Path], *, top: int = 3, batc
     from .device import resolve_device
 
     paths = image_paths(inputs)
-    test = stage_test_split(stage)
+    test = stage_test_split(stage, data)
     preprocess = getattr(test, "preprocess", None)
     if preprocess is None:
         raise KdtError(f"dataset '{stage.spec['data']['dataset']}' has no preprocess(image) method, so single images "
@@ -128,7 +136,7 @@ def predict(stage: StageDir, inputs: Iterable[str | Path], *, top: int = 3, batc
     dev = resolve_device(device)
     model = stage.model(str(dev))
     top_fn = getattr(model.head, "top_prototypes", None) if top > 0 else None
-    classes = list(getattr(test, "classes", []) or []) or None
+    classes = stage.classes() or list(getattr(test, "classes", []) or []) or None
     rows: list[dict[str, Any]] = []
     task = progress.add("predict", total=-(-len(paths) // batch_size)) if progress else None
     for start in range(0, len(paths), batch_size):

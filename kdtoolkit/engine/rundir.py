@@ -49,6 +49,20 @@ def stage_order(stages: dict[str, Any]) -> list[str]:
     return order
 
 
+def trained_spec(stage: dict[str, Any]) -> dict[str, Any]:
+    """A stage's spec for rebuilding its trained model: the initial weights it was trained from
+    (``model.weights``, a backbone's ``pretrained`` download or ``weights`` file) are not loaded again,
+    since ``model.safetensors`` replaces them; so a trained stage needs neither network nor those files."""
+    spec = {**stage, "model": {**stage["model"], "weights": None}}
+    backbone = dict(spec["model"]["backbone"])
+    if backbone.get("pretrained"):
+        backbone["pretrained"] = False
+    if backbone.get("weights"):
+        backbone["weights"] = None
+    spec["model"]["backbone"] = backbone
+    return spec
+
+
 class RunDir:
     """A run directory written by ``kdt run``.
 
@@ -172,17 +186,29 @@ class StageDir:
             num_classes = meta["num_classes"]
         else:
             num_classes = self.data().num_classes
-        model = build_model(self.spec, num_classes, self.run.plugins)
+        model = build_model(trained_spec(self.spec), num_classes, self.run.plugins)
         load_state_strict(model, state, str(weights))
         return model.to(resolve_device(device)).eval()
 
     def num_classes(self) -> int:
         """The trained model's class count (from ``model.safetensors``' metadata, else from the stage's data)."""
+        n = self.model_meta().get("num_classes")
+        return n if isinstance(n, int) else self.data().num_classes
+
+    def classes(self) -> list[str] | None:
+        """The class names the model was trained with, in label order (``None`` for a model file
+        written before they were recorded)."""
+        names = self.model_meta().get("classes")
+        return [str(c) for c in names] if isinstance(names, list) and names else None
+
+    def model_meta(self) -> dict[str, Any]:
+        """The decoded metadata of ``model.safetensors``."""
         from .models import load_model_file
 
-        _, meta = load_model_file(self.path / "model.safetensors")
-        n = meta.get("num_classes")
-        return n if isinstance(n, int) else self.data().num_classes
+        weights = self.path / "model.safetensors"
+        if not weights.is_file():
+            raise KdtError("not a trained stage (no model.safetensors)", source=str(self.path))
+        return load_model_file(weights)[1]
 
     def records(self, device: str = "auto", progress=None, save: bool = True):
         """The stage's evaluation :class:`~kdtoolkit.records.Records`: read from

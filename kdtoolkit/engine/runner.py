@@ -322,7 +322,8 @@ class Runner:
             save_model_file(sdir / "model.safetensors", model, {
                 "stage": name, "stage_hash": shash, "recipe": str(self.recipe.path),
                 "epochs": sum(h.get("epochs", 0) for h in history), "history": history, "state": trainer.state.values,
-                "num_classes": data.num_classes, "model": st["model"], "versions": self.versions})
+                "num_classes": data.num_classes, "classes": [str(c) for c in getattr(data.test, "classes", [])],
+                "model": st["model"], "versions": self.versions})
             loss_state = trainer.losses.state_tensors()
             if loss_state:
                 atomic_save_safetensors(loss_state, sdir / "losses.safetensors",

@@ -8,8 +8,10 @@ raised during a run's preflight.  Images are decoded when an item is read
 (``kdt check`` decodes them all ahead of training).
 
 Every item is the image cropped to its bounding box (``bbox_crop``, as
-ProtoPNet and ProtoTree train and test), resized directly to ``image_size``
-x ``image_size`` and normalised.  Training items first go through the
+ProtoPNet trains and tests on CUB; ProtoTree crops only its projection set,
+and the Proto2Proto Cars data was not cropped: set ``bbox_crop = false``
+for those), resized directly to ``image_size`` x ``image_size`` and
+normalised.  Training items first go through the
 dataset's ``augmentation`` (default: a random horizontal flip).  The
 un-augmented train split, the push set of prototype projection, is the same
 cropped, resized images without augmentation.
@@ -77,8 +79,9 @@ def _check_common(source, split, root, image_size, mean, std):
     path = Path(root).expanduser()
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
-        raise DataError(f"dataset root folder {what}: put {_DOWNLOAD[source]} there, or set data.root "
-                        "(e.g. --set data.root=PATH)", source=str(path))
+        raise DataError(f"dataset root folder {what}: put {_DOWNLOAD[source]} there, or point root at it "
+                        "(kdt run: --set data.root=PATH; kdt predict, evaluate, export: --data root=PATH)",
+                        source=str(path))
     return path.resolve()
 
 
@@ -187,7 +190,7 @@ def cub200(split: str, augment: bool = False, *, root: str, image_size: int = 22
     Parameters:
         root: the CUB_200_2011 folder (relative paths: against the recipe's folder).
         image_size: side in pixels of the square images fed to the model.
-        bbox_crop: crop each image to its bounding box before resizing (as ProtoPNet and ProtoTree do).
+        bbox_crop: crop each image to its bounding box before resizing (as ProtoPNet does on CUB).
         mean: per-channel (R, G, B) mean subtracted after scaling to [0, 1].
         std: per-channel (R, G, B) std divided by after subtracting the mean.
         augmentation: the training augmentation of the cropped image, before the resize: ``flip`` (a
@@ -307,7 +310,7 @@ def stanford_cars(split: str, augment: bool = False, *, root: str, image_size: i
     Parameters:
         root: the Stanford Cars folder (relative paths: against the recipe's folder).
         image_size: side in pixels of the square images fed to the model.
-        bbox_crop: crop each image to its bounding box before resizing (as ProtoPNet and ProtoTree do).
+        bbox_crop: crop each image to its bounding box before resizing (as ProtoPNet does on CUB).
         mean: per-channel (R, G, B) mean subtracted after scaling to [0, 1].
         std: per-channel (R, G, B) std divided by after subtracting the mean.
         augmentation: the training augmentation of the cropped image, before the resize: ``flip`` (a

@@ -10,6 +10,7 @@ hooks of the derivative-free leaf update.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Literal
 
 import torch
@@ -195,7 +196,7 @@ class ProtoTreeHead(nn.Module):
         """The ``k`` most activated prototypes (tree nodes) of each image, for ``kdt predict``.
 
         :param outputs: a :meth:`forward` result for a batch.
-        :param k: how many prototypes per image (at most the number of nodes).
+        :param k: how many prototypes per image (at most the number of nodes kept by pruning).
         :return: ``[B, k]`` tensors: ``prototype`` (node index, most similar
             first), ``similarity`` (``exp(-d)``, the probability of routing
             right at that node) and ``location`` (flat index ``h·W + w`` of its
@@ -203,7 +204,9 @@ class ProtoTreeHead(nn.Module):
             additive contribution to a logit, so neither is returned.
         """
         d = outputs["min_distances"].float()
-        k = max(1, min(int(k), d.shape[1]))
+        kept = self.node_kept.to(d.device)
+        d = d.masked_fill(~kept, math.inf)  # a pruned node routes no image: never listed
+        k = max(1, min(int(k), int(kept.sum())))
         neg, idx = (-d).topk(k, dim=1)
         return {"prototype": idx, "similarity": neg.exp(), "location": outputs["argmin"].gather(1, idx)}
 
