@@ -200,6 +200,9 @@ def test_prepare_resumes_to_the_same_bytes(tmp_path):
     summary = run_prepare(src, tmp_path / "part", copies=2, ops=("rotate", "distort"), quiet=True)
     assert summary["written"] == 3 and summary["existing"] == 13
     assert _files(tmp_path / "part") == full
+    with pytest.raises(KdtError, match="prepared with seed 0, not 1"):  # resuming with another seed would mix them
+        run_prepare(src, tmp_path / "part", copies=2, ops=("rotate", "distort"), seed=1, quiet=True)
+    assert _files(tmp_path / "part") == full
 
 
 def test_prepare_with_worker_threads_writes_the_same_bytes(tmp_path):

@@ -126,6 +126,32 @@ def _check_out(src: Path, out: Path) -> None:
         raise DataError(f"output folder is not writable: {exc.strerror or exc}", source=str(out)) from None
 
 
+#: The file in OUT_ROOT that records what its outputs were made from (a resumed run must match it).
+MANIFEST = ".kdt-prepare.json"
+
+
+def _check_manifest(out: Path, src: Path, seed: int) -> None:
+    """Record ``src`` and ``seed`` in ``out``, or refuse when ``out`` was prepared from others: outputs
+    already there would be kept as they are, so a resumed folder would mix two augmentations."""
+    import json
+
+    from kdtoolkit.io import atomic_write_json
+
+    path = out / MANIFEST
+    want = {"src": str(src), "seed": seed}
+    if path.is_file():
+        try:
+            have = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise DataError("unreadable record of an earlier kdt prepare; delete it to start over", source=str(path)) from None
+        for key in ("src", "seed"):
+            if have.get(key) != want[key]:
+                raise DataError(f"OUT_ROOT was prepared with {key} {have.get(key)!r}, not {want[key]!r}; its outputs "
+                                "would be mixed with these: use the same one or another OUT_ROOT", source=str(out))
+        return
+    atomic_write_json(path, want)
+
+
 def _plan(classes, out: Path, copies: int, ops) -> tuple[list[_Job], int]:
     """The jobs with outputs still to write, and the number of outputs already there."""
     jobs, existing = [], 0
@@ -239,6 +265,7 @@ def run_prepare(src: Path, out: Path, *, copies: int = 10, ops: tuple[str, ...] 
         raise DataError("SRC_ROOT " + ("is not a folder" if src.exists() else "does not exist"), source=str(src))
     classes = _scan(src)
     _check_out(src, out)
+    _check_manifest(out, src, seed)
     jobs, existing = _plan(classes, out, copies, ops)
     n_images = sum(len(files) for _, files in classes)
     started = time.perf_counter()
