@@ -194,7 +194,7 @@ class TimmBackbone(nn.Module):
 
     def _load_weights(self, path: Path, strict: bool, kwargs: dict[str, Any], *,
                       rename: dict[str, str] | None = None, ignore: list[str] | None = None) -> dict[str, int]:
-        from kdtoolkit.errors import CheckpointError, RecipeError
+        from kdtoolkit.errors import CheckpointError
         from kdtoolkit.io import load_external_state_dict
 
         full_shapes, head_keys = self._reference_keys(kwargs)
@@ -202,7 +202,7 @@ class TimmBackbone(nn.Module):
             state, remapped = to_timm_layout(load_external_state_dict(path), full_shapes, rename=rename,
                                              ignore=ignore)
         except ValueError as exc:
-            raise RecipeError(str(exc), key="weights_rename") from None
+            raise CheckpointError(f"weights_rename: {exc}", source=str(path)) from None
         if remapped["converted"]:
             log.info("%s: %d keys of torchvision's layout renamed to timm's", path, remapped["converted"])
         own = self.body.state_dict()
