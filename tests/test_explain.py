@@ -267,6 +267,11 @@ def test_compare_and_pairs(run_copy, tmp_path):
         assert p["sim"] == pytest.approx(sum(min(1.0, p["colocated"] / m) for m in caps) / len(caps))
         assert p["teacher_classes"] == [p["teacher_prototype"] // 2] and p["student_classes"] == [p["student_prototype"] // 2]
     assert _size(tmp_path / "pairs-kd.png") == tuple(pairs["size"])
+    assert matching["student_stage_hash"] == Records.load(run / "kd" / "records.safetensors").meta["stage_hash"]
+    stale = {**matching, "student_stage_hash": "another-training", "score": -1.0}  # as if kd had been trained again
+    (run / "kd" / "pms_matching_vs_teacher.json").write_text(json.dumps(stale))
+    assert main(["explain", str(run), "--pairs", "kd", "--top", "3", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "pairs-kd.json").read_text())["score"] == matching["score"]  # recomputed
 
 
 @pytest.mark.parametrize("args, message", [

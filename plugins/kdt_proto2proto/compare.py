@@ -92,6 +92,11 @@ def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list,
     return path
 
 
+def matched_hashes(teacher: Records, student: Records) -> dict:
+    """The stage hashes of the records a PMS matching was computed from (``None`` where unrecorded)."""
+    return {"teacher_stage_hash": teacher.meta.get("stage_hash"), "student_stage_hash": student.meta.get("stage_hash")}
+
+
 def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: tuple[float, ...], with_pms: bool,
             teacher_name: str, teacher_source: Path | None = None, figures: bool = True) -> dict:
     """Metrics of a teacher and its students, keyed by model name (``figures``: draw the PMS matchings)."""
@@ -116,7 +121,8 @@ def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: t
                 entry["pms_note"] = res.reason
             else:
                 path = _matching_path(source, teacher_name)
-                atomic_write_json(path, {"teacher": teacher_name, "student": name, **res.to_json()})
+                atomic_write_json(path, {"teacher": teacher_name, "student": name, **matched_hashes(teacher, recs),
+                                         **res.to_json()})
                 entry["pms_matching"] = str(path)
                 fig = matching_figure(teacher_source, source, res.matching, path.with_suffix(".png")) if figures else None
                 if fig is not None:

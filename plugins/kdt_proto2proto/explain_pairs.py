@@ -32,7 +32,7 @@ def load_matching(run: RunDir, student: str, device: str = "auto") -> tuple[dict
 
     :raises KdtError: for a stage without teacher (or ``compare_to`` stage), or when PMS is undefined.
     """
-    from .compare import compare, records_for
+    from .compare import compare, matched_hashes, records_for
     from .evaluation import check_pair, check_records, grid_locations
     from .metrics import colocation_matrix
 
@@ -46,6 +46,8 @@ def load_matching(run: RunDir, student: str, device: str = "auto") -> tuple[dict
     check_records(srec, "student", str(sdir.path))
     locations = check_pair(trec, srec)
     path = sdir.file(f"pms_matching_vs_{trec.meta.get('stage') or teacher}.json")
+    if path.is_file() and not _matches(path, matched_hashes(trec, srec)):
+        path.unlink()  # computed from other records (a stage trained again since): computed anew below
     if not path.is_file():
         compare(trec, [(student, srec, sdir.path)], (math.inf,), True, str(trec.meta.get("stage") or teacher),
                 tdir.path, figures=False)
@@ -56,6 +58,15 @@ def load_matching(run: RunDir, student: str, device: str = "auto") -> tuple[dict
         raise KdtError(f"no PMS matching: {reason}", source=str(sdir.path))
     matching = json.loads(path.read_text(encoding="utf-8"))
     return matching, np.asarray(colocation_matrix(trec["argmin"], srec["argmin"], locations)), path
+
+
+def _matches(path, hashes: dict) -> bool:
+    """Whether the stored matching at ``path`` was computed from records with these stage hashes."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return all(stored.get(k) == v for k, v in hashes.items())
 
 
 def _pair_entry(tld: LoadedStage, sld: LoadedStage, pair: list, counts: np.ndarray, n: int, tv: dict, sv: dict):
