@@ -299,3 +299,12 @@ def test_training_curves_mark_the_phases(run_copy):
     assert [m[1] for m in kd] == ["kd_warm", "joint", "push", "last_layer"]
     # the run's training.png: the two overview panels, then one panel per stage (two a row): 11 x (4 + 2·3.2) in
     assert _size(run / "training.png") == (1100, 1040)
+
+def test_explain_takes_data_changes_and_refuses_bad_ones(run_copy, tmp_path, capsys):
+    run, _ = run_copy
+    assert main(["explain", str(run / "kd"), "--image", "3", "--data", "eval_batch_size=7", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(run / "kd"), "--image", "3", "--data", "nosuch=1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--data: data.nosuch: unknown key" in err and err.count("\n") == 1

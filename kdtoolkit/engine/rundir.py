@@ -69,12 +69,16 @@ class RunDir:
     :param path: the directory.
     :param plugins: the plugin manager used to build datasets and models
         (default: the process-wide one).
+    :param data: ``KEY=VALUE`` changes to every stage's ``data`` table, applied
+        by :meth:`StageDir.data` (e.g. ``root=...`` where the data lies
+        elsewhere on this machine; validated as ``kdt evaluate --data``).
     :raises KdtError: when ``path`` holds no resolved recipe.
     """
 
-    def __init__(self, path: str | Path, plugins: PluginManager | None = None):
+    def __init__(self, path: str | Path, plugins: PluginManager | None = None, data: tuple[str, ...] | list[str] = ()):
         self.path = Path(path)
         self.plugins = plugins or get_manager()
+        self.data_changes = tuple(data)
         json_path, toml_path = self.path / "recipe.resolved.json", self.path / "recipe.resolved.toml"
         if json_path.is_file():
             self.recipe: dict[str, Any] = _read_json(json_path, "resolved recipe")
@@ -140,12 +144,13 @@ class StageDir:
         self.spec: dict[str, Any] = run.recipe["stages"][name]
 
     @classmethod
-    def open(cls, path: str | Path, plugins: PluginManager | None = None) -> "StageDir":
-        """The stage at ``path`` (a directory inside a run directory)."""
+    def open(cls, path: str | Path, plugins: PluginManager | None = None,
+             data: tuple[str, ...] | list[str] = ()) -> "StageDir":
+        """The stage at ``path`` (a directory inside a run directory); ``data`` as for :class:`RunDir`."""
         path = Path(path)
         if not path.is_dir():
             raise KdtError("no such directory", source=str(path))
-        return RunDir(path.parent, plugins).stage(path.name)
+        return RunDir(path.parent, plugins, data).stage(path.name)
 
     @property
     def reference(self) -> str | None:
@@ -162,9 +167,13 @@ class StageDir:
         return self.path / name
 
     def data(self):
-        """The stage's :class:`~kdtoolkit.engine.data.StageData`."""
+        """The stage's :class:`~kdtoolkit.engine.data.StageData` (with the run's ``data`` changes, if any)."""
         from .data import build_data
 
+        if self.run.data_changes:
+            from .reevaluate import data_spec
+
+            return build_data({**self.spec, "data": data_spec(self, self.run.data_changes)}, self.run.plugins)
         return build_data(self.spec, self.run.plugins)
 
     def model(self, device: str = "cpu", data=None):

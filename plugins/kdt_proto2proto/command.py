@@ -55,8 +55,11 @@ def metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path, ..
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of the figures (default: PATH/explanations).")
 @click.option("--device", default="auto", help="Device of the forward passes (default: auto).")
+@click.option("--data", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Change a key of the stages' data tables, e.g. --data root=PATH where the data lies elsewhere "
+                   "on this machine (repeatable).")
 def explain(path: Path, global_: bool, image: str | None, compare: str | None, pairs: str | None, top: int | None,
-            out: Path | None, device: str) -> None:
+            out: Path | None, device: str, assignments: tuple[str, ...]) -> None:
     """Figures explaining prototype models, each with a JSON of its numbers.
 
     \b
@@ -67,4 +70,5 @@ def explain(path: Path, global_: bool, image: str | None, compare: str | None, p
     """
     from .explain import run_explain
 
-    run_explain(path, global_=global_, image=image, compare=compare, pairs=pairs, top=top, out=out, device=device)
+    run_explain(path, global_=global_, image=image, compare=compare, pairs=pairs, top=top, out=out, device=device,
+                data=assignments)

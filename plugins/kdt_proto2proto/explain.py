@@ -127,8 +127,9 @@ def explain_compare(run: RunDir, names: list[str], image: str, top: int, out_dir
 
 
 def run_explain(path: Path, *, global_: bool, image: str | None, compare: str | None, pairs: str | None,
-                top: int | None, out: Path | None, device: str) -> dict[str, Any]:
-    """``kdt explain`` with its options (see :mod:`kdt_proto2proto.command`); prints what it wrote."""
+                top: int | None, out: Path | None, device: str, data: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``kdt explain`` with its options (see :mod:`kdt_proto2proto.command`); prints what it wrote.
+    ``data``: ``KEY=VALUE`` changes to the stages' data tables (``--data``, e.g. ``root=...``)."""
     from kdtoolkit.engine.device import check_device_spec
 
     check_device_spec(device, "--device")
@@ -141,10 +142,10 @@ def run_explain(path: Path, *, global_: bool, image: str | None, compare: str | 
         if image is None:
             raise KdtError("--compare needs --image (a test index or an image file)", source="kdt explain")
         names = [n.strip() for n in compare.split(",") if n.strip()]
-        run = RunDir(path)
+        run = RunDir(path, data=data)
         info = explain_compare(run, names, image, top or 3, out_dir_for(out, run.path), device)
     elif pairs:
-        run = RunDir(path)
+        run = RunDir(path, data=data)
         info = explain_pairs(run, pairs, top or 5, out_dir_for(out, run.path), device)
     elif global_ or image is not None:
         if global_ and image is not None:
@@ -152,7 +153,7 @@ def run_explain(path: Path, *, global_: bool, image: str | None, compare: str | 
         if (Path(path) / "recipe.resolved.json").is_file() or (Path(path) / "recipe.resolved.toml").is_file():
             raise KdtError("a run directory: --global and --image explain one stage, give its directory "
                            f"(e.g. {Path(path) / 'kd'})", source=str(path))
-        ld = load_stage(StageDir.open(path), device)
+        ld = load_stage(StageDir.open(path, data=data), device)
         out_dir = out_dir_for(out, ld.stage.path)
         info = explain_global(ld, out_dir) if global_ else explain_local(ld, image, top or 5, out_dir)
     else:
