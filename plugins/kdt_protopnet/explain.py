@@ -211,19 +211,24 @@ def explain_prototypes(model, dataset, sources: list[PrototypeSource], rf_info: 
     """
     found = [s for s in sources if s.found and s.image >= 0]
     ids = sorted({s.image for s in found})
-    maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    wanted: dict[int, set[int]] = {}
+    for s in found:
+        wanted.setdefault(s.image, set()).add(s.prototype)
+    images: dict[int, torch.Tensor] = {}
+    maps: dict[tuple[int, int], torch.Tensor] = {}  # only the maps shown: (image, prototype) -> [H, W]
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         x = torch.stack([dataset[i][0] for i in chunk])
         out = model(x.to(device))
         act = similarity_maps(model.head, out["distances"]).cpu()
         for b, i in enumerate(chunk):
-            maps[i] = (x[b], act[b])
+            images[i] = x[b]
+            for j in wanted[i]:
+                maps[(i, j)] = act[b, j].clone()
     views = []
     for s in found:
-        img, act = maps[s.image]
+        img, a = images[s.image], maps[(s.image, s.prototype)]
         size = tuple(img.shape[-2:])
-        a = act[s.prototype]
         disp = display_image(img)
         box = activation_box(a, size)
         views.append(PrototypeView(s, disp, a.numpy(), upsample_map(a, size), box,
