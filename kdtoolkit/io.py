@@ -10,16 +10,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file as st_load_file, save as st_save
 
 from .errors import CheckpointError
+
+# torch is imported where tensors are read or written as torch tensors: reading
+# records as numpy arrays (``kdt metrics`` on records files) never imports it.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 TEMP_SUFFIX = ".tmp"
 
@@ -98,7 +103,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
-    if isinstance(o, torch.Tensor) and o.numel() == 1:
+    torch, numpy = sys.modules.get("torch"), sys.modules.get("numpy")
+    if torch is not None and isinstance(o, torch.Tensor) and o.numel() == 1:
+        return o.item()
+    if numpy is not None and isinstance(o, (numpy.generic, numpy.ndarray)) and o.size == 1:
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
@@ -107,32 +115,58 @@ def _json_default(o: Any) -> Any:
 CHECKSUM_KEY = "kdtoolkit.checksum"
 
 
-def content_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+def _dtype_and_bytes(t: Any) -> tuple[str, memoryview | None]:
+    """The torch name of the dtype (``torch.float32``) and the raw bytes of a torch
+    tensor or a numpy array (``None`` when empty): the same for both of one content."""
+    if hasattr(t, "detach"):  # a torch tensor
+        import torch
+
+        t = t.detach().contiguous().cpu()
+        return str(t.dtype), (memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else None)
+    import numpy as np
+
+    t = np.ascontiguousarray(t)
+    return f"torch.{t.dtype.name}", (memoryview(t.reshape(-1).view(np.uint8)) if t.size else None)
+
+
+def content_checksum(tensors: dict[str, Any], metadata: dict[str, str]) -> str:
     """``crc32:<8 hex digits>`` of every tensor's name, dtype, shape and bytes (in name order)
-    and of the metadata (without the checksum itself)."""
+    and of the metadata (without the checksum itself). Tensors are torch tensors or numpy
+    arrays; an array gives the same checksum as the tensor of the same dtype and content."""
     crc = 0
     for key in sorted(metadata):
         if key != CHECKSUM_KEY:
             crc = zlib.crc32(f"{key}={metadata[key]}\n".encode(), crc)
     for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        crc = zlib.crc32(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode(), crc)
-        if t.numel():
-            crc = zlib.crc32(memoryview(t.reshape(-1).view(torch.uint8).numpy()), crc)
+        dtype, data = _dtype_and_bytes(tensors[name])
+        crc = zlib.crc32(f"{name}:{dtype}:{tuple(tensors[name].shape)}\n".encode(), crc)
+        if data is not None:
+            crc = zlib.crc32(data, crc)
     return f"crc32:{crc:08x}"
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save ``tensors`` as safetensors with string ``metadata``, atomically, with a content
     checksum in the metadata (``checksum``) that :func:`read_safetensors` verifies."""
+    from safetensors.torch import save as st_save
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {k: v for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}
     metadata[CHECKSUM_KEY] = content_checksum(tensors, metadata)
     atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+#: safetensors dtypes that numpy has (``arrays="numpy"`` reads other files through torch).
+_NUMPY_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"})
+
+
+def read_safetensors(path: Path, arrays: str = "torch") -> tuple[dict[str, Any], dict[str, str]]:
     """Read a safetensors file: ``(tensors, metadata)``.
+
+    ``arrays="torch"`` (default) gives torch tensors; ``arrays="numpy"`` gives
+    numpy arrays without importing torch (a file holding a dtype numpy lacks,
+    such as bfloat16, is read through torch, and those tensors become float32,
+    which holds their values exactly).
 
     A file with a ``kdtoolkit.checksum`` in its metadata (every file kdtoolkit writes)
     is verified against its contents; files without one (written by other
@@ -164,6 +198,14 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if not isinstance(header, dict):
         raise CheckpointError("not a safetensors file (corrupt header)", source=str(path))
     meta = header.get("__metadata__") or {}
+    if arrays not in ("torch", "numpy"):
+        raise ValueError(f"arrays must be 'torch' or 'numpy', got {arrays!r}")
+    dtypes = {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    numpy_direct = arrays == "numpy" and dtypes <= _NUMPY_DTYPES
+    if numpy_direct:
+        from safetensors.numpy import load_file as st_load_file
+    else:
+        from safetensors.torch import load_file as st_load_file
     try:
         # memory-mapped and copied once into the tensors (no intermediate bytes object); safetensors
         # checks every tensor's offsets against the file, so a truncated file is an error here
@@ -175,6 +217,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if stored is not None and stored != content_checksum(tensors, meta):
         raise CheckpointError("content checksum mismatch: the file changed after it was written (a flipped bit, "
                               "an incomplete copy or an edit); it cannot be trusted", source=str(path))
+    if arrays == "numpy" and not numpy_direct:
+        tensors = {k: (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy() for k, v in tensors.items()}
     return tensors, meta
 
 
@@ -220,6 +264,8 @@ def load_external_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return read_safetensors(path)[0]
     if not path.is_file():
         raise CheckpointError("file not found", source=str(path))
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -231,16 +277,17 @@ def load_external_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def read_kdt_safetensors(path: Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_kdt_safetensors(path: Path, fmt: str, what: str, arrays: str = "torch") -> tuple[dict[str, Any], dict[str, Any]]:
     """Tensors and JSON-decoded metadata of a kdtoolkit safetensors file of format ``fmt``.
 
     Every kdtoolkit file (model, checkpoint, records) stores ``format`` and
-    JSON-encoded metadata values.
+    JSON-encoded metadata values. ``arrays``: ``"torch"`` or ``"numpy"``, as
+    for :func:`read_safetensors`.
 
     :raises CheckpointError: naming the file when it is unreadable, of another
         format (``what`` says which was expected) or has corrupt metadata.
     """
-    tensors, meta = read_safetensors(Path(path))
+    tensors, meta = read_safetensors(Path(path), arrays)
     if meta.get("format") != fmt:
         raise CheckpointError(f"not a kdtoolkit {what} (metadata 'format' missing)", source=str(path))
     try:

@@ -6,7 +6,9 @@ in ``record_keys`` (the ProtoPNet and ProtoTree heads add ``min_distances`` ``[N
 ``argmin`` ``[N,P]``). Every metric is computed from records, so any number of
 thresholds costs no extra forward pass. Records are saved as safetensors with
 JSON-valued string metadata (``stage``, ``dataset``, ``H``, ``W``, ...): safe
-to share and fast to load; nothing is ever unpickled.
+to share and fast to load; nothing is ever unpickled. Records load as torch
+tensors, or as numpy arrays without importing torch (``arrays="numpy"``:
+what ``kdt metrics`` reads).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
 from .io import atomic_save_safetensors, read_kdt_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 RECORDS_FORMAT = "kdtoolkit.records/1"
 
@@ -29,7 +32,8 @@ RECORDS_FORMAT = "kdtoolkit.records/1"
 class Records:
     """Per-image outputs of one model over a dataset.
 
-    :ivar tensors: name → tensor, all with the same first dimension N.
+    :ivar tensors: name → tensor (torch, or numpy after :meth:`numpy` or
+        ``load(..., arrays="numpy")``), all with the same first dimension N.
     :ivar meta: JSON-serialisable metadata (``stage``, ``dataset``,
         ``num_classes``, ``H``, ``W``, ...).
     """
@@ -52,17 +56,32 @@ class Records:
         meta = {"format": RECORDS_FORMAT, **{k: json.dumps(v) for k, v in self.meta.items()}}
         atomic_save_safetensors({k: v.contiguous().cpu() for k, v in self.tensors.items()}, Path(path), meta)
 
+    def numpy(self) -> "Records":
+        """The same records with numpy arrays (CPU copies of torch tensors; bfloat16, which
+        numpy lacks, becomes float32, which holds its values exactly)."""
+
+        def as_array(v: Any) -> Any:
+            if not hasattr(v, "detach"):
+                return v
+            v = v.detach().cpu()
+            return (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+
+        return Records({k: as_array(v) for k, v in self.tensors.items()}, dict(self.meta))
+
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Records":
-        """Read a records file.
+    def load(cls, path: str | os.PathLike, arrays: str = "torch") -> "Records":
+        """Read a records file, as torch tensors or (``arrays="numpy"``) as numpy arrays
+        without importing torch.
 
         :raises CheckpointError: for a missing, truncated or foreign file.
         """
-        tensors, decoded = read_kdt_safetensors(Path(path), RECORDS_FORMAT, "records file")
+        tensors, decoded = read_kdt_safetensors(Path(path), RECORDS_FORMAT, "records file", arrays)
         if "labels" not in tensors or "logits" not in tensors:
             raise CheckpointError("records need 'labels' and 'logits'", source=str(path))
+        if len(tensors["labels"].shape) != 1:
+            raise CheckpointError(f"'labels' must be [N], got shape {tuple(tensors['labels'].shape)}", source=str(path))
         n = tensors["labels"].shape[0]
         for k, v in tensors.items():
-            if v.dim() == 0 or v.shape[0] != n:
+            if len(v.shape) == 0 or v.shape[0] != n:
                 raise CheckpointError(f"tensor '{k}' has {tuple(v.shape)} rows, expected {n}", source=str(path))
         return cls(tensors, decoded)

@@ -13,8 +13,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from kdtoolkit.engine.device import check_device_spec
-from kdtoolkit.engine.rundir import RunDir, StageDir
 from kdtoolkit.errors import KdtError
 from kdtoolkit.io import atomic_write_json
 from kdtoolkit.records import Records
@@ -22,20 +23,32 @@ from kdtoolkit.records import Records
 from . import metrics as M
 from .evaluation import check_pair, check_records, grid_locations
 
+# Records are read as numpy arrays and every metric is computed with numpy and
+# scipy: comparing records files never imports torch. Stage directories
+# without records (a forward pass) and the matching figures import it.
+
 
 def records_for(source: Path, device: str = "auto", progress=None) -> Records:
-    """Records of a model given as a records file or a stage directory of a run
-    (evaluated once on its recipe's test set, and saved, when it has none)."""
+    """Records of a model, as numpy arrays, given as a records file or a stage directory
+    of a run (evaluated once on its recipe's test set, and saved, when it has none)."""
     if source.is_file():
-        return Records.load(source)
+        return Records.load(source, arrays="numpy")
     if not source.is_dir():
         raise KdtError("no such file or directory", source=str(source))
     saved = source / "records.safetensors"
     if saved.is_file():
-        return Records.load(saved)
+        return Records.load(saved, arrays="numpy")
     if not (source / "model.safetensors").is_file():
         raise KdtError("not a stage directory (no model.safetensors or records.safetensors)", source=str(source))
-    return StageDir.open(source).records(device, progress)
+    from kdtoolkit.engine.rundir import StageDir
+
+    return StageDir.open(source).records(device, progress).numpy()
+
+
+def accuracy(records: Records) -> float:
+    """Top-1 accuracy of records (float32 mean, as torch computes it: the same number)."""
+    logits, labels = M._as_array(records["logits"], "logits"), M._as_array(records["labels"], "labels")
+    return float(np.mean(np.argmax(logits, axis=1) == labels, dtype=np.float32))
 
 
 def _name(source: Path, recs: Records) -> str:
@@ -73,6 +86,7 @@ def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list,
     if tpush is None or spush is None:
         return None
     from kdt_protopnet.figures import prototype_figure
+    from kdtoolkit.engine.rundir import StageDir
 
     tdata = StageDir.open(teacher_dir).data().train_eval
     sdata = StageDir.open(student_dir).data().train_eval
@@ -104,13 +118,12 @@ def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: t
     for _, recs, _ in students:
         check_pair(teacher, recs)  # prototype records, same images, same grid: before anything is read
     locations = grid_locations(teacher, "teacher")
-    acc = lambda r: float((r["logits"].argmax(1) == r["labels"]).float().mean())
     # the teacher's per-location minima are computed once and shared by every student's AJS
     t_minima = M.location_minima(teacher["min_distances"], teacher["argmin"], locations)
-    out[teacher_name] = {"role": "teacher", "accuracy": acc(teacher), "aap": M.aap_from_minima(t_minima, taus)}
+    out[teacher_name] = {"role": "teacher", "accuracy": accuracy(teacher), "aap": M.aap_from_minima(t_minima, taus)}
     for name, recs, source in students:
         s_minima = M.location_minima(recs["min_distances"], recs["argmin"], locations)
-        entry = {"role": "student", "teacher": teacher_name, "accuracy": acc(recs),
+        entry = {"role": "student", "teacher": teacher_name, "accuracy": accuracy(recs),
                  "aap": M.aap_from_minima(s_minima, taus), "ajs": M.ajs_from_minima(t_minima, s_minima, taus)}
         if with_pms:
             t0 = time.perf_counter()
@@ -163,6 +176,8 @@ def run_metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path
     if run_dir is not None:
         if teacher or students:
             raise KdtError("give either RUN_DIR or --teacher/--student, not both", source="kdt metrics")
+        from kdtoolkit.engine.rundir import RunDir
+
         refs = RunDir(run_dir).students_by_reference()
         if not refs:
             raise KdtError("the run has no stage with a teacher or compare_to stage", source=str(run_dir))

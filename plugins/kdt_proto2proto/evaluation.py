@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
 from kdtoolkit.errors import KdtError
-from kdtoolkit.records import Records
 
 from . import metrics as M
+
+if TYPE_CHECKING:
+    from kdtoolkit.records import Records
+
+
+def _array(x: Any) -> np.ndarray:
+    """A record as a numpy array (torch tensors are copied to the CPU; bfloat16 becomes float32)."""
+    return M._as_array(x, "record")
 
 
 def grid_locations(records: Records, who: str = "model") -> int:
@@ -33,8 +44,6 @@ def check_records(records: Records, who: str = "model", source: str | None = Non
 
     :raises KdtError: naming ``source`` (the file) and what is wrong.
     """
-    import torch
-
     def bad(message: str) -> KdtError:
         return KdtError(f"{who} records: {message}", source=source)
 
@@ -44,25 +53,27 @@ def check_records(records: Records, who: str = "model", source: str | None = Non
     h, w = records.meta.get("H"), records.meta.get("W")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w)):
         raise bad(f"the latent grid (metadata H, W) must be positive integers, got H={h!r}, W={w!r}")
-    d, a, logits, labels = records["min_distances"], records["argmin"], records["logits"], records["labels"]
+    d, a = _array(records["min_distances"]), _array(records["argmin"])
+    logits, labels = _array(records["logits"]), _array(records["labels"])
     n = records.n
-    if not d.dtype.is_floating_point or d.dim() != 2:
-        raise bad(f"'min_distances' must be a float [N, P] tensor, got {d.dtype} {tuple(d.shape)}")
-    if a.dtype.is_floating_point or a.dtype == torch.bool or tuple(a.shape) != tuple(d.shape):
+    if not np.issubdtype(d.dtype, np.floating) or d.ndim != 2:
+        raise bad(f"'min_distances' must be a float [N, P] tensor, got {M._dtype_name(d)} {tuple(d.shape)}")
+    if not np.issubdtype(a.dtype, np.integer) or tuple(a.shape) != tuple(d.shape):
         raise bad(f"'argmin' must be an integer tensor shaped like 'min_distances' {tuple(d.shape)}, "
-                  f"got {a.dtype} {tuple(a.shape)}")
-    if not bool(torch.isfinite(d).all()):
-        count = int((~torch.isfinite(d)).sum())
+                  f"got {M._dtype_name(a)} {tuple(a.shape)}")
+    finite = np.isfinite(d)
+    if not bool(finite.all()):
+        count = int((~finite).sum())
         raise bad(f"'min_distances' holds {count} NaN or infinite values")
     if bool((d < 0).any()):
         raise bad(f"'min_distances' holds negative distances (smallest {float(d.min()):.4g})")
-    if a.numel() and (int(a.min()) < 0 or int(a.max()) >= h * w):
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= h * w):
         raise bad(f"'argmin' holds locations outside the {h}×{w} grid (range {int(a.min())}..{int(a.max())}, "
                   f"expected 0..{h * w - 1})")
-    if not logits.dtype.is_floating_point or logits.dim() != 2 or not bool(torch.isfinite(logits).all()):
-        raise bad(f"'logits' must be finite float [N, K] values, got {logits.dtype} {tuple(logits.shape)}")
-    if labels.dtype.is_floating_point or labels.dim() != 1 or labels.shape[0] != n:
-        raise bad(f"'labels' must be integer [N], got {labels.dtype} {tuple(labels.shape)}")
+    if not np.issubdtype(logits.dtype, np.floating) or logits.ndim != 2 or not bool(np.isfinite(logits).all()):
+        raise bad(f"'logits' must be finite float [N, K] values, got {M._dtype_name(logits)} {tuple(logits.shape)}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or labels.shape[0] != n:
+        raise bad(f"'labels' must be integer [N], got {M._dtype_name(labels)} {tuple(labels.shape)}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
         raise bad(f"'labels' outside 0..{logits.shape[1] - 1}")
     return h * w
@@ -87,7 +98,7 @@ def check_pair(teacher: Records, student: Records) -> int:
     td, sd = teacher.meta.get("dataset"), student.meta.get("dataset")
     if td and sd and td != sd:
         raise KdtError(f"teacher records are of dataset '{td}', student records of '{sd}'")
-    if not bool((teacher["labels"] == student["labels"]).all()):
+    if not np.array_equal(_array(teacher["labels"]), _array(student["labels"])):
         raise KdtError("teacher and student records list different labels: not the same test images in the same order")
     return grid_locations(student, "student")
 
