@@ -135,6 +135,31 @@ def test_digits_items_equal_the_one_image_at_a_time_computation(augment, normali
     assert not torch.equal(ds[len(ds) - 1][0], got)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_digits_get_batch_equals_collating_its_items(augment):
+    from kdtoolkit.engine.data import batch_plan, batches
+
+    ds = D.digits("train", augment, image_size=32)
+    idx = [5, 0, 17, 5, len(ds) - 1]
+    torch.manual_seed(3)
+    x, y = ds.get_batch(idx)
+    torch.manual_seed(3)
+    want_x, want_y = torch.utils.data.default_collate([ds[i] for i in idx])
+    assert torch.equal(x, want_x) and torch.equal(y, want_y) and y.dtype == want_y.dtype and x.is_contiguous()
+    # batches() uses it without workers: the same batches, the same global RNG draws, as the DataLoader gives
+    plan = batch_plan(len(ds), 64, shuffle=True, seed=7, limit=3)
+    torch.manual_seed(4)
+    fast = list(batches(ds, 64, shuffle=True, seed=7, plan=plan))
+    after_fast = torch.rand(3)
+    torch.manual_seed(4)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=plan, generator=torch.Generator().manual_seed(7))
+    slow = list(loader)
+    assert torch.equal(torch.rand(3), after_fast)
+    assert len(fast) == len(slow) == 3
+    for (fx, fy), (sx, sy) in zip(fast, slow):
+        assert torch.equal(fx, sx) and torch.equal(fy, sy)
+
+
 @pytest.mark.parametrize("params, key", [
     ({"image_size": 4}, "image_size"),
     ({"image_size": 32.0}, "image_size"),

@@ -118,6 +118,12 @@ def batches(dataset: Any, batch_size: int, *, shuffle: bool, seed: int, start: i
     ``seed``), so augmentation draws are the same whether or not a run
     resumed mid-epoch. A :class:`KdtError` raised by the dataset in a worker
     process is raised again here, unchanged.
+
+    With ``num_workers = 0``, a dataset that has a ``get_batch(indices)``
+    method (a dataset held in memory, such as ``digits``) gives each batch
+    itself, without a DataLoader; it must return what collating its items
+    ``[dataset[i] for i in indices]`` would, drawing the same random numbers
+    in the same order.
     """
     world = dist.world if dist is not None else 1
     if plan is None:
@@ -127,6 +133,11 @@ def batches(dataset: Any, batch_size: int, *, shuffle: bool, seed: int, start: i
         plan = [p[dist.rank :: world] for p in plan]
         plan = [p for p in plan if p]
     if not plan:
+        return
+    fetch = getattr(dataset, "get_batch", None) if num_workers == 0 else None
+    if fetch is not None:  # a dataset held in memory collates its own batches (see docs/plugins.md)
+        for indices in plan:
+            yield fetch(indices)
         return
     if num_workers > 0:
         dataset, collate = _Carrying(dataset), _collate_carrying

@@ -173,6 +173,15 @@ class DigitsDataset(Dataset):
             img = (img - DIGITS_MEAN) / DIGITS_STD
         return img, int(self._labels[j])
 
+    def get_batch(self, indices):
+        """Items ``indices`` collated, ``(images [B,3,S,S], labels [B])``: the batch that collating
+        ``[self[i] for i in indices]`` gives (the same values, the same random draws), without a
+        DataLoader; un-augmented images are one indexing of the prepared split."""
+        labels = torch.tensor([self.targets[i] for i in indices], dtype=torch.int64)
+        if self.augment:
+            return torch.stack([self[i][0] for i in indices]), labels
+        return self._finished()[list(indices)].expand(-1, 3, -1, -1).contiguous(), labels
+
     def __repr__(self):
         return (f"DigitsDataset(split={self.split!r}, size={len(self)}, image_size={self.image_size}, "
                 f"augment={self.augment})")
