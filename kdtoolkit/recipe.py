@@ -65,8 +65,9 @@ class Recipe:
             "precision": self.resolved["precision"],
             "deps": {d: self.stage_hash(d) for d in deps},
         }
-        if self.resolved.get("channels_last"):  # only when set: the hashes of earlier runs stay valid
-            payload["channels_last"] = True
+        layout = self.resolved.get("channels_last")
+        if layout:  # only when on: the hashes of earlier runs with it off stay valid
+            payload["channels_last"] = layout
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:

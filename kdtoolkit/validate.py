@@ -189,7 +189,9 @@ class Validator(StageChecks):
             self.fail("device", f"expected {DEVICE_CHOICES}, got {describe_value(res['device'])}")
         res["precision"] = self.choice(raw, "", "precision", PRECISIONS, "fp32")
         res["checkpoint_every"] = self.number(raw, "", "checkpoint_every", 1, lo=0, integer=True)
-        res["channels_last"] = self.value(raw, "", "channels_last", bool, False)
+        res["channels_last"] = raw.get("channels_last", "auto")
+        if not isinstance(res["channels_last"], bool) and res["channels_last"] != "auto":
+            self.fail("channels_last", f"expected true, false or \"auto\", got {describe_value(res['channels_last'])}")
         top_data = self.table(raw.get("data", {}), "data")
         evaluate = self.table(raw.get("evaluate", {}), "evaluate")
         self.known(evaluate, "evaluate", EVAL_KEYS)

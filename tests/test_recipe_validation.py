@@ -304,7 +304,9 @@ CASES = [
     Case("teacher_cache_unknown_mode", _set(f"{KD}.teacher_cache", "ram"), f"{KD}.teacher_cache",
          ('expected one of off, memory, disk, got "ram"',)),
     Case("channels_last_wrong_type", _set("channels_last", "yes"), "channels_last",
-         ('expected true or false, got "yes"',)),
+         ('expected true, false or "auto", got "yes"',)),
+    Case("channels_last_number", _set("channels_last", 1), "channels_last",
+         ('expected true, false or "auto", got 1',)),
     # -- missing required keys
     Case("no_stages", _del("stages"), "stages", ("missing required key",)),
     Case("empty_stages", _set("stages", {}), "stages", ("at least one stage",)),

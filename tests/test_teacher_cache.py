@@ -190,10 +190,12 @@ def test_stage_hash_ignores_the_default_and_the_cache_location(tmp_path):
     assert kd_hash("off") == r.stage_hash("kd")
     assert kd_hash("memory") == kd_hash("disk") != r.stage_hash("kd")
     cl = tmp_path / "c.toml"
+    # the layout is part of the hash (its arithmetic differs): the default "auto", true and false differ
     cl.write_text("channels_last = false\n" + _cached_recipe())
-    assert load_recipe(cl).stage_hash("kd") == r.stage_hash("kd")
+    off = load_recipe(cl).stage_hash("kd")
     cl.write_text("channels_last = true\n" + _cached_recipe())
-    assert load_recipe(cl).stage_hash("kd") != r.stage_hash("kd")
+    on = load_recipe(cl).stage_hash("kd")
+    assert len({off, on, r.stage_hash("kd")}) == 3
 
 
 def test_needed_outputs_follow_the_losses_declarations():
@@ -428,7 +430,7 @@ def test_killed_cached_run_resumes_bit_identical(tmp_path, keep_file):
 def test_channels_last_trains_the_same_model(probes, tmp_path):
     text = TINY_CLASSIC.replace('{ name = "hinton_kd", weight = 0.5 }', '{ name = "hinton_kd", weight = 0.5 }, { name = "layout_probe" }')
     recipe = tmp_path / "r.toml"
-    recipe.write_text(text)
+    recipe.write_text("channels_last = false\n" + text)
     assert _run(recipe, tmp_path / "plain") == 0
     assert _SEEN and all(layout == (False, False, False) for _, layout in _SEEN)
     _SEEN.clear()
@@ -437,7 +439,30 @@ def test_channels_last_trains_the_same_model(probes, tmp_path):
     assert _SEEN and all(layout == (True, True, True) for _, layout in _SEEN)  # batch, student, teacher
     resolved = tomllib.loads((tmp_path / "cl" / "recipe.resolved.toml").read_text())
     assert resolved["channels_last"] is True
+    # the default, "auto": channels-last for these convolutional networks, the same arithmetic as true
+    _SEEN.clear()
+    recipe.write_text(text)
+    assert _run(recipe, tmp_path / "auto") == 0
+    assert _SEEN and all(layout == (True, True, True) for _, layout in _SEEN)
+    assert tomllib.loads((tmp_path / "auto" / "recipe.resolved.toml").read_text())["channels_last"] == "auto"
+    for stage in ("teacher", "kd"):
+        a, b = _weights(tmp_path / "cl", stage), _weights(tmp_path / "auto", stage)
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
     for stage in ("teacher", "kd"):
         a, b = _weights(tmp_path / "plain", stage), _weights(tmp_path / "cl", stage)
         for k in a:
             torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3, msg=f"{stage}: {k}")
+
+
+def test_channels_last_auto_is_for_models_with_convolutions():
+    from kdtoolkit.engine.context import RunContext
+
+    def ctx(value):
+        return RunContext(device=torch.device("cpu"), precision="fp32", channels_last=value, dist=None,
+                          progress=None, plugins=None)
+
+    conv, mlp = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), torch.nn.Linear(8, 2)
+    assert ctx("auto").channels_last_for(conv) and not ctx("auto").channels_last_for(mlp)
+    assert ctx(True).channels_last_for(mlp) and not ctx(False).channels_last_for(conv)
+    placed = ctx("auto").place(conv)
+    assert placed[0].weight.is_contiguous(memory_format=torch.channels_last)

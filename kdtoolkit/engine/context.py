@@ -34,7 +34,8 @@ class RunContext:
 
     :ivar device: the torch device of this process.
     :ivar precision: ``fp32``, ``bf16`` or ``fp16``.
-    :ivar channels_last: store 4-D weights and batches channels-last.
+    :ivar channels_last: store 4-D weights and batches channels-last: ``True``, ``False`` or
+        ``"auto"`` (for models with 4-D weights, i.e. 2-D convolutions; see :meth:`channels_last_for`).
     :ivar dist: the distributed context (rank, world size).
     :ivar progress: the progress display.
     :ivar plugins: the plugin manager (registries and hooks).
@@ -45,7 +46,7 @@ class RunContext:
 
     device: torch.device
     precision: str
-    channels_last: bool
+    channels_last: bool | str
     dist: Dist
     progress: Progress
     plugins: PluginManager
@@ -57,9 +58,17 @@ class RunContext:
         """The precision's autocast context on this device."""
         return autocast(self.device, self.precision)
 
+    def channels_last_for(self, module: nn.Module) -> bool:
+        """Whether ``module`` runs channels-last: ``channels_last`` itself, or with ``"auto"``,
+        whether it has 4-D weights (2-D convolutions; measured as fast or faster on the CPU
+        for every convolutional network tried, see docs/performance.md)."""
+        if self.channels_last == "auto":
+            return any(p.dim() == 4 for p in module.parameters())
+        return bool(self.channels_last)
+
     def place(self, module: nn.Module) -> nn.Module:
         """``module`` on the run's device; with channels-last its 4-D weights in that layout."""
-        if self.channels_last:
+        if self.channels_last_for(module):
             return module.to(self.device, memory_format=torch.channels_last)
         return module.to(self.device)
 

@@ -131,6 +131,7 @@ class TrainPhase:
         selectors = [sel for g in ph["groups"] for sel in g["params"]]
         s.state.trained(selectors)  # e.g. prototypes moved after a push: "pushed" is false again
         self._setup()
+        self.channels_last = self.ctx.channels_last_for(s.model)
         start_epoch, start_batch = self._restore()
         nb = len(self.plan(start_epoch))
         self.task = self.ctx.progress.add(f"{s.name} · {ph['name']}", total=ph["epochs"] * nb,
@@ -259,7 +260,7 @@ class TrainPhase:
         s, ctx = self.s, self.ctx
         dist = ctx.dist
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        if ctx.channels_last:
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         local = plan[b] if dist.world == 1 else plan[b][dist.rank :: dist.world]
         n_global, n_local = len(plan[b]), int(y.shape[0])

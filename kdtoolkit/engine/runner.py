@@ -121,7 +121,7 @@ class Runner:
         precision = recipe.resolved["precision"]
         if precision == "fp16" and device.type == "cpu":
             raise KdtError("precision 'fp16' needs a GPU; use bf16 or fp32 on the CPU", source=str(recipe.path), key="precision")
-        self.ctx = RunContext(device=device, precision=precision, channels_last=bool(recipe.resolved.get("channels_last", False)),
+        self.ctx = RunContext(device=device, precision=precision, channels_last=recipe.resolved.get("channels_last", False),
                               dist=dist, progress=progress, plugins=plugins,
                               checkpoint_every=recipe.resolved["checkpoint_every"], source=str(recipe.path),
                               stop=stop or StopFlag())

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
-from kdt_data.imagelist import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, check_image_params,
-                                 train_augmentation)
+from kdt_data.imagelist import (DEFAULT_CACHE_MB, IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
+                                 check_cache_mb, check_image_params, train_augmentation)
 
 __all__ = ["digits", "image_folder", "describe_dataset", "IMAGE_EXTENSIONS",
            "DigitsDataset", "ImageFolderDataset"]
@@ -277,10 +277,10 @@ class ImageFolderDataset(ImageListDataset):
     """
 
     def __init__(self, split, augment, root, split_dir, classes, samples, image_size, resize,
-                 mean, std, hflip, random_crop, augmentation="crop_flip"):
+                 mean, std, hflip, random_crop, augmentation="crop_flip", cache_mb=DEFAULT_CACHE_MB):
         super().__init__(name=f"image_folder:{root}", split=split, augment=augment, classes=classes,
                          samples=samples, image_size=image_size, mean=mean, std=std,
-                         augmentation=folder_augmentation(augmentation, hflip))
+                         augmentation=folder_augmentation(augmentation, hflip), cache_mb=cache_mb)
         self.augmentation_name = augmentation
         self.root = root
         self.split_dir = split_dir
@@ -337,7 +337,8 @@ class ImageFolderDataset(ImageListDataset):
 def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str = "train",
                  test_dir: str = "test", image_size: int = 224, resize: int | None = None,
                  mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
-                 hflip: bool = True, random_crop: bool = True, augmentation: str = "crop_flip") -> Dataset:
+                 hflip: bool = True, random_crop: bool = True, augmentation: str = "crop_flip",
+                 cache_mb: int = DEFAULT_CACHE_MB) -> Dataset:
     """Images in one sub-folder per class: ``root/<train_dir>/<class>/*`` and ``root/<test_dir>/<class>/*``.
 
     Classes are the sorted sub-folder names; the test split must have the same
@@ -361,6 +362,8 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
             (ProtoPNet's: the whole image rotated, skewed, sheared or distorted, each equally likely,
             then flipped with probability 0.5, then center-cropped; hflip and random_crop unused;
             see kdt_data.augment) or ``none``.
+        cache_mb: MiB of decoded images kept in memory between epochs when items are loaded in the main
+            process (``num_workers = 0``); 0 turns the cache off. Changes no number.
     """
     source = "image_folder"
     _check_split(split, source)
@@ -370,6 +373,7 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
     if not isinstance(root, (str, os.PathLike)) or not str(root):
         raise DataError(f"root must be a folder path, got {root!r}", source=source, key="root")
     check_image_params(source, image_size, mean, std)
+    check_cache_mb(source, cache_mb)
     if resize is None:
         resize = int(round(image_size * 8 / 7))
     if not _is_int(resize) or resize < image_size:
@@ -415,7 +419,7 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
 
     return ImageFolderDataset(split, augment, str(root_path), str(split_path), classes, samples,
                               image_size, resize, [float(v) for v in mean], [float(v) for v in std],
-                              hflip, random_crop, augmentation)
+                              hflip, random_crop, augmentation, cache_mb)
 
 
 # --------------------------------------------------------------------------- metadata

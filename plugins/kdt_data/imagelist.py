@@ -7,6 +7,12 @@ transform of an RGB image; training items apply the dataset's
 ``augmentation`` (a callable from a PIL image to a PIL image, drawing from
 torch's global RNG; :func:`train_augmentation` builds the default, a random
 horizontal flip) to the decoded, box-cropped image before it.
+
+Decoded images are kept in memory between epochs, up to ``cache_mb`` MiB,
+when items are loaded in the main process (``num_workers = 0``): from the
+second epoch on an item costs its transforms, not a file read and a decode.
+Worker processes (``num_workers > 0``) decode every time (each would hold a
+copy, and workers start anew every epoch).
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_rgb", "crop_box", "random_hflip", "train_augmentation",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_CACHE_MB", "check_cache_mb", "load_rgb", "crop_box", "random_hflip", "train_augmentation",
            "check_image_params", "ImageListDataset"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+
+#: Default ``cache_mb`` of the image datasets: MiB of decoded images kept in memory between epochs.
+DEFAULT_CACHE_MB = 1024
 
 
 def load_rgb(path):
@@ -84,6 +93,17 @@ def check_image_params(source, image_size, mean, std):
         raise DataError(f"std values must be positive, got {list(std)!r}", source=source, key="std")
 
 
+def check_cache_mb(source, cache_mb):
+    """Check ``cache_mb`` (a non-negative integer, MiB); raise DataError naming the key."""
+    if not isinstance(cache_mb, int) or isinstance(cache_mb, bool) or cache_mb < 0:
+        raise DataError(f"cache_mb must be a non-negative integer (MiB; 0 turns the cache off), got {cache_mb!r}",
+                        source=source, key="cache_mb")
+
+
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
 class ImageListDataset(Dataset):
     """Images listed as ``(path, label)`` samples, each with an optional box; decoded lazily, one file per item.
 
@@ -91,10 +111,11 @@ class ImageListDataset(Dataset):
     :ivar boxes: ``None``, or per item ``(left, top, right, bottom)`` in 0-based pixels (right and bottom
         exclusive) that :meth:`image` crops to.
     :ivar augmentation: applied to the decoded (cropped) image of a training item when ``augment`` is on.
+    :ivar cache_mb: MiB of decoded (cropped) images kept in memory, in the main process only (0: none).
     """
 
     def __init__(self, *, name, split, augment, classes, samples, image_size, mean, std, boxes=None,
-                 augmentation=None):
+                 augmentation=None, cache_mb=DEFAULT_CACHE_MB):
         self.name = name
         self.split = split
         self.augment = bool(augment)
@@ -107,17 +128,43 @@ class ImageListDataset(Dataset):
         self.mean = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
         self.augmentation = augmentation
+        self.cache_mb = int(cache_mb)
+        self._cache: dict[int, object] = {}
+        self._cached_bytes = 0
 
     def __len__(self):
         return len(self.samples)
 
-    def image(self, i):
-        """Item ``i`` decoded as an RGB PIL image, cropped to its box if it has one."""
+    def _decode(self, i):
         path = self.samples[i][0]
         im = load_rgb(path)
         if self.boxes is not None:
             im = crop_box(im, self.boxes[i], path)
         return im
+
+    def image(self, i):
+        """Item ``i`` decoded as an RGB PIL image, cropped to its box if it has one.
+
+        Kept in memory (see ``cache_mb``) when decoded in the main process; every call returns
+        a new image, so changing it changes nothing kept.
+        """
+        kept = self._cache.get(i)
+        if kept is not None:
+            return kept.copy()
+        im = self._decode(i)
+        if self.cache_mb and not _in_worker():
+            size = im.width * im.height * 3
+            if self._cached_bytes + size <= self.cache_mb * 2**20:
+                self._cache[i] = im
+                self._cached_bytes += size
+                return im.copy()
+        return im
+
+    def __getstate__(self):
+        # what is kept stays in this process: a worker or a pickled copy starts empty
+        state = dict(self.__dict__)
+        state["_cache"], state["_cached_bytes"] = {}, 0
+        return state
 
     def preprocess(self, im) -> torch.Tensor:
         """The un-augmented transform of a PIL image: a normalised float tensor ``[3, S, S]``."""
@@ -136,7 +183,7 @@ class ImageListDataset(Dataset):
 
     def check_item(self, i) -> None:
         """Decode item ``i`` completely (and crop it to its box); raise DataError naming the file if that fails."""
-        self.image(i)
+        self._decode(i)
 
     def to_tensor(self, im) -> torch.Tensor:
         """An RGB PIL image as a float tensor ``[3, H, W]``, scaled to [0, 1] and normalised with mean/std."""

@@ -27,8 +27,8 @@ from typing import Literal
 from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
-from kdt_data.imagelist import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, check_image_params,
-                                train_augmentation)
+from kdt_data.imagelist import (DEFAULT_CACHE_MB, IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, check_cache_mb,
+                                check_image_params, train_augmentation)
 
 __all__ = ["cub200", "stanford_cars", "BoxCropDataset", "CUB_URL", "CARS_URL"]
 
@@ -173,7 +173,8 @@ def _cub_samples(root, split, bbox_crop):
 
 def cub200(split: str, augment: bool = False, *, root: str, image_size: int = 224, bbox_crop: bool = True,
            mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
-           augmentation: Literal["flip", "protopnet", "none"] = "flip") -> Dataset:
+           augmentation: Literal["flip", "protopnet", "none"] = "flip",
+           cache_mb: int = DEFAULT_CACHE_MB) -> Dataset:
     """Caltech-UCSD Birds-200-2011: 11,788 bird photographs of 200 species, in the official archive layout.
 
     ``root`` is the ``CUB_200_2011`` folder of the official archive
@@ -196,12 +197,15 @@ def cub200(split: str, augment: bool = False, *, root: str, image_size: int = 22
         augmentation: the training augmentation of the cropped image, before the resize: ``flip`` (a
             horizontal flip with probability 0.5), ``protopnet`` (ProtoPNet's rotation, skew, shear or
             distortion, then the flip; see :mod:`kdt_data.augment`) or ``none``.
+        cache_mb: MiB of decoded images kept in memory between epochs when items are loaded in the main
+            process (``num_workers = 0``); 0 turns the cache off. Changes no number.
     """
     path = _check_common("cub200", split, root, image_size, mean, std)
+    check_cache_mb("cub200", cache_mb)
     classes, samples, boxes = _cub_samples(path, split, bool(bbox_crop))
     return BoxCropDataset(name=f"cub200:{path}", split=split, augment=augment, classes=classes, samples=samples,
                           image_size=image_size, mean=mean, std=std, boxes=boxes,
-                          augmentation=_augmentation(augmentation))
+                          augmentation=_augmentation(augmentation), cache_mb=cache_mb)
 
 
 # --------------------------------------------------------------------------- Stanford Cars
@@ -293,7 +297,8 @@ def _cars_samples(folder, split, bbox_crop, num_classes):
 
 def stanford_cars(split: str, augment: bool = False, *, root: str, image_size: int = 224, bbox_crop: bool = True,
                   mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
-                  augmentation: Literal["flip", "protopnet", "none"] = "flip") -> Dataset:
+                  augmentation: Literal["flip", "protopnet", "none"] = "flip",
+                  cache_mb: int = DEFAULT_CACHE_MB) -> Dataset:
     """Stanford Cars: 16,185 photographs of 196 car models, in torchvision's ``StanfordCars`` layout.
 
     ``root`` holds ``devkit/cars_meta.mat``, ``devkit/cars_train_annos.mat``,
@@ -316,11 +321,14 @@ def stanford_cars(split: str, augment: bool = False, *, root: str, image_size: i
         augmentation: the training augmentation of the cropped image, before the resize: ``flip`` (a
             horizontal flip with probability 0.5), ``protopnet`` (ProtoPNet's rotation, skew, shear or
             distortion, then the flip; see :mod:`kdt_data.augment`) or ``none``.
+        cache_mb: MiB of decoded images kept in memory between epochs when items are loaded in the main
+            process (``num_workers = 0``); 0 turns the cache off. Changes no number.
     """
     path = _check_common("stanford_cars", split, root, image_size, mean, std)
+    check_cache_mb("stanford_cars", cache_mb)
     folder = _cars_folder(path)
     classes = _cars_classes(folder)
     samples, boxes = _cars_samples(folder, split, bool(bbox_crop), len(classes))
     return BoxCropDataset(name=f"stanford_cars:{path}", split=split, augment=augment, classes=classes,
                           samples=samples, image_size=image_size, mean=mean, std=std, boxes=boxes,
-                          augmentation=_augmentation(augmentation))
+                          augmentation=_augmentation(augmentation), cache_mb=cache_mb)
