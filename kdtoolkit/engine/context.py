@@ -28,6 +28,14 @@ class StopFlag:
         self.requested = False
 
 
+def uses_channels_last(layout: bool | str, module: nn.Module) -> bool:
+    """Whether a recipe's ``channels_last`` value (``True``, ``False`` or ``"auto"``) puts ``module``
+    in channels-last layout: ``"auto"`` does for modules with 4-D weights (2-D convolutions)."""
+    if layout == "auto":
+        return any(p.dim() == 4 for p in module.parameters())
+    return bool(layout)
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every part of a run needs to know about the run, and nothing else.
@@ -62,9 +70,7 @@ class RunContext:
         """Whether ``module`` runs channels-last: ``channels_last`` itself, or with ``"auto"``,
         whether it has 4-D weights (2-D convolutions; measured as fast or faster on the CPU
         for every convolutional network tried, see docs/performance.md)."""
-        if self.channels_last == "auto":
-            return any(p.dim() == 4 for p in module.parameters())
-        return bool(self.channels_last)
+        return uses_channels_last(self.channels_last, module)
 
     def place(self, module: nn.Module) -> nn.Module:
         """``module`` on the run's device; with channels-last its 4-D weights in that layout."""

@@ -177,11 +177,13 @@ class StageDir:
         return build_data(self.spec, self.run.plugins)
 
     def model(self, device: str = "cpu", data=None):
-        """The trained model (weights loaded strictly from ``model.safetensors``), in eval mode on ``device``.
+        """The trained model (weights loaded strictly from ``model.safetensors``), in eval mode on ``device``,
+        in the memory layout the run trained and evaluated it in (the recipe's ``channels_last``).
 
         The class count comes from ``data`` when given, else from the model
         file's metadata (no dataset is built), else from the stage's data.
         """
+        from .context import uses_channels_last
         from .device import resolve_device
         from .models import build_model, load_model_file, load_state_strict
 
@@ -197,6 +199,11 @@ class StageDir:
             num_classes = self.data().num_classes
         model = build_model(trained_spec(self.spec), num_classes, self.run.plugins)
         load_state_strict(model, state, str(weights))
+        # the memory layout of the run's own evaluation, so that evaluating again gives its records
+        if uses_channels_last(self.run.recipe.get("channels_last", False), model):
+            import torch
+
+            return model.to(resolve_device(device), memory_format=torch.channels_last).eval()
         return model.to(resolve_device(device)).eval()
 
     def num_classes(self) -> int:
