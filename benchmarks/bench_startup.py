@@ -6,9 +6,12 @@ Times fresh interpreters, as a user's shell starts them (median of
 * ``python -c pass``: the interpreter alone (the floor);
 * ``python -c "import torch"``: what a command that imports torch pays at least;
 * ``kdt --help`` and ``kdt plugins`` (goal 0.5 s): no torch is imported;
-* ``kdt validate recipes/proto2proto.toml`` (goal 2 s): imports torch and the
-  components the recipe names, but not timm (model names come from the
-  cache, built by a first untimed run) nor scipy.
+* ``kdt validate recipes/proto2proto.toml`` (goal 2 s): with the caches a
+  first, untimed run fills (timm's model names, the components' schemas) it
+  imports neither torch nor timm nor scipy, only the modules of the
+  parameter checks;
+* the same with empty caches, each run with a new cache folder (a user's
+  first check on a machine: it imports torch, the components and timm).
 
 Prints each time, its goal and the ratio time/goal (≤ 1 meets the goal).
 
@@ -38,7 +41,10 @@ CASES = [
     ("kdt plugins", [sys.executable, "-m", "kdtoolkit", "plugins"], 0.5),
     ("kdt validate recipes/proto2proto.toml", [sys.executable, "-m", "kdtoolkit", "validate",
                                                "recipes/proto2proto.toml"], 2.0),
+    ("  same, caches empty (first check)", [sys.executable, "-m", "kdtoolkit", "validate",
+                                            "recipes/proto2proto.toml"], None),
 ]
+COLD = CASES[-1][0]
 
 
 def _once(cmd: list[str], env: dict[str, str]) -> float:
@@ -55,11 +61,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     env = dict(os.environ, KDT_CACHE_DIR=tempfile.mkdtemp(prefix="kdt-bench-cache-"))
-    _once(CASES[-1][1], env)  # builds the timm name cache, as a user's first check does
+    _once(CASES[-1][1], env)  # builds the timm name and schema caches, as a user's first check does
     times: dict[str, list[float]] = {name: [] for name, _, _ in CASES}
     for _ in range(args.repeats):
         for name, cmd, _ in CASES:
-            times[name].append(_once(cmd, env))
+            cold = dict(env, KDT_CACHE_DIR=tempfile.mkdtemp(prefix="kdt-bench-cold-")) if name == COLD else env
+            times[name].append(_once(cmd, cold))
     print(f"# start-up, median of {args.repeats}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'command':42s} {'median s':>9s} {'min s':>7s} {'goal s':>7s} {'time/goal':>9s}")

@@ -32,7 +32,7 @@ CORE_MODULES = (
     "kdtoolkit.engine.reevaluate", "kdtoolkit.engine.export",
     "kdtoolkit.checkpoint", "kdtoolkit.records", "kdtoolkit.io", "kdtoolkit.distributed", "kdtoolkit.report",
     "kdtoolkit.progress", "kdtoolkit.builtin", "kdtoolkit.datacheck", "kdtoolkit.seeds", "kdtoolkit.aggregate",
-    "kdtoolkit.multirun", "kdtoolkit.reportplots",
+    "kdtoolkit.multirun", "kdtoolkit.reportplots", "kdtoolkit.schemas", "kdtoolkit.engine.optim_checks",
 )
 #: The distribution whose registered components and bundle modules are documented.
 DISTRIBUTION = "kdtoolkit"

@@ -12,7 +12,11 @@ before anything is built (see :mod:`kdtoolkit.params`).
 A factory may be registered as a reference, ``"package.module:Name"``: its
 module is imported only when the component is first validated or built, so
 listing plugins (``kdt plugins``, ``kdt --help``) imports neither torch nor
-the plugin's components. The built-in bundles all register this way.
+the plugin's components. The built-in bundles all register this way. Once a
+referenced component has been read, its schema (parameters, the class
+attributes validation reads, where its ``check_params`` lives) is kept in
+the per-user schema cache (:mod:`kdtoolkit.schemas`): checking a recipe
+later imports only the modules of the ``check_params`` it calls.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
 from typing import Any, Callable
 
 from .errors import PluginError, RecipeError
@@ -97,6 +102,7 @@ class Component:
         self._factory = None if isinstance(factory, str) else factory
         self._params: dict[str, ParamSpec] | None = None
         self._summary = summary
+        self._schema: dict[str, Any] | None = None  # from the schema cache, for a reference not imported
         if self._factory is not None:
             self._read_params()
 
@@ -119,7 +125,24 @@ class Component:
                 raise self._fail(f"{self.reference} is not a class or function")
             self._factory = obj
             self._read_params()
+            from .schemas import schema_cache
+
+            cache = schema_cache()
+            if cache.get(self.reference) is None:  # read from the module itself: kept for the next process
+                cache.put(self.reference, obj, self._params)
         return self._factory
+
+    def _cached_schema(self) -> dict[str, Any] | None:
+        """The schema kept for this reference, if the factory is not imported and one is current."""
+        if self._factory is not None or self.reference is None:
+            return None
+        if self.reference.partition(":")[0] in sys.modules:  # imported already: read the module itself
+            return None
+        if self._schema is None:
+            from .schemas import schema_cache
+
+            self._schema = schema_cache().get(self.reference)
+        return self._schema
 
     def _read_params(self) -> None:
         try:
@@ -137,9 +160,13 @@ class Component:
 
     @property
     def params(self) -> dict[str, ParamSpec]:
-        """The recipe parameters, read from the factory's signature."""
+        """The recipe parameters, read from the factory's signature (or from its kept schema)."""
         if self._params is None:
-            self.factory  # noqa: B018 -- resolves and reads the signature
+            schema = self._cached_schema()
+            if schema is not None:
+                self._params = schema["params"]
+            else:
+                self.factory  # noqa: B018 -- resolves and reads the signature
         return self._params
 
     @property
@@ -155,8 +182,29 @@ class Component:
         return self._factory is not None
 
     def attr(self, name: str, default: Any = None) -> Any:
-        """A class attribute of the factory (e.g. ``requires_teacher``)."""
+        """A class attribute of the factory (e.g. ``requires_teacher``; those validation reads
+        come from the kept schema when the factory is not imported)."""
+        from .schemas import SCHEMA_ATTRS
+
+        schema = self._cached_schema() if name in SCHEMA_ATTRS else None
+        if schema is not None:
+            return schema["attrs"].get(name, default)
         return getattr(self.factory, name, default)
+
+    def check_params(self) -> Callable[[dict], None] | None:
+        """The factory's ``check_params`` (``None`` without one); with a kept schema, imported from
+        the module that defines it, without importing the factory's module."""
+        schema = self._cached_schema()
+        if schema is not None:
+            if schema["check"] is None:
+                return None
+            from .schemas import import_reference
+
+            try:
+                return import_reference(schema["check"])
+            except Exception:  # moved or renamed since: read it from the factory
+                self._schema = None
+        return getattr(self.factory, "check_params", None)
 
 
 def _summary(obj: Any) -> str:

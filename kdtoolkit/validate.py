@@ -138,7 +138,7 @@ class Validator(StageChecks):
             if pname in spec and (is_path_annotation(p.annotation) or (comp.kind == "dataset" and pname == "root")):
                 spec = {**spec, pname: self.resolve_path(spec[pname], f"{key}.{pname}")}
             out[pname] = self.value(spec, key, pname, p.annotation, p.default)
-        check = getattr(comp.factory, "check_params", None)
+        check = comp.check_params()
         if check is not None:
             try:
                 check(dict(out))

@@ -138,7 +138,8 @@ def test_malformed_reference_fails_the_plugin(ref):
 
 
 def test_validating_a_recipe_imports_only_the_named_components(tmp_path):
-    """A ProtoPNet recipe imports no ProtoTree module (only its plugin registrations), nor timm itself."""
+    """A ProtoPNet recipe imports no ProtoTree module (only its plugin registrations), nor timm itself;
+    once the components' schemas are kept, it imports no torch either (only the parameter checks)."""
     cache = tmp_path / "cache"
     code = textwrap.dedent("""
         from kdtoolkit.cli import _main
@@ -150,9 +151,12 @@ def test_validating_a_recipe_imports_only_the_named_components(tmp_path):
     second = _imported_after(code, {"KDT_CACHE_DIR": str(cache)})
     loaded = [l for l in second["stdout"].splitlines() if l.startswith("LOADED=")][-1]
     assert [m for m in loaded.split("=")[1].split(",") if m.startswith("kdt_prototree.")] == ["kdt_prototree.plugin"]
-    assert "kdt_protopnet.head" in loaded
-    assert "timm" not in second["heavy"] and "scipy" not in second["heavy"]
-    assert "timm" in first["heavy"]  # the first check lists timm's models once
+    assert "kdt_protopnet.checks" in loaded and "kdt_protopnet.head" not in loaded
+    assert "timm" in first["heavy"] and "torch" in first["heavy"]  # the first check lists timm's models once
+    assert (cache / "component-schemas-v1.json").is_file()
+    assert not {"torch", "timm", "scipy"} & set(second["heavy"]), second["heavy"]
+    first_out = first["stdout"].split("LOADED=")[0]
+    assert first_out == second["stdout"].split("LOADED=")[0]  # the same report
 
 
 def test_timm_names_cache_is_built_reused_and_rebuilt(tmp_path, monkeypatch):

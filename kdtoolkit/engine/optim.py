@@ -22,12 +22,7 @@ import torch
 
 from ..plugins import PluginManager
 from ..registry import RESERVED_KEYS
-
-
-def _betas(params: dict) -> None:
-    betas = params["betas"]
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError("betas", f"expected two numbers in [0, 1), got {betas}")
+from .optim_checks import _check_adam, _check_cosine, _check_gamma, _check_multistep, _check_sgd
 
 
 def adam(params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], eps: float = 1e-8,
@@ -61,19 +56,6 @@ def sgd(params: list[dict[str, Any]], *, momentum: float = 0.9, nesterov: bool =
     :param dampening: dampening of the momentum.
     """
     return torch.optim.SGD(params, lr=params[0]["lr"], momentum=momentum, nesterov=nesterov, dampening=dampening)
-
-
-def _check_adam(params: dict) -> None:
-    _betas(params)
-    if params["eps"] <= 0:
-        raise ValueError("eps", f"must be > 0, got {params['eps']}")
-
-
-def _check_sgd(params: dict) -> None:
-    if not 0 <= params["momentum"] <= 1:
-        raise ValueError("momentum", f"must be in [0, 1], got {params['momentum']}")
-    if params["nesterov"] and (params["momentum"] <= 0 or params["dampening"] != 0):
-        raise ValueError("nesterov", "Nesterov momentum needs momentum > 0 and dampening = 0")
 
 
 adam.check_params = _check_adam
@@ -119,25 +101,6 @@ def exponential(optimizer: torch.optim.Optimizer, epochs: int, *, gamma: float =
     :param gamma: the decay factor (> 0).
     """
     return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
-
-
-def _check_gamma(params: dict) -> None:
-    if params["gamma"] <= 0:
-        raise ValueError("gamma", f"must be > 0, got {params['gamma']}")
-    if params.get("step_size", 1) < 1:
-        raise ValueError("step_size", f"must be >= 1, got {params['step_size']}")
-
-
-def _check_multistep(params: dict) -> None:
-    _check_gamma(params)
-    ms = params["milestones"]
-    if not ms or any(m < 1 for m in ms) or sorted(set(ms)) != ms:
-        raise ValueError("milestones", f"expected increasing epochs >= 1, got {ms}")
-
-
-def _check_cosine(params: dict) -> None:
-    if params["min_lr"] < 0:
-        raise ValueError("min_lr", f"must be >= 0, got {params['min_lr']}")
 
 
 step.check_params = _check_gamma

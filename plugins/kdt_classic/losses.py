@@ -28,6 +28,8 @@ from torch import nn
 
 from kdtoolkit.components import Step
 
+from .checks import (check_attention_params, check_crd_params, check_cross_entropy_params, check_dist_params,
+                     check_dkd_params, check_hinton_kd_params, check_paired_taps_params, check_rkd_params)
 from .connectors import ConvRegressor
 from .crd import CRD
 from .functional import at_loss, dist_loss, dkd_loss, fitnet_loss, kd_loss, pkt_loss, rkd_loss, sp_loss
@@ -41,24 +43,6 @@ __all__ = [
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` ``[B,K]`` against ``targets`` ``[B]``."""
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-
-
-def _positive(params: dict, *keys: str) -> None:
-    for k in keys:
-        if not params[k] > 0:
-            raise ValueError(k, f"must be > 0, got {params[k]}")
-
-
-def _non_negative(params: dict, *keys: str) -> None:
-    for k in keys:
-        if not params[k] >= 0:
-            raise ValueError(k, f"must be >= 0, got {params[k]}")
-
-
-def _tap_names(params: dict, *keys: str) -> None:
-    for k in keys:
-        if not params[k]:
-            raise ValueError(k, "must name a tap declared in the stage")
 
 
 def _student_taps(params: dict) -> tuple[str, ...]:
@@ -88,10 +72,7 @@ class _PairedTaps:
     requires_taps = staticmethod(_student_taps)
     requires_teacher_taps = staticmethod(_teacher_taps)
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        """The tap names are not empty."""
-        _tap_names(params, "student_tap", "teacher_tap")
+    check_params = staticmethod(check_paired_taps_params)
 
 
 # --------------------------------------------------------------------------
@@ -111,11 +92,7 @@ class CrossEntropyLoss:
     def __init__(self, *, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        """``label_smoothing`` lies in [0, 1)."""
-        if not 0 <= params["label_smoothing"] < 1:
-            raise ValueError("label_smoothing", f"must be in [0, 1), got {params['label_smoothing']}")
+    check_params = staticmethod(check_cross_entropy_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
         return cross_entropy(step.outputs["logits"], step.targets, self.label_smoothing)
@@ -144,10 +121,7 @@ class HintonKDLoss:
         self.temperature = temperature
         self.standardize = standardize
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        """``temperature`` is positive."""
-        _positive(params, "temperature")
+    check_params = staticmethod(check_hinton_kd_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
         return kd_loss(step.outputs["logits"], step.teacher_outputs["logits"].detach(), self.temperature,
@@ -178,11 +152,7 @@ class DKDLoss:
     def __init__(self, *, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: int = 20):
         self.alpha, self.beta, self.temperature, self.warmup_epochs = alpha, beta, temperature, warmup_epochs
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        """Weights non-negative, temperature positive, warm-up non-negative."""
-        _non_negative(params, "alpha", "beta", "warmup_epochs")
-        _positive(params, "temperature")
+    check_params = staticmethod(check_dkd_params)
 
     def ramp(self, epoch: int) -> float:
         """The warm-up factor ``min(epoch / warmup_epochs, 1)`` (1 without warm-up)."""
@@ -217,11 +187,7 @@ class DISTLoss:
     def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
         self.beta, self.gamma, self.temperature = beta, gamma, temperature
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        """Weights non-negative, temperature positive."""
-        _non_negative(params, "beta", "gamma")
-        _positive(params, "temperature")
+    check_params = staticmethod(check_dist_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
         return dist_loss(step.outputs["logits"], step.teacher_outputs["logits"].detach(), self.beta, self.gamma,
@@ -292,15 +258,7 @@ class AttentionLoss:
     def __init__(self, *, taps: list[str], teacher_taps: list[str], p: float = 2.0):
         self.taps, self.teacher_taps, self.p = list(taps), list(teacher_taps), p
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        """At least one pair, as many teacher taps as student taps, ``p`` positive."""
-        if not params["taps"]:
-            raise ValueError("taps", "name at least one student tap")
-        if len(params["teacher_taps"]) != len(params["taps"]):
-            raise ValueError("teacher_taps", f"must pair the {len(params['taps'])} student taps in order, "
-                                             f"got {len(params['teacher_taps'])}")
-        _positive(params, "p")
+    check_params = staticmethod(check_attention_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
         return at_loss([_tap(step, n, False) for n in self.taps], [_tap(step, n, True) for n in self.teacher_taps], self.p)
@@ -362,11 +320,7 @@ class RKDLoss(_PairedTaps):
         self.student_tap, self.teacher_tap = student_tap, teacher_tap
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        """Tap names given, weights non-negative."""
-        _PairedTaps.check_params(params)
-        _non_negative(params, "distance_weight", "angle_weight")
+    check_params = staticmethod(check_rkd_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
         return rkd_loss(_tap(step, self.student_tap, False), _tap(step, self.teacher_tap, True),
@@ -405,16 +359,7 @@ class CRDLoss(_PairedTaps, nn.Module):
         self.feat_dim, self.nce_k, self.nce_t, self.nce_m = feat_dim, nce_k, nce_t, nce_m
         self.crd: CRD | None = None
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        """Tap names given; ``feat_dim``, ``nce_k`` >= 1; ``nce_t`` > 0; ``nce_m`` in [0, 1]."""
-        _PairedTaps.check_params(params)
-        for k in ("feat_dim", "nce_k"):
-            if params[k] < 1:
-                raise ValueError(k, f"must be >= 1, got {params[k]}")
-        _positive(params, "nce_t")
-        if not 0 <= params["nce_m"] <= 1:
-            raise ValueError("nce_m", f"must be in [0, 1], got {params['nce_m']}")
+    check_params = staticmethod(check_crd_params)
 
     def setup(self, probe: Step) -> None:
         """Build the embeddings and memory banks from the taps' sizes and the number of training images."""

@@ -19,6 +19,7 @@ from torch import nn
 from kdtoolkit.components import Step
 
 from . import functional as F
+from .checks import check_correspondence_params, check_tree_kd_params
 from .protocol import prototype_head, prototype_matrix
 
 PAIRINGS = ("index", "matched_per_epoch", "matched_fixed")
@@ -141,10 +142,7 @@ class PatchPrototypeCorrespondenceLoss:
         # the teacher's distances are read only when its patches decide the mask
         self.requires_teacher_outputs = ("features",) if mask_source == "student" else ("features", *located)
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if not params["tau"] > 0:
-            raise ValueError("tau", f"must be > 0, got {params['tau']}")
+    check_params = staticmethod(check_correspondence_params)
 
     @staticmethod
     def check_models(model, teacher) -> None:
@@ -190,10 +188,7 @@ class TreeKDLoss:
     def __init__(self, *, temperature: float = 1.0):
         self.temperature = temperature
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if not params["temperature"] > 0:
-            raise ValueError("temperature", f"must be > 0, got {params['temperature']}")
+    check_params = staticmethod(check_tree_kd_params)
 
     @staticmethod
     def check_models(model, teacher) -> None:

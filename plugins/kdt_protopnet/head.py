@@ -16,6 +16,7 @@ from torch import nn
 from kdtoolkit.engine.device import full_precision
 
 from . import functional as F
+from .checks import check_head_params
 
 
 def _kaiming(module: nn.Module) -> None:
@@ -90,12 +91,7 @@ class ProtoPNetHead(nn.Module):
         with torch.no_grad():
             self.last_layer.weight.copy_(F.last_layer_init(self.class_identity, incorrect_strength))
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if params["prototypes_per_class"] < 1:
-            raise ValueError("prototypes_per_class", f"must be >= 1, got {params['prototypes_per_class']}")
-        if params["prototype_depth"] < 1:
-            raise ValueError("prototype_depth", f"must be >= 1, got {params['prototype_depth']}")
+    check_params = staticmethod(check_head_params)
 
     @property
     def num_prototypes(self) -> int:

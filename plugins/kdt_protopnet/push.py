@@ -15,6 +15,7 @@ import torch
 
 from kdtoolkit.io import atomic_write_json
 
+from .checks import check_push_params
 from .functional import PrototypeProjector
 
 
@@ -64,10 +65,7 @@ class PushPhase:
         prototype_figure(ctx.stage_dir / f"prototypes-{ctx.phase['name']}.png", images, list(boxes.values()), labels,
                          f"{ctx.stage}: prototypes after push '{ctx.phase['name']}' (source image, 95th-percentile box)")
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if params["batch_size"] is not None and params["batch_size"] < 1:
-            raise ValueError("batch_size", f"must be >= 1, got {params['batch_size']}")
+    check_params = staticmethod(check_push_params)
 
     @torch.inference_mode()
     def run(self, ctx) -> dict:
