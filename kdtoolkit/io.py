@@ -164,9 +164,10 @@ def read_safetensors(path: Path, arrays: str = "torch") -> tuple[dict[str, Any],
     """Read a safetensors file: ``(tensors, metadata)``.
 
     ``arrays="torch"`` (default) gives torch tensors; ``arrays="numpy"`` gives
-    numpy arrays without importing torch (a file holding a dtype numpy lacks,
-    such as bfloat16, is read through torch, and those tensors become float32,
-    which holds their values exactly).
+    numpy arrays without importing torch, except for a file holding a dtype
+    numpy lacks (bfloat16, float8): that one is read as torch tensors, so that
+    its values keep their dtype (a metric compares a bfloat16 distance with a
+    threshold rounded to bfloat16, as before).
 
     A file with a ``kdtoolkit.checksum`` in its metadata (every file kdtoolkit writes)
     is verified against its contents; files without one (written by other
@@ -217,8 +218,6 @@ def read_safetensors(path: Path, arrays: str = "torch") -> tuple[dict[str, Any],
     if stored is not None and stored != content_checksum(tensors, meta):
         raise CheckpointError("content checksum mismatch: the file changed after it was written (a flipped bit, "
                               "an incomplete copy or an edit); it cannot be trusted", source=str(path))
-    if arrays == "numpy" and not numpy_direct:
-        tensors = {k: (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy() for k, v in tensors.items()}
     return tensors, meta
 
 

@@ -52,9 +52,13 @@ class Records:
         return int(self.tensors["labels"].shape[0])
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically as safetensors (metadata values JSON-encoded)."""
+        """Write atomically as safetensors (metadata values JSON-encoded; torch tensors or numpy arrays)."""
+        import torch
+
         meta = {"format": RECORDS_FORMAT, **{k: json.dumps(v) for k, v in self.meta.items()}}
-        atomic_save_safetensors({k: v.contiguous().cpu() for k, v in self.tensors.items()}, Path(path), meta)
+        tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).contiguous().cpu()
+                   for k, v in self.tensors.items()}
+        atomic_save_safetensors(tensors, Path(path), meta)
 
     def numpy(self) -> "Records":
         """The same records with numpy arrays (CPU copies of torch tensors; bfloat16, which
@@ -71,7 +75,8 @@ class Records:
     @classmethod
     def load(cls, path: str | os.PathLike, arrays: str = "torch") -> "Records":
         """Read a records file, as torch tensors or (``arrays="numpy"``) as numpy arrays
-        without importing torch.
+        without importing torch (a file with a dtype numpy lacks, e.g. bfloat16, still gives
+        torch tensors; see :func:`~kdtoolkit.io.read_safetensors`).
 
         :raises CheckpointError: for a missing, truncated or foreign file.
         """

@@ -26,6 +26,7 @@ import importlib
 import inspect
 import re
 import sys
+import time
 from typing import Any, Callable
 
 from .errors import PluginError, RecipeError
@@ -60,6 +61,10 @@ RESERVED_KEYS: dict[str, tuple[str, ...]] = {
     "optimizer": ("name", "weight_decay"),
     "scheduler": ("name", "warmup_epochs", "warmup_start_factor"),
 }
+
+#: When this process started using components: a kept schema is written only from source files
+#: older than this (a file edited later may differ from the module imported).
+_STARTED_NS = time.time_ns()
 
 #: Longest list of names an error message spells out (the rest is summarised).
 LIST_LIMIT = 20
@@ -129,7 +134,7 @@ class Component:
 
             cache = schema_cache()
             if cache.get(self.reference) is None:  # read from the module itself: kept for the next process
-                cache.put(self.reference, obj, self._params)
+                cache.put(self.reference, obj, self._params, since_ns=_STARTED_NS)
         return self._factory
 
     def _cached_schema(self) -> dict[str, Any] | None:

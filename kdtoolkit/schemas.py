@@ -8,16 +8,19 @@ reading them imports torch (2–3 s on a 2-core CPU), longer than the whole
 check. The first time a lazily registered component is read, its schema is
 written to a small JSON file in the per-user cache folder (``$KDT_CACHE_DIR``,
 or ``$XDG_CACHE_HOME/kdtoolkit``, default ``~/.cache/kdtoolkit``):
-``component-schemas-v1.json``. Later checks read the schema instead of
+``component-schemas-v2.json``. Later checks read the schema instead of
 importing the factory's module, and call ``check_params`` from the module
 that defines it, which imports no torch when the plugin keeps its parameter
 checks in a module of their own (``docs/plugins.md``, "Fast start-up").
 
-An entry is used only while every source file it was read from (the
-factory's module, the modules of its classes and of its ``check_params``)
-has the size and modification time recorded, under the same Python,
-kdtoolkit and torch versions; otherwise the factory is imported and the
-entry written again. A schema with something JSON cannot hold (an
+An entry is used only while every module it was read from (the factory's,
+those of its classes and of its ``check_params``) would be imported from the
+same file, with the size and modification time recorded, under the same
+Python, kdtoolkit and torch versions (another checkout or environment
+sharing the cache finds its own files and does not use it); otherwise the
+factory is imported and the entry written again. An entry is written only
+from files older than the process's first use of components (a file edited
+since may differ from the module imported). A schema with something JSON cannot hold (an
 annotation or default of another type, an attribute that is not a plain
 value) is not kept. A cache that cannot be read is ignored; one that cannot
 be written is skipped.
@@ -46,7 +49,7 @@ SCHEMA_ATTRS = (
     "requires_indices", "requires_taps", "requires_teacher_taps",
 )
 
-CACHE_FILE = "component-schemas-v1.json"
+CACHE_FILE = "component-schemas-v2.json"
 
 _UNSET = object()
 
@@ -80,17 +83,18 @@ def _environment() -> dict[str, str]:
 
 def _value(v: Any) -> Any:
     """A plain value as JSON, tuples and non-finite floats tagged so that they come back as they were."""
-    if v is None or isinstance(v, (bool, str, int)):
+    kind = type(v)  # exact types: an enum or a numpy scalar would not come back as itself
+    if v is None or kind in (bool, str, int):
         return v
-    if isinstance(v, float):
+    if kind is float:
         return v if v == v and v not in (float("inf"), float("-inf")) else {"float": repr(v)}
-    if isinstance(v, list):
+    if kind is list:
         return [_value(x) for x in v]
-    if isinstance(v, tuple):
+    if kind is tuple:
         return {"tuple": [_value(x) for x in v]}
-    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+    if kind is dict and all(type(k) is str for k in v):
         return {"dict": {k: _value(x) for k, x in v.items()}}
-    raise _NotKept(type(v).__name__)
+    raise _NotKept(kind.__name__)
 
 
 def _unvalue(v: Any) -> Any:
@@ -145,12 +149,26 @@ def _module_file(module_name: str) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def _stamp(path: str) -> list | None:
+def _stamp(module_name: str, path: str) -> list | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return [path, st.st_mtime_ns, st.st_size]
+    return [module_name, path, st.st_mtime_ns, st.st_size]
+
+
+def _current(stamp: list) -> bool:
+    """Whether the module of ``stamp`` would be imported from the same, unchanged file (another
+    checkout or environment sharing the cache finds its own file, so the entry is not used)."""
+    import importlib.util
+
+    module_name, path = stamp[0], stamp[1]
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(spec, "origin", None)
+    return bool(origin) and str(Path(origin).resolve()) == path and _stamp(module_name, path) == stamp
 
 
 def _sources(factory: Any, check: Any) -> list[str]:
@@ -191,7 +209,7 @@ class SchemaCache:
         if not isinstance(entry, dict):
             return None
         try:
-            if any(_stamp(f[0]) != f for f in entry["files"]):
+            if not all(_current(f) for f in entry["files"]):
                 return None
             params = {name: ParamSpec(name, _unannotation(p["annotation"]),
                                       REQUIRED if p.get("required") else _unvalue(p["default"]))
@@ -201,9 +219,10 @@ class SchemaCache:
             return None
         return {"params": params, "attrs": attrs, "check": entry.get("check")}
 
-    def put(self, reference: str, factory: Any, params: dict[str, ParamSpec]) -> None:
+    def put(self, reference: str, factory: Any, params: dict[str, ParamSpec], since_ns: int = 0) -> None:
         """Keep the schema of ``factory`` (already imported) under ``reference``; skipped when it
-        holds something JSON cannot, or when the file cannot be written."""
+        holds something JSON cannot, when a source file changed after ``since_ns`` (it may differ
+        from what was imported), or when the file cannot be written."""
         check = getattr(factory, "check_params", None)
         if check is not None and not (isinstance(getattr(check, "__module__", None), str)
                                       and isinstance(getattr(check, "__qualname__", None), str)):
@@ -220,9 +239,12 @@ class SchemaCache:
             return
         if check is not None and "<" in check.__qualname__:  # a lambda or a local function: not importable
             return
-        files = [_module_file(m) for m in _sources(factory, check)]
-        stamps = [_stamp(f) for f in files if f]
-        if None in files or None in stamps:
+        modules = _sources(factory, check)
+        files = [_module_file(m) for m in modules]
+        if None in files:
+            return
+        stamps = [_stamp(m, f) for m, f in zip(modules, files)]
+        if None in stamps or any(s[2] > since_ns for s in stamps):
             return
         entry["files"] = stamps
         data = self._load()

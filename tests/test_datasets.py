@@ -321,59 +321,71 @@ def test_image_folder_param_validation(tmp_path, params, key):
 # --------------------------------------------------------------------------- decoded images kept in memory
 
 
+@pytest.fixture
+def kept():
+    from kdt_data import imagelist
+
+    imagelist.clear_kept_images()
+    yield imagelist
+    imagelist.clear_kept_images()
+
+
 def _items(ds, seed):
     torch.manual_seed(seed)
     return [ds[i] for i in range(len(ds))]
 
 
 @pytest.mark.parametrize("augmentation", ["crop_flip", "protopnet", "none"])
-def test_image_folder_cache_changes_no_item(tmp_path, augmentation):
+def test_image_folder_cache_changes_no_item(tmp_path, kept, augmentation):
     _make_tree(tmp_path, size=20)
     cached = D.image_folder("train", True, root=str(tmp_path), image_size=16, augmentation=augmentation)
     fresh = D.image_folder("train", True, root=str(tmp_path), image_size=16, augmentation=augmentation, cache_mb=0)
     first = _items(cached, 1)
-    assert len(cached._cache) == len(cached) and cached._cached_bytes == len(cached) * 20 * 20 * 3
+    assert len(kept._KEPT) == len(cached) and kept.kept_images_bytes() == len(cached) * 20 * 20 * 4
     for epoch_seed in (2, 3):  # later epochs read the kept images: the same items as decoding again
         for (a, la), (b, lb) in zip(_items(cached, epoch_seed), _items(fresh, epoch_seed)):
             assert la == lb and torch.equal(a, b)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, _items(fresh, 1)))
-    assert not fresh._cache
+    # one copy per file: the un-augmented train split of the same folder reads the same kept images
+    D.image_folder("train", False, root=str(tmp_path), image_size=16)[0]
+    assert kept.kept_images_bytes() == len(cached) * 20 * 20 * 4
     # the files are no longer read: with them removed, every item still loads, the same as before
     want = _items(fresh, 2)
     for path, _ in cached.samples:
         os.remove(path)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(_items(cached, 2), want))
     with pytest.raises(DataError):
-        fresh[0]
+        fresh[0]  # cache_mb = 0 reads the file
 
 
-def test_image_cache_returns_copies_keeps_its_budget_and_stays_in_its_process(tmp_path):
+def test_image_cache_returns_copies_keeps_its_budget_and_stays_in_its_process(tmp_path, kept):
     import pickle
 
     _make_tree(tmp_path, per_class=4, size=24)
     ds = D.image_folder("test", False, root=str(tmp_path), image_size=16, cache_mb=1)
-    ds._cached_bytes = 2**20 - 5 * 24 * 24 * 3  # as if nearly full: room for exactly 5 more images
+    kept._KEPT_BYTES[0] = 2**20 - 5 * 24 * 24 * 4  # as if nearly full: room for exactly 5 more images
     for i in range(len(ds)):
         ds.image(i)
-    assert len(ds._cache) == 5
+    assert len(kept._KEPT) == 5
     im = ds.image(0)
     im.putpixel((0, 0), (1, 2, 3))  # a returned image is a copy
     assert ds.image(0).getpixel((0, 0)) != (1, 2, 3)
-    assert pickle.loads(pickle.dumps(ds))._cache == {}  # a worker or a copy starts empty
+    assert "_KEPT" not in pickle.dumps(ds).decode("latin-1")  # what is kept is not part of the dataset
+    kept.clear_kept_images()
     ds2 = D.image_folder("test", False, root=str(tmp_path), image_size=16)
     ds2.check_item(0)  # checking the data decodes without keeping
-    assert not ds2._cache
+    assert not kept._KEPT
 
 
-def test_image_cache_is_not_filled_in_workers(tmp_path):
+def test_image_cache_is_not_filled_in_workers(tmp_path, kept):
     from kdtoolkit.engine.data import batches
 
     _make_tree(tmp_path, size=16)
     ds = D.image_folder("train", False, root=str(tmp_path), image_size=16)
     seen = [x for x, _ in batches(ds, 4, shuffle=False, seed=0, num_workers=1)]
-    assert seen and not ds._cache
+    assert seen and not kept._KEPT
     again = [x for x, _ in batches(ds, 4, shuffle=False, seed=0)]
-    assert len(ds._cache) == len(ds) and all(torch.equal(a, b) for a, b in zip(seen, again))
+    assert len(kept._KEPT) == len(ds) and all(torch.equal(a, b) for a, b in zip(seen, again))
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "big"])

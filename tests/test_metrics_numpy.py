@@ -121,13 +121,20 @@ def test_records_load_as_numpy_equal_torch_and_keep_the_checksum(tmp_path):
         Records.load(path, arrays="numpy")
 
 
-def test_bfloat16_records_load_as_float32_arrays(tmp_path):
-    path = tmp_path / "bf16.safetensors"
-    recs = _write_records(path, dtype=torch.bfloat16)
-    tensors, _ = read_safetensors(path, arrays="numpy")
-    assert tensors["min_distances"].dtype == np.float32
-    np.testing.assert_array_equal(tensors["min_distances"], recs["min_distances"].float().numpy())
-    np.testing.assert_array_equal(Records.load(path).numpy()["min_distances"], tensors["min_distances"])
+def test_bfloat16_records_keep_their_dtype_and_numbers(tmp_path):
+    from kdt_proto2proto.compare import run_metrics
+
+    teacher, student = tmp_path / "t.safetensors", tmp_path / "s.safetensors"
+    t = _write_records(teacher, dtype=torch.bfloat16)
+    s = _write_records(student, dtype=torch.bfloat16)
+    tensors, _ = read_safetensors(teacher, arrays="numpy")  # numpy has no bfloat16: torch tensors
+    assert tensors["min_distances"].dtype == torch.bfloat16
+    assert Records.load(teacher).numpy()["min_distances"].dtype == np.float32  # explicit conversion: exact values
+    taus = (0.1, 0.45, 1.0, math.inf)
+    got = run_metrics(None, teacher, (student,), "0.1,0.45,1,inf", True, tmp_path / "m.json", "cpu")
+    # the thresholds are compared in bfloat16, as the torch path does
+    assert got["t"]["aap"] == M.aap_by_tau(t["min_distances"], t["argmin"], 4, taus)
+    assert got["s"]["ajs"] == M.ajs_by_tau(t["min_distances"], t["argmin"], s["min_distances"], s["argmin"], 4, taus)
 
 
 def test_kdt_metrics_on_records_files_imports_no_torch(tmp_path):

@@ -26,6 +26,15 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def _started_now(monkeypatch):
+    """As if the process started now: files written by the test count as older."""
+    import time
+
+    from kdtoolkit import registry
+
+    monkeypatch.setattr(registry, "_STARTED_NS", time.time_ns() + 1)
+
+
 def _fresh(comp):
     """A component for the same reference, as a new process would see it (factory not imported)."""
     reg = Registry(comp.kind).bound(comp.owner)
@@ -97,6 +106,7 @@ def test_a_kept_schema_is_used_until_its_module_changes(cache_dir, tmp_path, mon
     folder = tmp_path / "site"
     _write_module(folder, PROBE)
     monkeypatch.syspath_prepend(str(folder))
+    _started_now(monkeypatch)
     reg = Registry("loss").bound("probe")
     reg.add("probe", "kdt_schema_probe:Probe")
     comp = reg.get("probe")
@@ -126,6 +136,7 @@ def test_an_unkeepable_schema_is_not_kept_and_another_environment_is_ignored(cac
     folder = tmp_path / "site"
     _write_module(folder, PROBE + "\n    Probe.requires_outputs = staticmethod(lambda params: ())\n", "kdt_schema_probe2")
     monkeypatch.syspath_prepend(str(folder))
+    _started_now(monkeypatch)
     reg = Registry("loss").bound("probe")
     reg.add("probe", "kdt_schema_probe2:Probe")
     reg.get("probe").params
@@ -154,3 +165,28 @@ def test_an_imported_module_is_read_itself_not_its_kept_schema(cache_dir, monkey
     monkeypatch.setattr(ProtoPNetHead, "check_params", staticmethod(refuse))
     comp = PluginManager().registry("head").get("protopnet")
     assert comp.check_params() is refuse
+
+
+def test_a_schema_is_not_kept_from_a_newer_file_nor_used_from_another_location(cache_dir, tmp_path, monkeypatch):
+    first, second = tmp_path / "one", tmp_path / "two"
+    _write_module(first, PROBE, "kdt_schema_probe3")
+    _write_module(second, PROBE.replace("k: int = 2", "k: int = 7"), "kdt_schema_probe3")
+    # written after this process started using components: not kept
+    monkeypatch.syspath_prepend(str(first))
+    reg = Registry("loss").bound("probe")
+    reg.add("probe", "kdt_schema_probe3:Probe")
+    reg.get("probe").params
+    assert schemas.schema_cache().get("kdt_schema_probe3:Probe") is None
+    monkeypatch.delitem(sys.modules, "kdt_schema_probe3")
+    _started_now(monkeypatch)
+    reg = Registry("loss").bound("probe")
+    reg.add("probe", "kdt_schema_probe3:Probe")
+    assert reg.get("probe").params["k"].default == 2
+    assert schemas.schema_cache().get("kdt_schema_probe3:Probe") is not None
+    # another checkout of the same module (found first on the path): its own file, not the kept schema
+    monkeypatch.delitem(sys.modules, "kdt_schema_probe3")
+    monkeypatch.syspath_prepend(str(second))
+    assert schemas.schema_cache().get("kdt_schema_probe3:Probe") is None
+    reg = Registry("loss").bound("probe")
+    reg.add("probe", "kdt_schema_probe3:Probe")
+    assert reg.get("probe").params["k"].default == 7

@@ -153,7 +153,7 @@ def test_validating_a_recipe_imports_only_the_named_components(tmp_path):
     assert [m for m in loaded.split("=")[1].split(",") if m.startswith("kdt_prototree.")] == ["kdt_prototree.plugin"]
     assert "kdt_protopnet.checks" in loaded and "kdt_protopnet.head" not in loaded
     assert "timm" in first["heavy"] and "torch" in first["heavy"]  # the first check lists timm's models once
-    assert (cache / "component-schemas-v1.json").is_file()
+    assert (cache / "component-schemas-v2.json").is_file()
     assert not {"torch", "timm", "scipy"} & set(second["heavy"]), second["heavy"]
     first_out = first["stdout"].split("LOADED=")[0]
     assert first_out == second["stdout"].split("LOADED=")[0]  # the same report

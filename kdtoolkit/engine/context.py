@@ -32,7 +32,7 @@ def uses_channels_last(layout: bool | str, module: nn.Module) -> bool:
     """Whether a recipe's ``channels_last`` value (``True``, ``False`` or ``"auto"``) puts ``module``
     in channels-last layout: ``"auto"`` does for modules with 4-D weights (2-D convolutions)."""
     if layout == "auto":
-        return any(p.dim() == 4 for p in module.parameters())
+        return any(p.dim() == 4 for p in module.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
     return bool(layout)
 
 

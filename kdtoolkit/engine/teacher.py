@@ -128,13 +128,13 @@ def cache_key(teacher_id: str, data_spec: dict[str, Any], precision: str, keys: 
         stage hash and a hash of its ``model.safetensors``).
     :param data_spec: the stage's resolved ``data`` table; ``eval_batch_size``
         (the batches the cache is computed in) counts, ``batch_size``,
-        ``num_workers`` and ``drop_last`` do not.
+        ``num_workers``, ``drop_last`` and ``cache_mb`` do not.
     :param world: the number of processes sharing the pass (their shares of
         each batch are computed separately).
     :param versions: software versions (torch, kdtoolkit, plugins).
     :param taps: the cached teacher taps (name → module path), if any.
     """
-    spec = {k: v for k, v in data_spec.items() if k not in ("batch_size", "num_workers", "drop_last")}
+    spec = {k: v for k, v in data_spec.items() if k not in ("batch_size", "num_workers", "drop_last", "cache_mb")}
     payload = {"teacher": teacher_id, "data": spec, "precision": precision,
                "keys": sorted(keys) if keys is not None else "*", "world": world, "versions": versions or {}}
     if taps:

@@ -8,11 +8,12 @@ transform of an RGB image; training items apply the dataset's
 torch's global RNG; :func:`train_augmentation` builds the default, a random
 horizontal flip) to the decoded, box-cropped image before it.
 
-Decoded images are kept in memory between epochs, up to ``cache_mb`` MiB,
-when items are loaded in the main process (``num_workers = 0``): from the
-second epoch on an item costs its transforms, not a file read and a decode.
-Worker processes (``num_workers > 0``) decode every time (each would hold a
-copy, and workers start anew every epoch).
+Decoded images are kept in memory between epochs, up to ``cache_mb`` MiB for
+all the image datasets of the process together (one copy of a file and box,
+whichever dataset read it), when items are loaded in the main process
+(``num_workers = 0``): from the second epoch on an item costs its transforms,
+not a file read and a decode. Worker processes (``num_workers > 0``) decode
+every time (each would hold a copy, and workers start anew every epoch).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_CACHE_MB", "check_cache_mb", "load_rgb", "crop_box", "random_hflip", "train_augmentation",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_CACHE_MB", "check_cache_mb", "kept_images_bytes",
+           "clear_kept_images", "load_rgb", "crop_box", "random_hflip", "train_augmentation",
            "check_image_params", "ImageListDataset"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -104,6 +106,23 @@ def _in_worker() -> bool:
     return torch.utils.data.get_worker_info() is not None
 
 
+#: Decoded images kept by the image datasets of this process: ``(path, box)`` → RGB image.
+_KEPT: dict[tuple, object] = {}
+_KEPT_BYTES = [0]
+_BYTES_PER_PIXEL = 4  # Pillow stores an RGB pixel in 4 bytes
+
+
+def kept_images_bytes() -> int:
+    """Bytes of decoded images kept in memory by the image datasets of this process."""
+    return _KEPT_BYTES[0]
+
+
+def clear_kept_images() -> None:
+    """Forget every decoded image kept in memory (the next reads decode the files again)."""
+    _KEPT.clear()
+    _KEPT_BYTES[0] = 0
+
+
 class ImageListDataset(Dataset):
     """Images listed as ``(path, label)`` samples, each with an optional box; decoded lazily, one file per item.
 
@@ -111,7 +130,8 @@ class ImageListDataset(Dataset):
     :ivar boxes: ``None``, or per item ``(left, top, right, bottom)`` in 0-based pixels (right and bottom
         exclusive) that :meth:`image` crops to.
     :ivar augmentation: applied to the decoded (cropped) image of a training item when ``augment`` is on.
-    :ivar cache_mb: MiB of decoded (cropped) images kept in memory, in the main process only (0: none).
+    :ivar cache_mb: MiB of decoded (cropped) images that reading this dataset may keep in memory, counted
+        over every image dataset of the process, in the main process only (0: none).
     """
 
     def __init__(self, *, name, split, augment, classes, samples, image_size, mean, std, boxes=None,
@@ -129,8 +149,6 @@ class ImageListDataset(Dataset):
         self.std = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
         self.augmentation = augmentation
         self.cache_mb = int(cache_mb)
-        self._cache: dict[int, object] = {}
-        self._cached_bytes = 0
 
     def __len__(self):
         return len(self.samples)
@@ -148,23 +166,18 @@ class ImageListDataset(Dataset):
         Kept in memory (see ``cache_mb``) when decoded in the main process; every call returns
         a new image, so changing it changes nothing kept.
         """
-        kept = self._cache.get(i)
+        key = (self.samples[i][0], None if self.boxes is None else tuple(self.boxes[i]))
+        kept = _KEPT.get(key) if self.cache_mb else None
         if kept is not None:
             return kept.copy()
         im = self._decode(i)
         if self.cache_mb and not _in_worker():
-            size = im.width * im.height * 3
-            if self._cached_bytes + size <= self.cache_mb * 2**20:
-                self._cache[i] = im
-                self._cached_bytes += size
+            size = im.width * im.height * _BYTES_PER_PIXEL
+            if _KEPT_BYTES[0] + size <= self.cache_mb * 2**20:
+                _KEPT[key] = im
+                _KEPT_BYTES[0] += size
                 return im.copy()
         return im
-
-    def __getstate__(self):
-        # what is kept stays in this process: a worker or a pickled copy starts empty
-        state = dict(self.__dict__)
-        state["_cache"], state["_cached_bytes"] = {}, 0
-        return state
 
     def preprocess(self, im) -> torch.Tensor:
         """The un-augmented transform of a PIL image: a normalised float tensor ``[3, S, S]``."""

@@ -219,7 +219,7 @@ def _check_argmin(argmin: Any, num_locations: int, name: str = "argmin") -> np.n
     if a.ndim != 2:
         raise ValueError(f"{name} must have shape [N, P], got {tuple(a.shape)}")
     if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer location indices, got dtype {_dtype_name(argmin)}")
+        raise ValueError(f"{name} must hold integer location indices, got dtype {_dtype_name(a)}")
     if a.size:
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi >= num_locations:
@@ -228,7 +228,7 @@ def _check_argmin(argmin: Any, num_locations: int, name: str = "argmin") -> np.n
                 f"{num_locations} (valid: 0..{num_locations - 1}); teacher and student "
                 "must share the same latent grid H x W"
             )
-    return a
+    return a.astype(np.int64) if a.dtype == np.uint64 else a  # uint64 + int64 codes would be floats
 
 
 def _check_record(min_distances: Any, argmin: Any, num_locations: int, who: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -237,7 +237,7 @@ def _check_record(min_distances: Any, argmin: Any, num_locations: int, who: str 
     if d.ndim != 2:
         raise ValueError(f"{prefix}min_distances must have shape [N, P], got {tuple(d.shape)}")
     if not (_is_float(d) or np.issubdtype(d.dtype, np.integer) or d.dtype == np.bool_):
-        raise ValueError(f"{prefix}min_distances must hold numbers, got dtype {_dtype_name(min_distances)}")
+        raise ValueError(f"{prefix}min_distances must hold numbers, got dtype {_dtype_name(d)}")
     a = _check_argmin(argmin, num_locations, f"{prefix}argmin")
     if d.shape != a.shape:
         raise ValueError(
