@@ -140,6 +140,21 @@ def _unannotation(obj: Any) -> Any:
     return dict if obj["dict"] is None else dict[tuple(_unannotation(a) for a in obj["dict"])]
 
 
+def _attr(v: Any) -> Any:
+    """An attribute: a plain value, or a named function (e.g. ``requires_taps``) as its reference."""
+    if isinstance(v, types.FunctionType):
+        if "<" in v.__qualname__:  # a lambda or a local function: not importable by name
+            raise _NotKept(v.__qualname__)
+        return {"ref": f"{v.__module__}:{v.__qualname__}"}
+    return _value(v)
+
+
+def _unattr(v: Any) -> Any:
+    if isinstance(v, dict) and "ref" in v:
+        return import_reference(v["ref"])
+    return _unvalue(v)
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -171,13 +186,12 @@ def _current(stamp: list) -> bool:
     return bool(origin) and str(Path(origin).resolve()) == path and _stamp(module_name, path) == stamp
 
 
-def _sources(factory: Any, check: Any) -> list[str]:
+def _sources(factory: Any, functions: list[Any]) -> list[str]:
     """The modules whose source defines what the schema holds (torch's own excluded: its version is keyed)."""
     names = {factory.__module__}
     if inspect.isclass(factory):
         names.update(c.__module__ for c in factory.__mro__)
-    if check is not None:
-        names.add(check.__module__)
+    names.update(f.__module__ for f in functions)
     return sorted(n for n in names if n and n.split(".")[0] not in ("builtins", "torch", "typing", "abc"))
 
 
@@ -214,8 +228,8 @@ class SchemaCache:
             params = {name: ParamSpec(name, _unannotation(p["annotation"]),
                                       REQUIRED if p.get("required") else _unvalue(p["default"]))
                       for name, p in entry["params"].items()}
-            attrs = {k: _unvalue(v) for k, v in entry["attrs"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError):
+            attrs = {k: _unattr(v) for k, v in entry["attrs"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError, ImportError):
             return None
         return {"params": params, "attrs": attrs, "check": entry.get("check")}
 
@@ -232,14 +246,15 @@ class SchemaCache:
                 "params": {name: ({"annotation": _annotation(p.annotation), "required": True} if p.required else
                                   {"annotation": _annotation(p.annotation), "default": _value(p.default)})
                            for name, p in params.items()},
-                "attrs": {a: _value(getattr(factory, a)) for a in SCHEMA_ATTRS if hasattr(factory, a)},
+                "attrs": {a: _attr(getattr(factory, a)) for a in SCHEMA_ATTRS if hasattr(factory, a)},
                 "check": None if check is None else f"{check.__module__}:{check.__qualname__}",
             }
         except _NotKept:
             return
         if check is not None and "<" in check.__qualname__:  # a lambda or a local function: not importable
             return
-        modules = _sources(factory, check)
+        functions = [getattr(factory, a) for a in SCHEMA_ATTRS if isinstance(getattr(factory, a, None), types.FunctionType)]
+        modules = _sources(factory, functions + ([check] if check is not None else []))
         files = [_module_file(m) for m in modules]
         if None in files:
             return

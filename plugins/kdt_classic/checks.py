@@ -1,8 +1,9 @@
-"""Parameter checks of the classic distillation losses, kept apart from :mod:`kdt_classic.losses`.
+"""Parameter checks (and the taps they declare) of the classic bundle, kept apart from its modules.
 
 They import no torch, so that checking a recipe does not either (see
-:mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each raises
-``ValueError(key, message)``.
+:mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each check raises
+``ValueError(key, message)``; the ``*_tap*`` functions give the taps a
+loss reads, from its parameters.
 """
 
 from __future__ import annotations
@@ -79,3 +80,29 @@ def check_crd_params(params: dict) -> None:
     _positive(params, "nce_t")
     if not 0 <= params["nce_m"] <= 1:
         raise ValueError("nce_m", f"must be in [0, 1], got {params['nce_m']}")
+
+
+def check_linear_head_params(params: dict) -> None:
+    """``dropout`` lies in [0, 1)."""
+    if not 0 <= params["dropout"] < 1:
+        raise ValueError("dropout", f"must be in [0, 1), got {params['dropout']}")
+
+
+def student_tap(params: dict) -> tuple[str, ...]:
+    """The student tap of a loss reading one pair of taps (``student_tap``)."""
+    return (params["student_tap"],)
+
+
+def teacher_tap(params: dict) -> tuple[str, ...]:
+    """The teacher tap of a loss reading one pair of taps (``teacher_tap``)."""
+    return (params["teacher_tap"],)
+
+
+def student_taps_list(params: dict) -> tuple[str, ...]:
+    """The student taps of a loss reading a list of them (``taps``)."""
+    return tuple(params["taps"])
+
+
+def teacher_taps_list(params: dict) -> tuple[str, ...]:
+    """The teacher taps of a loss reading a list of them (``teacher_taps``)."""
+    return tuple(params["teacher_taps"])

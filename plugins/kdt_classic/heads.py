@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import check_linear_head_params
+
 
 class LinearHead(nn.Module):
     """Global average pooling, dropout and a linear classifier.
@@ -23,10 +25,7 @@ class LinearHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(in_channels, num_classes)
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if not 0 <= params["dropout"] < 1:
-            raise ValueError("dropout", f"must be in [0, 1), got {params['dropout']}")
+    check_params = staticmethod(check_linear_head_params)
 
     def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = f.mean(dim=(2, 3))

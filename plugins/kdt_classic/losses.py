@@ -28,7 +28,7 @@ from torch import nn
 
 from kdtoolkit.components import Step
 
-from .checks import (check_attention_params, check_crd_params, check_cross_entropy_params, check_dist_params,
+from .checks import (check_attention_params, student_tap, student_taps_list, teacher_tap, teacher_taps_list, check_crd_params, check_cross_entropy_params, check_dist_params,
                      check_dkd_params, check_hinton_kd_params, check_paired_taps_params, check_rkd_params)
 from .connectors import ConvRegressor
 from .crd import CRD
@@ -43,14 +43,6 @@ __all__ = [
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` ``[B,K]`` against ``targets`` ``[B]``."""
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-
-
-def _student_taps(params: dict) -> tuple[str, ...]:
-    return (params["student_tap"],)
-
-
-def _teacher_taps(params: dict) -> tuple[str, ...]:
-    return (params["teacher_tap"],)
 
 
 def _tap(step: Step, name: str, teacher: bool) -> torch.Tensor:
@@ -69,8 +61,8 @@ class _PairedTaps:
     requires_outputs = ()
     requires_teacher_outputs = ()
     requires_labels = False
-    requires_taps = staticmethod(_student_taps)
-    requires_teacher_taps = staticmethod(_teacher_taps)
+    requires_taps = staticmethod(student_tap)
+    requires_teacher_taps = staticmethod(teacher_tap)
 
     check_params = staticmethod(check_paired_taps_params)
 
@@ -252,8 +244,8 @@ class AttentionLoss:
     requires_outputs = ()
     requires_teacher_outputs = ()
     requires_labels = False
-    requires_taps = staticmethod(lambda params: tuple(params["taps"]))
-    requires_teacher_taps = staticmethod(lambda params: tuple(params["teacher_taps"]))
+    requires_taps = staticmethod(student_taps_list)
+    requires_teacher_taps = staticmethod(teacher_taps_list)
 
     def __init__(self, *, taps: list[str], teacher_taps: list[str], p: float = 2.0):
         self.taps, self.teacher_taps, self.p = list(taps), list(teacher_taps), p

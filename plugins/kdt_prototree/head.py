@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from kdtoolkit.engine.device import full_precision
 
 from . import functional as F
-
-MAX_DEPTH = 16
+from .checks import check_head_params
 
 
 class ProtoTreeHead(nn.Module):
@@ -95,15 +94,7 @@ class ProtoTreeHead(nn.Module):
         self.register_buffer("node_kept", torch.ones(n, dtype=torch.bool))
         self.register_buffer("leaf_kept", torch.ones(nl, dtype=torch.bool))
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        depth = params["depth"]
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
-            raise ValueError("depth", f"must be an integer in [1, {MAX_DEPTH}], got {depth!r}")
-        if params["prototype_depth"] < 1:
-            raise ValueError("prototype_depth", f"must be >= 1, got {params['prototype_depth']}")
-        if params["leaves"] not in ("derivative_free", "gradient"):
-            raise ValueError("leaves", f"must be 'derivative_free' or 'gradient', got {params['leaves']!r}")
+    check_params = staticmethod(check_head_params)
 
     # -- structure ---------------------------------------------------------
     @property

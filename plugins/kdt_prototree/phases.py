@@ -13,6 +13,8 @@ import torch
 
 from kdtoolkit.io import atomic_write_json
 
+from .checks import check_project_params, check_prune_params
+
 
 def tree_head(model):
     """The model's head, which must be a ProtoTree head."""
@@ -38,10 +40,7 @@ class PrunePhase:
     def __init__(self, *, threshold: float = 0.01):
         self.threshold = threshold
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if not 0 <= params["threshold"] < 1:
-            raise ValueError("threshold", f"must be in [0, 1), got {params['threshold']}")
+    check_params = staticmethod(check_prune_params)
 
     @torch.no_grad()
     def run(self, ctx) -> dict:
@@ -78,10 +77,7 @@ class ProjectPhase:
         self.batch_size = batch_size
         self.figure = figure
 
-    @staticmethod
-    def check_params(params: dict) -> None:
-        if params["batch_size"] is not None and params["batch_size"] < 1:
-            raise ValueError("batch_size", f"must be >= 1, got {params['batch_size']}")
+    check_params = staticmethod(check_project_params)
 
     @staticmethod
     def _boxes(ctx, res) -> dict[int, tuple[int, int, int, int]]:

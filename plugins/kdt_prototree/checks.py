@@ -1,0 +1,34 @@
+"""Parameter checks of the ProtoTree head and phases, kept apart from the modules that define them.
+
+They import no torch, so that checking a recipe does not either (see
+:mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each raises
+``ValueError(key, message)``.
+"""
+
+from __future__ import annotations
+
+#: The deepest tree the head builds (2**depth leaves).
+MAX_DEPTH = 16
+
+
+def check_head_params(params: dict) -> None:
+    """``depth`` an integer in [1, MAX_DEPTH], a positive prototype depth, a known leaf optimisation."""
+    depth = params["depth"]
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+        raise ValueError("depth", f"must be an integer in [1, {MAX_DEPTH}], got {depth!r}")
+    if params["prototype_depth"] < 1:
+        raise ValueError("prototype_depth", f"must be >= 1, got {params['prototype_depth']}")
+    if params["leaves"] not in ("derivative_free", "gradient"):
+        raise ValueError("leaves", f"must be 'derivative_free' or 'gradient', got {params['leaves']!r}")
+
+
+def check_prune_params(params: dict) -> None:
+    """``threshold`` in [0, 1)."""
+    if not 0 <= params["threshold"] < 1:
+        raise ValueError("threshold", f"must be in [0, 1), got {params['threshold']}")
+
+
+def check_project_params(params: dict) -> None:
+    """A batch size, when given, of at least 1."""
+    if params["batch_size"] is not None and params["batch_size"] < 1:
+        raise ValueError("batch_size", f"must be >= 1, got {params['batch_size']}")
