@@ -11,18 +11,18 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 from typing import Any
 
 from .engine.device import DEVICE_CHOICES, DEVICE_PATTERN
-from .errors import RecipeError
-from .params import REQUIRED, ParamTypeError, coerce, describe_value, is_path_annotation
+from .errors import KdtError, PluginError, RecipeError
+from .params import (MAX_BATCH_SIZE, MAX_INPUT_BATCH_BYTES, MAX_NUM_WORKERS, MAX_SEED, REQUIRED,
+                     ParamTypeError, coerce, describe_value, is_path_annotation)
+from .paths import NAME_RE, key_name, name_problem, safe_name  # noqa: F401  (NAME_RE: the name rule, kept importable here)
 from .plugins import PluginManager
-from .registry import RESERVED_KEYS, Component, suggest
+from .registry import RESERVED_KEYS, Component, describe_raise, suggest
 from .validate_stage import StageChecks
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 TOP_KEYS = (
     "extends", "name", "description", "seed", "seeds", "device", "precision", "data",
@@ -146,6 +146,11 @@ class Validator(StageChecks):
                 if len(exc.args) == 2:
                     self.fail(f"{key}.{exc.args[0]}", str(exc.args[1]))
                 self.fail(key, str(exc))
+            except (KdtError, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # noqa: BLE001 -- a plugin's check that breaks (or exits) is one line naming it
+                raise PluginError(f"plugin '{comp.owner}': {comp.kind} '{comp.name}': check_params "
+                                  f"{describe_raise(exc)}", source=self.source, key=key) from None
         return out
 
     def resolve_path(self, value: Any, key: str) -> Any:
@@ -180,9 +185,10 @@ class Validator(StageChecks):
     def recipe(self, raw: dict[str, Any], default_name: str) -> tuple[dict[str, Any], list[str]]:
         self.known(raw, "", TOP_KEYS)
         res: dict[str, Any] = {}
-        res["name"] = self.value(raw, "", "name", str, default_name)
+        res["name"] = self.value(raw, "", "name", str, safe_name(default_name))
+        self.path_name(res["name"], "name")
         res["description"] = self.value(raw, "", "description", str, "")
-        res["seed"] = self.number(raw, "", "seed", 0, lo=0, integer=True)
+        res["seed"] = self.number(raw, "", "seed", 0, lo=0, hi=MAX_SEED, integer=True)
         res["seeds"] = self.seeds(raw)
         res["device"] = self.value(raw, "", "device", str, "auto")
         if not DEVICE_PATTERN.match(res["device"]):
@@ -202,11 +208,10 @@ class Validator(StageChecks):
         if not stages_raw:
             self.fail("stages", "a recipe needs at least one stage")
         self.stage_names = list(stages_raw)
+        self.path_names(self.stage_names, lambda n: f"stages.{key_name(n)}", "stage")
         stages_raw = self.stage_bases(stages_raw)
         stages: dict[str, Any] = {}
         for sname, sraw in stages_raw.items():
-            if not NAME_RE.match(sname):
-                self.fail(f"stages.{sname}", "stage names use letters, digits, '_', '-' and '.'")
             stages[sname] = self.stage(sname, sraw, res, top_data, evaluate)
         res["stages"] = stages
         order = self.order(stages)
@@ -214,14 +219,35 @@ class Validator(StageChecks):
             self.cross_check(sname, stages)
         return res, order
 
+    def path_name(self, name: Any, key: str) -> None:
+        """A name that becomes a file or folder name (stage, phase, recipe): the rule of
+        :func:`kdtoolkit.paths.name_problem`, failing at ``key``."""
+        problem = name_problem(name)
+        if problem is not None:
+            self.fail(key, problem)
+
+    def path_names(self, names: list[Any], key_of, what: str) -> None:
+        """Each of ``names`` passes :meth:`path_name` (at ``key_of(name)``), and no two differ only in case
+        (one folder or file on a case-insensitive file system)."""
+        seen: dict[str, Any] = {}
+        for name in names:
+            self.path_name(name, key_of(name))
+            other = seen.setdefault(name.casefold(), name)
+            if other != name:
+                self.fail(key_of(name), f"{what} names '{other}' and '{name}' differ only in case: one file or folder "
+                          "on a case-insensitive file system")
+
     def seeds(self, raw: dict[str, Any]) -> list[int] | None:
         """``seeds``: distinct integers >= 0 (``kdt run`` runs once per seed); ``None`` when absent or empty."""
         out: list[int] = []
         for i, v in enumerate(self.array(raw.get("seeds", []), "seeds")):
             if isinstance(v, bool) or not isinstance(v, int):
                 self.fail(f"seeds[{i}]", f"expected an integer, got {describe_value(v)}")
-            if v < 0 or v in out:
-                self.fail(f"seeds[{i}]", f"must be >= 0, got {v}" if v < 0 else f"seed {v} is listed twice")
+            if v < 0 or v > MAX_SEED:
+                self.fail(f"seeds[{i}]", f"must be >= 0, got {v}" if v < 0 else
+                          f"must be <= {MAX_SEED} (2^63-1, a 64-bit generator seed), got {describe_value(v)}")
+            if v in out:
+                self.fail(f"seeds[{i}]", f"seed {v} is listed twice")
             out.append(v)
         return out or None
 
@@ -265,14 +291,28 @@ class Validator(StageChecks):
         params = self.params(comp, raw, key, DATA_KEYS)
         out = {
             "dataset": comp.name,
-            "batch_size": self.number(raw, key, "batch_size", 64, lo=1, integer=True),
-            "eval_batch_size": self.number(raw, key, "eval_batch_size", 256, lo=1, integer=True),
-            "num_workers": self.number(raw, key, "num_workers", 0, lo=0, integer=True),
+            "batch_size": self.number(raw, key, "batch_size", 64, lo=1, hi=MAX_BATCH_SIZE, integer=True),
+            "eval_batch_size": self.number(raw, key, "eval_batch_size", 256, lo=1, hi=MAX_BATCH_SIZE, integer=True),
+            "num_workers": self.number(raw, key, "num_workers", 0, lo=0, hi=MAX_NUM_WORKERS, integer=True),
             "drop_last": self.value(raw, key, "drop_last", bool, False),
             "augment": self.value(raw, key, "augment", bool, True),
         }
         out.update(params)
+        self.input_batch_memory(out, key)
         return out
+
+    def input_batch_memory(self, data: dict[str, Any], key: str) -> None:
+        """Refuse a batch of input images over :data:`MAX_INPUT_BATCH_BYTES`, estimated from the
+        dataset's ``image_size`` parameter (square float32 RGB images), before anything is built."""
+        size = data.get("image_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            return
+        for name in ("batch_size", "eval_batch_size"):
+            need = data[name] * 3 * size * size * 4
+            if need > MAX_INPUT_BATCH_BYTES:
+                self.fail(f"{key}.{name}", f"one batch of {data[name]} images of 3x{size}x{size} float32 takes "
+                          f"{need / 2**30:.1f} GiB, over the {MAX_INPUT_BATCH_BYTES // 2**30} GiB limit of an input "
+                          f"batch: lower {name} or image_size")
 
     def metrics(self, raw: Any, key: str) -> list[dict[str, Any]]:
         out = []

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .params import REQUIRED, describe_value
+from .params import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEED, REQUIRED, describe_value
 from .registry import RESERVED_KEYS, suggest
 
 STAGE_KEYS = (
@@ -50,7 +50,7 @@ class StageChecks:
         st["teacher"] = self.value(raw, key, "teacher", str | None, None)
         st["compare_to"] = self.value(raw, key, "compare_to", str | None, None)
         st["teacher_cache"] = self.choice(raw, key, "teacher_cache", TEACHER_CACHE, "off")
-        st["seed"] = self.number(raw, key, "seed", top["seed"], lo=0, integer=True)
+        st["seed"] = self.number(raw, key, "seed", top["seed"], lo=0, hi=MAX_SEED, integer=True)
         stage_data = self.table(raw.get("data", {}), f"{key}.data")
         merged = dict(top_data)
         if "dataset" in stage_data and stage_data.get("dataset") != top_data.get("dataset"):
@@ -157,15 +157,20 @@ class StageChecks:
         if not phases_raw:
             self.fail(f"{key}.phases", "a stage needs at least one phase")
         head_outputs = set(hd.attr("outputs", ("logits",)))
-        phases, names = [], set()
+        phases, names = [], {}
         for i, praw in enumerate(phases_raw):
             pkey = f"{key}.phases[{i}]"
             praw = self.table(praw, pkey)
             kind = self.value(praw, pkey, "kind", str, "train")
             pname = self.value(praw, pkey, "name", str, f"{kind}{i}")
-            if pname in names:
+            self.path_name(pname, f"{pkey}.name")  # phases name files: push-<phase>.json
+            other = names.get(pname.casefold())
+            if other == pname:
                 self.fail(f"{pkey}.name", f"phase name '{pname}' is used twice in this stage")
-            names.add(pname)
+            if other is not None:
+                self.fail(f"{pkey}.name", f"phase names '{other}' and '{pname}' differ only in case: one file on a "
+                          "case-insensitive file system")
+            names[pname.casefold()] = pname
             if kind == "train":
                 phases.append(self.train_phase(praw, pkey, pname, ids, groups_ok, losses))
                 continue
@@ -197,7 +202,7 @@ class StageChecks:
     def train_phase(self, raw, key, name, loss_ids, groups_ok, losses) -> dict[str, Any]:
         self.known(raw, key, PHASE_CORE_KEYS + TRAIN_KEYS)
         ph: dict[str, Any] = {"name": name, "kind": "train"}
-        ph["epochs"] = self.number(raw, key, "epochs", REQUIRED, lo=0, integer=True)
+        ph["epochs"] = self.number(raw, key, "epochs", REQUIRED, lo=0, hi=MAX_EPOCHS, integer=True)
         sel = self.value(raw, key, "losses", list[str], [l["id"] for l in losses])
         for i, lid in enumerate(sel):
             if lid not in loss_ids:
@@ -208,7 +213,7 @@ class StageChecks:
         ph["scheduler"] = self.scheduler(raw.get("scheduler", {"name": "none"}), f"{key}.scheduler")
         ph["clip_grad_norm"] = self.number(raw, key, "clip_grad_norm", None, lo=0, lo_open=True)
         ph["limit_batches"] = self.number(raw, key, "limit_batches", None, lo=1, integer=True)
-        ph["accumulate"] = self.number(raw, key, "accumulate", 1, lo=1, integer=True)
+        ph["accumulate"] = self.number(raw, key, "accumulate", 1, lo=1, hi=MAX_BATCH_SIZE, integer=True)
         return ph
 
     def optimizer(self, raw: Any, okey: str) -> dict[str, Any]:
@@ -220,7 +225,7 @@ class StageChecks:
         sch = self.table({"name": raw} if isinstance(raw, str) else raw, skey)
         comp, params = self.component("scheduler", {"name": "none", **sch}, skey, SCHEDULER_CORE_KEYS)
         out = {"name": comp.name, **params}
-        warmup = self.number(sch, skey, "warmup_epochs", 0, lo=0, integer=True)
+        warmup = self.number(sch, skey, "warmup_epochs", 0, lo=0, hi=MAX_EPOCHS, integer=True)
         if warmup:
             out["warmup_epochs"] = warmup
             out["warmup_start_factor"] = self.number(sch, skey, "warmup_start_factor", 0.1, lo=0, lo_open=True, hi=1)

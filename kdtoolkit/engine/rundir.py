@@ -20,16 +20,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import KdtError
+from ..paths import inside
 from ..plugins import PluginManager, get_manager
 
 
 def _read_json(path: Path, what: str) -> Any:
+    """A run file's JSON (``what`` names it in errors); nested at most 128 levels deep.
+
+    :raises KdtError: naming the file when it is missing, unreadable, not JSON or nested too deeply.
+    """
+    from ..recipe import check_depth
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        check_depth(data, str(path), limit=128, error=KdtError)
+        return data
     except FileNotFoundError:
         raise KdtError(f"no {what}", source=str(path)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KdtError(f"unreadable {what} ({type(exc).__name__})", source=str(path)) from None
+    except RecursionError:
+        raise KdtError(f"unreadable {what} (JSON nested too deeply)", source=str(path)) from None
 
 
 def stage_order(stages: dict[str, Any]) -> list[str]:
@@ -97,6 +108,8 @@ class RunDir:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise KdtError(f"invalid TOML: {exc}", source=str(path)) from None
+        except RecursionError:
+            raise KdtError("invalid TOML: nested too deeply", source=str(path)) from None
         resolved, _ = Validator(str(path), self.plugins).recipe(raw, default_name=self.path.name)
         return resolved
 
@@ -110,6 +123,14 @@ class RunDir:
     def results(self) -> dict[str, Any]:
         """``results.json`` of a finished run."""
         return _read_json(self.path / "results.json", "results.json (has the run finished?)")
+
+    def file(self, name: str) -> Path:
+        """The path of the file ``name`` of the run directory (whether or not it exists), checked as
+        :meth:`StageDir.file` checks a stage's files (e.g. for a ``kdt_after_run`` hook that writes a report).
+
+        :raises KdtError: one line, when ``name`` is no plain file name or leads outside the run directory.
+        """
+        return inside(self.path, name, what="run directory")
 
     def stage(self, name: str) -> "StageDir":
         """The stage ``name``.
@@ -140,7 +161,7 @@ class StageDir:
     def __init__(self, run: RunDir, name: str):
         self.run = run
         self.name = name
-        self.path = run.path / name
+        self.path = inside(run.path, name, what="run directory")  # a hostile recipe.resolved.json cannot leave the run
         self.spec: dict[str, Any] = run.recipe["stages"][name]
 
     @classmethod
@@ -163,8 +184,16 @@ class StageDir:
         return _read_json(self.path / "result.json", "result.json (is the stage finished?)")
 
     def file(self, name: str) -> Path:
-        """The path of a file of this stage (whether or not it exists)."""
-        return self.path / name
+        """The path of the file ``name`` of this stage (whether or not it exists), checked.
+
+        ``name`` must be one file name, and the resolved path must lie inside
+        the stage directory (:func:`kdtoolkit.paths.inside`): a plugin that
+        builds a name from recipe or records content (``f"pms_matching_vs_{teacher}.json"``)
+        cannot read or write outside the stage this way. Nothing is created.
+
+        :raises KdtError: one line, when ``name`` is no plain file name or leads outside the stage directory.
+        """
+        return inside(self.path, name, what=f"stage directory of '{self.name}'")
 
     def data(self):
         """The stage's :class:`~kdtoolkit.engine.data.StageData` (with the run's ``data`` changes, if any)."""
@@ -218,13 +247,14 @@ class StageDir:
         return [str(c) for c in names] if isinstance(names, list) and names else None
 
     def model_meta(self) -> dict[str, Any]:
-        """The decoded metadata of ``model.safetensors``."""
-        from .models import load_model_file
+        """The decoded metadata of ``model.safetensors``, read from its header (no weight is read)."""
+        from ..tensorfiles import read_kdt_metadata
+        from .models import MODEL_FORMAT
 
         weights = self.path / "model.safetensors"
         if not weights.is_file():
             raise KdtError("not a trained stage (no model.safetensors)", source=str(self.path))
-        return load_model_file(weights)[1]
+        return read_kdt_metadata(weights, MODEL_FORMAT, "model file")
 
     def records(self, device: str = "auto", progress=None, save: bool = True):
         """The stage's evaluation :class:`~kdtoolkit.records.Records`: read from

@@ -18,6 +18,7 @@ import numpy as np
 from kdtoolkit.engine.device import check_device_spec
 from kdtoolkit.errors import KdtError
 from kdtoolkit.io import atomic_write_json
+from kdtoolkit.paths import inside
 from kdtoolkit.records import Records
 
 from . import metrics as M
@@ -30,14 +31,15 @@ from .evaluation import check_pair, check_records, grid_locations
 
 def records_for(source: Path, device: str = "auto", progress=None) -> Records:
     """Records of a model, as numpy arrays, given as a records file or a stage directory
-    of a run (evaluated once on its recipe's test set, and saved, when it has none)."""
-    if source.is_file():
-        return Records.load(source, arrays="numpy")
+    of a run (evaluated once on its recipe's test set, and saved, when it has none). A records
+    file without the tensors the metrics read is refused from its header, before it is read."""
+    if source.is_file() or (source.exists() and not source.is_dir()):  # a FIFO or device: refused by name
+        return Records.load(source, arrays="numpy", require=("min_distances", "argmin"))
     if not source.is_dir():
         raise KdtError("no such file or directory", source=str(source))
     saved = source / "records.safetensors"
     if saved.is_file():
-        return Records.load(saved, arrays="numpy")
+        return Records.load(saved, arrays="numpy", require=("min_distances", "argmin"))
     if not (source / "model.safetensors").is_file():
         raise KdtError("not a stage directory (no model.safetensors or records.safetensors)", source=str(source))
     from kdtoolkit.engine.rundir import StageDir
@@ -56,8 +58,10 @@ def _name(source: Path, recs: Records) -> str:
 
 
 def _matching_path(student_source: Path, teacher_name: str) -> Path:
+    """``pms_matching_vs_<teacher>.json`` beside the student's records; the teacher's name comes from its
+    records file, so the path is checked to stay in that folder (:func:`kdtoolkit.paths.inside`)."""
     base = student_source if student_source.is_dir() else student_source.parent
-    return base / f"pms_matching_vs_{teacher_name}.json"
+    return inside(base, f"pms_matching_vs_{teacher_name}.json", what="student's folder")
 
 
 def _last_push(stage_dir: Path) -> dict | None:
@@ -67,8 +71,8 @@ def _last_push(stage_dir: Path) -> dict | None:
     try:
         res = json.loads((stage_dir / "result.json").read_text())
         pushes = [(h["kind"], h["name"]) for h in res.get("history", []) if h.get("kind") in ("push", "project")]
-        return json.loads((stage_dir / f"{pushes[-1][0]}-{pushes[-1][1]}.json").read_text()) if pushes else None
-    except (OSError, ValueError, KeyError, IndexError):
+        return json.loads(inside(stage_dir, f"{pushes[-1][0]}-{pushes[-1][1]}.json").read_text()) if pushes else None
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError, KdtError):
         return None
 
 
@@ -178,11 +182,12 @@ def run_metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path
             raise KdtError("give either RUN_DIR or --teacher/--student, not both", source="kdt metrics")
         from kdtoolkit.engine.rundir import RunDir
 
-        refs = RunDir(run_dir).students_by_reference()
+        run = RunDir(run_dir)
+        refs = run.students_by_reference()
         if not refs:
             raise KdtError("the run has no stage with a teacher or compare_to stage", source=str(run_dir))
-        for ref, names in refs.items():
-            groups.append((run_dir / ref, [run_dir / n for n in names]))
+        for ref, names in refs.items():  # StageDir paths: checked to lie inside the run directory
+            groups.append((run.stage(ref).path, [run.stage(n).path for n in names]))
     else:
         if teacher is None or not students:
             raise KdtError("give RUN_DIR, or --teacher and at least one --student", source="kdt metrics")

@@ -29,6 +29,7 @@ from kdt_protopnet.sheet import GREEN, RED, YELLOW, boxed_tile, crop_tile, fit, 
 from kdtoolkit.engine.rundir import RunDir, StageDir
 from kdtoolkit.errors import KdtError
 from kdtoolkit.io import atomic_write_json
+from kdtoolkit.paths import inside
 
 from . import explain_figures as F
 from .explain_local import explain_local
@@ -119,7 +120,7 @@ def explain_compare(run: RunDir, names: list[str], image: str, top: int, out_dir
               "pixels at or above the 95th percentile of the upsampled activation) and the training patch it was "
               "projected onto." + ("" if ld0.is_tree else " Contribution: similarity × last-layer weight to the "
                                    "predicted class.")]
-    path = out_dir / f"compare-{tag}.png"
+    path = inside(out_dir, f"compare-{tag}.png", what="output folder")
     size = F.compare_figure(f"{' vs '.join(names)}: {what}", legend, X.display_image(x), lines, columns, path)
     info = {"image": image, "label": label, "models": models, "figure": str(path), "size": list(size)}
     atomic_write_json(path.with_suffix(".json"), info)

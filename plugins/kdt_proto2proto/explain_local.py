@@ -19,6 +19,7 @@ from kdt_protopnet import explain as X
 from kdt_protopnet.receptive_field import rf_box
 from kdt_protopnet.sheet import CYAN, GREEN, RED, YELLOW, boxed_tile, crop_tile, tile_scale
 from kdtoolkit.io import atomic_write_json
+from kdtoolkit.paths import inside
 
 from . import explain_figures as F
 from .explain_stage import (LoadedStage, class_name, load_input, prototype_label, prototype_sources, prototype_views,
@@ -148,7 +149,7 @@ def explain_local(ld: LoadedStage, image: str, top: int, out_dir: Path) -> dict[
         info["top"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items() if k != "up"} for r in ex["top"]]
     views = {v.source.prototype: v for v in prototype_views(ld, [sources[j] for j in wanted])}
     rows = _tree_rows(ld, ex, path, views, sources) if ld.is_tree else _protopnet_rows(ld, ex, views)
-    fig = out_dir / f"{tag}.png"
+    fig = inside(out_dir, f"{tag}.png", what="output folder")
     size = F.rows_figure(f"{ld.stage.name}: {what}", header, ex["image"], lines, CAPTIONS, rows, fig)
     info.update(figure=str(fig), size=list(size))
     atomic_write_json(fig.with_suffix(".json"), info)

@@ -21,6 +21,7 @@ from kdt_protopnet.sheet import CYAN, YELLOW, boxed_tile, crop_tile, fit, tile_s
 from kdtoolkit.engine.rundir import RunDir
 from kdtoolkit.errors import KdtError
 from kdtoolkit.io import atomic_write_json
+from kdtoolkit.paths import inside
 
 from . import explain_figures as F
 from .explain_stage import LoadedStage, class_name, load_stage, prototype_sources, prototype_views
@@ -64,9 +65,9 @@ def _matches(path, hashes: dict) -> bool:
     """Whether the stored matching at ``path`` was computed from records with these stage hashes."""
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
-    return all(stored.get(k) == v for k, v in hashes.items())
+    return isinstance(stored, dict) and all(stored.get(k) == v for k, v in hashes.items())
 
 
 def _pair_entry(tld: LoadedStage, sld: LoadedStage, pair: list, counts: np.ndarray, n: int, tv: dict, sv: dict):
@@ -138,7 +139,7 @@ def explain_pairs(run: RunDir, student: str, top: int, out_dir: Path, device: st
     legend = [f"PMS matching of {sname} (s) with {tname} (t), {len(pairs)} pairs. Each pair: the teacher prototype's "
               "source image (cyan: receptive field, yellow: 95th-percentile activation box) and training patch, then "
               "the student prototype's training patch and source image."]
-    fig = out_dir / f"pairs-{sname}.png"
+    fig = inside(out_dir, f"pairs-{sname}.png", what="output folder")
     size = F.pairs_figure(f"{tname} ↔ {sname}: matched prototypes", legend, groups["best"], groups["worst"],
                           _caption(matching, tname, sname, mpath), fig)
     info = {"teacher": tname, "student": sname, "matching_file": str(mpath), "score": matching["score"],

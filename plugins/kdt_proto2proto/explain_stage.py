@@ -9,6 +9,7 @@ the same model state and preprocessing as the stage's evaluation.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def _projection_record(stage: StageDir) -> tuple[dict | None, str | None]:
     path = stage.file(name)
     try:
         return json.loads(path.read_text(encoding="utf-8")), name
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise KdtError("unreadable projection record", source=str(path)) from None
 
 
@@ -155,6 +156,10 @@ def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, s
             raise KdtError(f"test index {idx} is out of range (the test split has {n} images)", source="--image")
         x, label = ld.data.test[idx]
         return x, int(label), f"test-{idx}", f"test image {idx}"
+    if os.path.lexists(path):  # a FIFO, a device, a socket, a link to one: never opened
+        from kdtoolkit.limits import special_file_kind
+
+        raise KdtError(f"not a regular file ({special_file_kind(path)})", source=str(image))
     raise KdtError("neither an image file nor a test index", source=str(image))
 
 

@@ -62,7 +62,7 @@ class PushPhase:
             img, lab = ds[int(res.sample_id[j])]
             images.append(img)
             labels.append(f"p{j} · {ds.classes[lab] if hasattr(ds, 'classes') else lab}")
-        prototype_figure(ctx.stage_dir / f"prototypes-{ctx.phase['name']}.png", images, list(boxes.values()), labels,
+        prototype_figure(ctx.stage_file(f"prototypes-{ctx.phase['name']}.png"), images, list(boxes.values()), labels,
                          f"{ctx.stage}: prototypes after push '{ctx.phase['name']}' (source image, 95th-percentile box)")
 
     check_params = staticmethod(check_push_params)
@@ -99,10 +99,11 @@ class PushPhase:
             ]
         }
         if ctx.dist.is_main and ctx.stage_dir is not None:
+            path = ctx.stage_file(f"push-{ctx.phase['name']}.json")  # checked before anything is written
             boxes = self.boxes(ctx, res) if self.figure else {}
             for j, box in boxes.items():
                 info["prototypes"][j]["box"] = list(box)
-            atomic_write_json(ctx.stage_dir / f"push-{ctx.phase['name']}.json", info)
+            atomic_write_json(path, info)
             if self.figure:
                 self._figure(ctx, res, boxes)
         ctx.state.set("pushed", True, reset_when_trained="head.prototypes")

@@ -116,17 +116,18 @@ class ProjectPhase:
              "distance": float(res.distance[j]), "found": bool(res.found[j])}
             for j in range(head.num_prototypes)]}
         if ctx.dist.is_main and ctx.stage_dir is not None:
+            path = ctx.stage_file(f"project-{ctx.phase['name']}.json")  # checked before anything is written
             boxes = self._boxes(ctx, res) if self.figure else {}
             for j, box in boxes.items():
                 info["prototypes"][j]["box"] = list(box)
-            atomic_write_json(ctx.stage_dir / f"project-{ctx.phase['name']}.json", info)
+            atomic_write_json(path, info)
             if self.figure and boxes:
                 from kdt_protopnet.figures import prototype_figure
 
                 ds = ctx.data.train_eval
                 images = [ds[int(res.sample_id[j])][0] for j in boxes]
                 labels = [f"node {j}" + ("" if bool(kept[j]) else " (pruned)") for j in boxes]
-                prototype_figure(ctx.stage_dir / f"prototypes-{ctx.phase['name']}.png", images, list(boxes.values()),
+                prototype_figure(ctx.stage_file(f"prototypes-{ctx.phase['name']}.png"), images, list(boxes.values()),
                                  labels, f"{ctx.stage}: node prototypes after projection '{ctx.phase['name']}'")
         ctx.state.set("pushed", True, reset_when_trained="head.prototypes")
         return {"prototypes": head.num_prototypes, "not_found": int((~res.found).sum()),
