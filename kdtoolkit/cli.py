@@ -3,7 +3,9 @@
 Commands: ``run``, ``validate``, ``check``, ``inspect``, ``plugins``, ``recipes``, ``report``,
 ``predict``, ``evaluate`` and ``export`` (:mod:`kdtoolkit.cli_use`), plus those plugins add through
 ``kdt_add_commands`` (the Proto2Proto bundle adds ``metrics``). Errors in
-user input print one line on stderr and exit with code 2; Ctrl-C during
+user input print one line on stderr and exit with code 2, as do resource
+errors (a full disk, a quota, a read-only file system, a name too long, out of
+memory: :func:`kdtoolkit.io.resource_error_message`); Ctrl-C during
 ``run`` saves a checkpoint and exits with 130. See ``docs/cli.md``.
 """
 
@@ -18,7 +20,7 @@ import click
 
 from .catalog import resolve_recipe
 from .errors import KdtError
-from .plugins import get_manager
+from .plugins import get_manager, stdout_to_stderr
 
 
 def _err(message: str) -> None:
@@ -60,7 +62,10 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
     seeds = chosen_seeds(seeds_text, rec)
     if device is not None:
         resolve_device(check_device_spec(device, "--device"))
-    out = out or Path("runs") / rec.resolved["name"]
+    if out is None:  # the recipe name passed kdtoolkit.paths.name_problem; checked here once more
+        from .paths import inside
+
+        out = inside(Path("runs"), rec.resolved["name"], what="runs folder", follow_links=False)
     dist = Dist.from_env()  # the process group is destroyed in main(), once the outcome is printed
     if check_data:
         from .datacheck import check_data as check_images
@@ -196,7 +201,8 @@ def build_cli() -> click.Group:
     if not getattr(cli, "_kdt_plugins_added", False):
         pm = get_manager()
         try:
-            pm.call("kdt_add_commands", cli=cli)
+            with stdout_to_stderr():  # stdout is for the command's own output (kdt plugins --json)
+                pm.call("kdt_add_commands", cli=cli)
         except KdtError as exc:
             _err(exc)
         cli._kdt_plugins_added = True  # type: ignore[attr-defined]
@@ -241,6 +247,17 @@ def _main(argv: list[str] | None) -> int:
     except Interrupted as exc:
         _err(str(exc) or "interrupted: checkpoint saved; run the same command again to resume")
         return 130
+    except (OSError, MemoryError, RuntimeError) as exc:
+        # resource errors (a full disk, a quota, a read-only file system, a name too long, out of
+        # memory, GPU memory included) are one line naming the file, exit 2; any other error stays
+        # a traceback (a bug)
+        from .io import resource_error_message
+
+        message = resource_error_message(exc)
+        if message is None:
+            raise
+        _err(message)
+        return 2
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

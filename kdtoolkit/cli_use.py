@@ -19,7 +19,7 @@ DATA_OPTION = click.option("--data", "assignments", multiple=True, metavar="KEY=
 
 
 def _json_out(obj, target: str) -> None:
-    from .io import _json_default, atomic_write_text
+    from .io import _json_default, atomic_write_text, is_resource_error
 
     from .errors import KdtError
 
@@ -30,6 +30,8 @@ def _json_out(obj, target: str) -> None:
     try:
         atomic_write_text(Path(target), text + "\n")
     except OSError as exc:
+        if is_resource_error(exc):  # a full disk: the command line's one line for resource errors
+            raise
         raise KdtError(f"cannot write the JSON: {exc.strerror or exc}", source=target) from None
 
 

@@ -24,13 +24,14 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 #: Core modules whose public functions and classes make up the API reference.
 CORE_MODULES = (
     "kdtoolkit.errors", "kdtoolkit.hookspecs", "kdtoolkit.plugins", "kdtoolkit.registry", "kdtoolkit.params",
-    "kdtoolkit.recipe", "kdtoolkit.validate", "kdtoolkit.validate_stage", "kdtoolkit.components",
+    "kdtoolkit.recipe", "kdtoolkit.validate", "kdtoolkit.validate_stage", "kdtoolkit.paths", "kdtoolkit.components",
     "kdtoolkit.engine.context", "kdtoolkit.engine.device", "kdtoolkit.engine.data", "kdtoolkit.engine.models",
     "kdtoolkit.engine.taps", "kdtoolkit.engine.teacher", "kdtoolkit.engine.losses", "kdtoolkit.engine.optim",
     "kdtoolkit.engine.loop", "kdtoolkit.engine.phases", "kdtoolkit.engine.evaluation", "kdtoolkit.engine.runner",
-    "kdtoolkit.engine.rundir", "kdtoolkit.engine.inspect", "kdtoolkit.engine.predict",
+    "kdtoolkit.engine.preflight", "kdtoolkit.engine.rundir", "kdtoolkit.engine.inspect", "kdtoolkit.engine.predict",
     "kdtoolkit.engine.reevaluate", "kdtoolkit.engine.export",
-    "kdtoolkit.checkpoint", "kdtoolkit.records", "kdtoolkit.io", "kdtoolkit.distributed", "kdtoolkit.report",
+    "kdtoolkit.checkpoint", "kdtoolkit.records", "kdtoolkit.io", "kdtoolkit.limits", "kdtoolkit.tensorfiles",
+    "kdtoolkit.distributed", "kdtoolkit.report",
     "kdtoolkit.progress", "kdtoolkit.builtin", "kdtoolkit.datacheck", "kdtoolkit.seeds", "kdtoolkit.aggregate",
     "kdtoolkit.multirun", "kdtoolkit.reportplots", "kdtoolkit.schemas", "kdtoolkit.engine.optim_checks",
 )
@@ -249,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists() or path.read_text(encoding="utf-8") != text:
                 stale.append(str(path))
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+            from .io import atomic_write_text
+
+            atomic_write_text(path, text)
             print(f"wrote {path}")
     if stale:
         print("out of date (run python -m kdtoolkit.docgen): " + ", ".join(stale), file=sys.stderr)

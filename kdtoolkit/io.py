@@ -1,32 +1,42 @@
-"""Safe file I/O: atomic writes, safetensors reading with clear errors.
+"""Safe file writing: atomic writes, the clean-up of killed writers' temporary files, resource errors.
 
-Weights are always safetensors with string metadata. Nothing is ever
-unpickled from a user-supplied file: external PyTorch state dicts are read
-with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+Every file kdtoolkit writes goes through :func:`atomic_write_bytes` (or
+:func:`append_line`), both writing through one function (``_write_fd``).
+A crash leaves either the old file or the new one, never a half-written one.
+
+What used to live here too now has its own module, and is still importable
+from here (``from kdtoolkit.io import read_safetensors`` keeps working):
+the bounds on what is read (regular files only, the memory left:
+``special_file_kind``, ``open_regular_file``, ``available_memory``) are in
+:mod:`kdtoolkit.limits`; safetensors files (``read_safetensors``,
+``read_safetensors_header``, ``atomic_save_safetensors``, ``CHECKSUM_KEY``,
+``load_external_state_dict``, ``read_kdt_safetensors``, ...) in
+:mod:`kdtoolkit.tensorfiles`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from safetensors import SafetensorError
-
-from .errors import CheckpointError
-
-# torch is imported where tensors are read or written as torch tensors: reading
-# records as numpy arrays (``kdt metrics`` on records files) never imports it.
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
+from typing import Any
 
 TEMP_SUFFIX = ".tmp"
+
+#: ``errno`` values of resource errors: a full disk, a quota, a read-only file system, a name
+#: over the file system's limit, a file over the size limit. The command line reports them
+#: (and ``MemoryError``) as one line with exit code 2 (:func:`resource_error_message`).
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG})
+
+#: A temporary file of a dead writer is removed at once; one whose writer cannot be checked
+#: (another machine, no PID in its name) once it is older than this (seconds).
+STALE_TEMP_SECONDS = 24 * 3600
 
 
 def _umask() -> int:
@@ -38,36 +48,95 @@ def _umask() -> int:
 #: Permissions of new files, as ``open()`` would give them (``mkstemp`` alone gives 0600).
 _FILE_MODE = 0o666 & ~_umask()
 
+#: This machine, in temporary-file names: a writer's PID is checked only on the machine that wrote it.
+_HOST = f"{zlib.crc32(os.uname().nodename.encode()) & 0xFFFFFF:06x}" if hasattr(os, "uname") else "000000"
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename.
+#: A temporary file of :func:`atomic_write_bytes`: ``.<name>.kdt<pid>-<host>-<random>.tmp``.
+_TEMP_RE = re.compile(r"\..*\.kdt(?P<pid>[0-9]{1,10})-(?P<host>[0-9a-f]{6})-[a-z0-9_]+\.tmp\Z", re.S)
 
-    A crash at any point leaves either the old file or the new one, never a
-    half-written file (a killed process may leave a ``.<name>.*.tmp`` file
-    behind; :func:`remove_stale_temps` removes those). The new file gets the
-    permissions an ordinary ``open()`` would give it.
+#: A temporary file without a writer's PID (``.<name>.<8 random characters>.tmp``, from earlier kdtoolkit versions).
+_UNMARKED_TEMP_RE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp\Z", re.S)
+
+#: Directories this process has already cleaned of stale temporary files (once per process).
+_SWEPT: set[str] = set()
+
+
+def _gpu_out_of_memory(exc: BaseException) -> bool:
+    """``torch.OutOfMemoryError`` (a ``RuntimeError``), recognised without importing torch."""
+    return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.split(".")[0] == "torch"
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a resource error: ``MemoryError``, torch's ``OutOfMemoryError`` (GPU
+    memory), or an ``OSError`` whose errno is one of :data:`RESOURCE_ERRNOS` (a full disk, a
+    quota, a read-only file system, a name too long, a file too large)."""
+    return (isinstance(exc, MemoryError) or _gpu_out_of_memory(exc)
+            or (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS))
+
+
+_RESOURCE_ADVICE = {
+    errno.ENOSPC: ("no space left on device", "free some space"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space (or raise the quota)"),
+    errno.EFBIG: ("file too large for the file system or the process's file-size limit",
+                  "raise the limit or write elsewhere"),
+    errno.EROFS: ("read-only file system", "make it writable (or write elsewhere, e.g. another --out)"),
+    errno.ENAMETOOLONG: ("file name too long", "use a shorter output path"),
+}
+
+
+def resource_error_message(exc: BaseException) -> str | None:
+    """The one-line message of a resource error (see :func:`is_resource_error`), or ``None`` for
+    any other exception. It names the file (``exc.filename``), says that nothing finished was lost
+    (every file is written atomically and a run resumes from its last checkpoint) and what to do."""
+    if isinstance(exc, MemoryError) or _gpu_out_of_memory(exc):
+        what = "out of memory (MemoryError)" if isinstance(exc, MemoryError) else "out of GPU memory"
+        return (f"{what}; nothing finished was lost (every file is written atomically and a run resumes from its "
+                "last checkpoint): free memory or use smaller batches (data.batch_size, data.eval_batch_size), then "
+                "run the same command again to resume")
+    if not is_resource_error(exc):
+        return None
+    assert isinstance(exc, OSError)
+    what, todo = _RESOURCE_ADVICE.get(exc.errno, (exc.strerror or "resource error", "fix it"))
+    where = f"{exc.filename}: " if exc.filename not in (None, "") else ""
+    return (f"{where}{what}; nothing finished was lost (every file is written atomically and a run "
+            f"resumes from its last checkpoint): {todo}, then run the same command again to resume")
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` (the file the user asked for, not a temporary file beside it)."""
+    if exc.filename is None or str(exc.filename) != str(path):
+        exc.filename = str(path)
+        exc.filename2 = None
+    return exc
+
+
+def _write_fd(fd: int, data: bytes | memoryview, path: Path) -> None:
+    """Write all of ``data`` to ``fd``, an open temporary file for ``path`` or ``path`` itself (appends).
+
+    The one place where kdtoolkit writes file contents: the fault-injection
+    tests (``tests/test_hostile_writes.py``) replace it to fill the disk at
+    each writer of a run in turn.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view[: 1 << 30])
+        view = view[n:]
+
+
+def _new_temp(directory: Path, name: str) -> tuple[int, Path]:
+    """Create a temporary file for ``name`` in ``directory``: ``(fd, path)``. Its name,
+    ``.<name>.kdt<pid>-<host>-<random>.tmp``, tells :func:`remove_stale_temps` who writes it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name[:160]}.kdt{os.getpid()}-{_HOST}-", suffix=TEMP_SUFFIX, dir=directory)
     try:
-        try:
-            os.fchmod(fd, _FILE_MODE)
-        except OSError:  # pragma: no cover - e.g. filesystems without permissions
-            pass
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+        os.fchmod(fd, _FILE_MODE)
+    except OSError:  # pragma: no cover - e.g. filesystems without permissions
+        pass
+    return fd, Path(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:  # make a rename durable
+        dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
@@ -76,18 +145,179 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         pass
 
 
-def remove_stale_temps(directory: Path) -> None:
-    """Delete temporary files that a killed :func:`atomic_write_bytes` left in ``directory``."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename.
+
+    This is the one writer of every file kdtoolkit writes (the other
+    ``atomic_*`` functions go through it). A crash at any point leaves either
+    the old file or the new one, never a half-written file: a killed process
+    may leave its ``.<name>.kdt<pid>-<host>-<random>.tmp`` behind, which the
+    next write into that folder removes (:func:`remove_stale_temps`, once per
+    folder and process). The new file gets the permissions an ordinary
+    ``open()`` would give it.
+
+    :raises OSError: naming ``path`` (``exc.filename``), e.g. on a full disk;
+        the temporary file is removed and the old file is left as it was.
+    """
+    path = Path(path)
     try:
-        entries = list(Path(directory).iterdir())
-    except OSError:
-        return
-    for f in entries:
-        if f.name.startswith(".") and f.name.endswith(TEMP_SUFFIX) and f.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_once(path.parent)
+        fd, tmp = _new_temp(path.parent, path.name)
+    except OSError as exc:
+        raise _named(exc, path)
+    try:
+        try:
+            _write_fd(fd, data, path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise _named(exc, path)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_savefig(fig: Any, path: Path, **kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically (:func:`atomic_write_bytes`); returns ``path``.
+
+    The figure is rendered to memory in the format of ``path``'s suffix (or
+    ``format=``), then written: a process killed while a figure is rewritten
+    leaves the previous figure intact. ``kwargs`` go to ``fig.savefig``
+    (``dpi``, ``bbox_inches``, ...).
+    """
+    import io
+
+    path = Path(path)
+    kwargs.setdefault("format", path.suffix[1:].lower() or "png")
+    buf = io.BytesIO()
+    fig.savefig(buf, **kwargs)
+    atomic_write_bytes(path, buf.getbuffer())
+    return path
+
+
+def atomic_save_image(image: Any, path: Path, **kwargs: Any) -> Path:
+    """Save a Pillow image atomically (:func:`atomic_write_bytes`); returns ``path``. ``kwargs`` go to
+    ``Image.save`` (``format`` defaults to the one of ``path``'s suffix, e.g. ``quality=95``)."""
+    import io
+
+    from PIL import Image
+
+    path = Path(path)
+    if "format" not in kwargs:
+        kwargs["format"] = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    buf = io.BytesIO()
+    image.save(buf, **kwargs)
+    atomic_write_bytes(path, buf.getbuffer())
+    return path
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line of text to ``path`` (e.g. ``metrics.jsonl``), fsynced; whole or not at all.
+
+    Appending is not a rename, so it is made safe another way: a failed write
+    (a full disk) cuts the file back to its length before the line, and a line
+    cut short by a killed process is removed on resume, when the stage cuts
+    ``metrics.jsonl`` back to the length its checkpoint recorded.
+
+    :raises OSError: naming ``path``.
+    """
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _named(exc, path)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            _write_fd(fd, data, path)
+            os.fsync(fd)
+        except OSError as exc:
             try:
-                f.unlink()
+                os.ftruncate(fd, size)
             except OSError:
                 pass
+            raise _named(exc, path)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, killed but not yet reaped, does not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _stale(entry: os.DirEntry, unmarked: bool, now: float) -> bool:
+    m = _TEMP_RE.match(entry.name)
+    if m is None and not (unmarked and _UNMARKED_TEMP_RE.match(entry.name)):
+        return False
+    try:
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
+    except OSError:
+        return False
+    if m is not None and m["host"] == _HOST:
+        return old or not _alive(int(m["pid"]))
+    return old
+
+
+def remove_stale_temps(directory: Path, *, unmarked: bool = False) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``directory``; returns them.
+
+    A temporary file of :func:`atomic_write_bytes` names its writer
+    (``.<name>.kdt<pid>-<host>-<random>.tmp``). It is removed when that
+    process no longer runs on this machine, or when it is older than
+    :data:`STALE_TEMP_SECONDS` (a writer on another machine sharing the
+    folder, or a PID reused since); the temporary file of a live writer, e.g.
+    a concurrent command writing into the same folder, is kept.
+    ``unmarked``: also remove ``.<name>.<random>.tmp`` files without a PID
+    (written by earlier kdtoolkit versions) older than :data:`STALE_TEMP_SECONDS`;
+    only for folders kdtoolkit owns (run and stage directories, caches).
+    """
+    removed: list[Path] = []
+    now = time.time()
+    _SWEPT.add(os.path.abspath(directory))
+    try:
+        with os.scandir(directory) as it:
+            entries = [e for e in it if e.name.startswith(".") and e.name.endswith(TEMP_SUFFIX)]
+    except OSError:
+        return removed
+    for e in entries:
+        if _stale(e, unmarked, now):
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except OSError:
+                pass
+    return removed
+
+
+def _sweep_once(directory: Path) -> None:
+    """:func:`remove_stale_temps` on ``directory``, the first time this process writes there."""
+    if os.path.abspath(directory) not in _SWEPT:
+        remove_stale_temps(directory)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -111,186 +341,23 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-#: Metadata key of the content checksum every file written by :func:`atomic_save_safetensors` carries.
-CHECKSUM_KEY = "kdtoolkit.checksum"
+#: Names that moved to :mod:`kdtoolkit.limits` and :mod:`kdtoolkit.tensorfiles`, still importable from here.
+_MOVED = {
+    **dict.fromkeys(("special_file_kind", "open_regular_file", "available_memory"), "kdtoolkit.limits"),
+    **dict.fromkeys(("CHECKSUM_KEY", "MAX_HEADER_BYTES", "content_checksum", "atomic_save_safetensors",
+                     "SafetensorsHeader", "read_safetensors_header", "read_safetensors", "load_external_state_dict",
+                     "decode_metadata", "read_kdt_safetensors", "read_kdt_metadata"), "kdtoolkit.tensorfiles"),
+}
 
 
-def _dtype_and_bytes(t: Any) -> tuple[str, memoryview | None]:
-    """The torch name of the dtype (``torch.float32``) and the raw bytes of a torch
-    tensor or a numpy array (``None`` when empty): the same for both of one content."""
-    if hasattr(t, "detach"):  # a torch tensor
-        import torch
+def __getattr__(name: str) -> Any:
+    """A name of :data:`_MOVED`, from its module (imported on first use: no import cycle, no torch)."""
+    if name in _MOVED:
+        import importlib
 
-        t = t.detach().contiguous().cpu()
-        return str(t.dtype), (memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else None)
-    import numpy as np
-
-    t = np.ascontiguousarray(t)
-    return f"torch.{t.dtype.name}", (memoryview(t.reshape(-1).view(np.uint8)) if t.size else None)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def content_checksum(tensors: dict[str, Any], metadata: dict[str, str]) -> str:
-    """``crc32:<8 hex digits>`` of every tensor's name, dtype, shape and bytes (in name order)
-    and of the metadata (without the checksum itself). Tensors are torch tensors or numpy
-    arrays; an array gives the same checksum as the tensor of the same dtype and content."""
-    crc = 0
-    for key in sorted(metadata):
-        if key != CHECKSUM_KEY:
-            crc = zlib.crc32(f"{key}={metadata[key]}\n".encode(), crc)
-    for name in sorted(tensors):
-        dtype, data = _dtype_and_bytes(tensors[name])
-        crc = zlib.crc32(f"{name}:{dtype}:{tuple(tensors[name].shape)}\n".encode(), crc)
-        if data is not None:
-            crc = zlib.crc32(data, crc)
-    return f"crc32:{crc:08x}"
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Save ``tensors`` as safetensors with string ``metadata``, atomically, with a content
-    checksum in the metadata (``checksum``) that :func:`read_safetensors` verifies."""
-    from safetensors.torch import save as st_save
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    metadata = {k: v for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}
-    metadata[CHECKSUM_KEY] = content_checksum(tensors, metadata)
-    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
-
-
-#: safetensors dtypes that numpy has (``arrays="numpy"`` reads other files through torch).
-_NUMPY_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"})
-
-
-def read_safetensors(path: Path, arrays: str = "torch") -> tuple[dict[str, Any], dict[str, str]]:
-    """Read a safetensors file: ``(tensors, metadata)``.
-
-    ``arrays="torch"`` (default) gives torch tensors; ``arrays="numpy"`` gives
-    numpy arrays without importing torch, except for a file holding a dtype
-    numpy lacks (bfloat16, float8): that one is read as torch tensors, so that
-    its values keep their dtype (a metric compares a bfloat16 distance with a
-    threshold rounded to bfloat16, as before).
-
-    A file with a ``kdtoolkit.checksum`` in its metadata (every file kdtoolkit writes)
-    is verified against its contents; files without one (written by other
-    tools, or by kdtoolkit before 0.2) are read as they are. The checksum is
-    not part of the returned metadata.
-
-    :raises CheckpointError: naming the file when it is missing, truncated,
-        not safetensors, fails its checksum, or is otherwise unreadable.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(8)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-            raw_header = fh.read(header_len) if 0 < header_len <= size - 8 else b""
-    except FileNotFoundError:
-        raise CheckpointError("file not found", source=str(path)) from None
-    except (IsADirectoryError, PermissionError) as exc:
-        raise CheckpointError(f"cannot read: {type(exc).__name__}", source=str(path)) from None
-    if len(head) < 8:
-        raise CheckpointError("not a safetensors file (too short)", source=str(path))
-    if header_len <= 0 or 8 + header_len > size:
-        raise CheckpointError("not a safetensors file or truncated (bad header length)", source=str(path))
-    try:
-        header = json.loads(raw_header)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError("not a safetensors file (corrupt header)", source=str(path)) from None
-    if not isinstance(header, dict):
-        raise CheckpointError("not a safetensors file (corrupt header)", source=str(path))
-    meta = header.get("__metadata__") or {}
-    if arrays not in ("torch", "numpy"):
-        raise ValueError(f"arrays must be 'torch' or 'numpy', got {arrays!r}")
-    dtypes = {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-    numpy_direct = arrays == "numpy" and dtypes <= _NUMPY_DTYPES
-    if numpy_direct:
-        from safetensors.numpy import load_file as st_load_file
-    else:
-        from safetensors.torch import load_file as st_load_file
-    try:
-        # memory-mapped and copied once into the tensors (no intermediate bytes object); safetensors
-        # checks every tensor's offsets against the file, so a truncated file is an error here
-        tensors = st_load_file(str(path))
-    except (SafetensorError, ValueError, RuntimeError, OverflowError, OSError) as exc:
-        raise CheckpointError(f"corrupt or truncated safetensors file ({' '.join(str(exc).split())[:120]})", source=str(path)) from None
-    meta = dict(meta)
-    stored = meta.pop(CHECKSUM_KEY, None)
-    if stored is not None and stored != content_checksum(tensors, meta):
-        raise CheckpointError("content checksum mismatch: the file changed after it was written (a flipped bit, "
-                              "an incomplete copy or an edit); it cannot be trusted", source=str(path))
-    return tensors, meta
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < 2**27 and head[8:9] == b"{"
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _torch_load_reason(exc: BaseException) -> str:
-    """A short, one-line reason from ``torch.load``'s (long, multi-line) error."""
-    text = _ANSI.sub("", str(exc))
-    m = re.search(r"GLOBAL ([\w.]+)", text)
-    if m:
-        return (f"it pickles a Python object ({m.group(1)}), not only tensors; torch.load(weights_only=True) refuses it, "
-                "and kdtoolkit never unpickles arbitrary objects: save a plain state dict or a .safetensors file")
-    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
-    lines = [l.strip() for l in text.replace("WeightsUnpickler error:", "\n").splitlines() if l.strip()]
-    useful = [l for l in lines if not l.startswith(boiler)]
-    detail = (useful[0] if useful else type(exc).__name__).split(". ")[0].rstrip(".")
-    return f"not a PyTorch state dict file, or a corrupt one ({detail[:160]})"
-
-
-def load_external_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Weights for initialisation from a ``.safetensors`` or PyTorch file.
-
-    A safetensors file (recognised by its suffix or its content) is read
-    without any pickle. A PyTorch file is read with
-    ``torch.load(weights_only=True)``: a pickle that needs more than tensors
-    and plain containers (e.g. a pickled custom class) is refused, and nothing
-    in it is executed.
-
-    :raises CheckpointError: for unreadable files or non-tensor content.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        return read_safetensors(path)[0]
-    if not path.is_file():
-        raise CheckpointError("file not found", source=str(path))
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"refused or unreadable PyTorch file: {_torch_load_reason(exc)}", source=str(path)) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError("expected a state dict mapping names to tensors", source=str(path))
-    return obj
-
-
-def read_kdt_safetensors(path: Path, fmt: str, what: str, arrays: str = "torch") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Tensors and JSON-decoded metadata of a kdtoolkit safetensors file of format ``fmt``.
-
-    Every kdtoolkit file (model, checkpoint, records) stores ``format`` and
-    JSON-encoded metadata values. ``arrays``: ``"torch"`` or ``"numpy"``, as
-    for :func:`read_safetensors`.
-
-    :raises CheckpointError: naming the file when it is unreadable, of another
-        format (``what`` says which was expected) or has corrupt metadata.
-    """
-    tensors, meta = read_safetensors(Path(path), arrays)
-    if meta.get("format") != fmt:
-        raise CheckpointError(f"not a kdtoolkit {what} (metadata 'format' missing)", source=str(path))
-    try:
-        decoded = {k: json.loads(v) for k, v in meta.items() if k != "format"}
-    except json.JSONDecodeError:
-        raise CheckpointError("corrupt metadata", source=str(path)) from None
-    return tensors, decoded
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MOVED})

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_savefig, atomic_write_json, atomic_write_text
 from .tables import Number, Table, fmt, print_tables  # noqa: F401 -- part of this module's interface
 
 
@@ -54,7 +54,7 @@ def epoch_logs(out: Path, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
         for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:  # e.g. a last line cut short when a run was killed
+            except (json.JSONDecodeError, RecursionError):  # e.g. a last line cut short when a run was killed
                 continue
         rows = [r for r in rows if isinstance(r, dict) and "epoch" in r and "loss/total" in r]
         if rows:
@@ -146,8 +146,11 @@ def training_curves(out: Path, stages: list[str], results: dict[str, Any] | None
     if results is None and (Path(out) / "results.json").is_file():
         import json
 
-        results = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
-    per_stage = (results or {}).get("stages", {})
+        try:
+            results = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):  # unreadable: the figure without the per-stage panels
+            results = None
+    per_stage = (results if isinstance(results, dict) else {}).get("stages", {})
     extra = -(-len(series) // 2) if per_stage else 0
     fig = plt.figure(figsize=(11, 4 + 3.2 * extra))
     grid = fig.add_gridspec(1 + extra, 2, height_ratios=[4] + [3.2] * extra)
@@ -172,7 +175,7 @@ def training_curves(out: Path, stages: list[str], results: dict[str, Any] | None
         fig.text(0.01, 0.005, PHASE_NOTE, fontsize=8, va="bottom", ha="left")
     fig.tight_layout(rect=(0, 0.4 / (4 + 3.2 * extra) if per_stage else 0, 1, 1))
     path = out / "training.png"
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .aggregate import Stat, mean_sd
+from .io import atomic_savefig
 
 
 def _pyplot():
@@ -86,7 +87,7 @@ def tau_figure(series: dict[str, list[tuple[float, Stat]]], title: str, path: Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -137,6 +138,6 @@ def training_figure(logs: list[dict[str, list[dict[str, Any]]]], path: Path) -> 
         ax.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
     return path

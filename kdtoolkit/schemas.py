@@ -33,7 +33,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 import types
 import typing
 from importlib import metadata
@@ -211,7 +210,7 @@ class SchemaCache:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
                 ok = isinstance(data, dict) and data.get("environment") == _environment()
                 self._data = data if ok and isinstance(data.get("components"), dict) else None
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 self._data = None
             if self._data is None:
                 self._data = {"environment": _environment(), "components": {}}
@@ -264,13 +263,11 @@ class SchemaCache:
         entry["files"] = stamps
         data = self._load()
         data["components"][reference] = entry
+        from .io import atomic_write_text
+
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, self.path)
-        except OSError:
+            atomic_write_text(self.path, json.dumps(data))
+        except OSError:  # a cache: not written is only slower next time
             pass
 
 

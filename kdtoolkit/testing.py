@@ -165,7 +165,9 @@ def run_recipe(text_or_path: str | os.PathLike, overrides: tuple[str, ...] | lis
     if path is None:
         out.mkdir(parents=True, exist_ok=True)
         path = out.parent / f"{out.name}.recipe.toml"
-        path.write_text(text_or_path)
+        from .io import atomic_write_text
+
+        atomic_write_text(path, text_or_path)
     plugins = get_manager()
     rec = load_recipe(path, tuple(overrides), plugins=plugins)
     opts = RunOptions(out=out, device=device, quiet=True, command="kdtoolkit.testing.run_recipe")

@@ -68,7 +68,7 @@ def export_stage(stage: StageDir, fmt: str, out: Path | None = None,
     :return: ``{"path", "format", "outputs", "input_shape"}``.
     :raises KdtError: for an unknown format or a model the exporter refuses.
     """
-    from ..io import atomic_write_bytes
+    from ..io import atomic_write_bytes, is_resource_error
     from .predict import stage_test_split
 
     if fmt not in FORMATS:
@@ -97,6 +97,8 @@ def export_stage(stage: StageDir, fmt: str, out: Path | None = None,
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, blob)
     except OSError as exc:
+        if is_resource_error(exc):  # a full disk: the command line's one line for resource errors
+            raise
         raise KdtError(f"cannot write the exported model: {exc.strerror or exc}", source=str(out)) from None
     return {"path": str(out), "format": fmt, "outputs": list(keys), "input_shape": info["input_shape"]}
 

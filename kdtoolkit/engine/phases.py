@@ -22,7 +22,9 @@ import torch
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..components import Model, Step
 from ..distributed import Dist
-from ..errors import CheckpointError
+from ..errors import CheckpointError, KdtError
+from ..io import append_line
+from ..paths import inside
 from ..progress import Progress
 from .context import RunContext, StageState
 from .data import StageData, batches, derive_seed
@@ -47,7 +49,8 @@ class PhaseContext:
     :ivar seed: a seed derived for this phase.
     :ivar dist: the distributed context (rank, world size).
     :ivar precision: ``fp32``, ``bf16`` or ``fp16``.
-    :ivar stage_dir: the stage's run directory (files a phase writes go there, on rank 0).
+    :ivar stage_dir: the stage's run directory (files a phase writes go there, on rank 0); name
+        each file with :meth:`stage_file`, never by joining ``stage_dir`` yourself.
     :ivar state: the stage's :class:`~kdtoolkit.engine.context.StageState`; a
         phase sets values there (``ctx.state.set("pushed", True,
         reset_when_trained="head.prototypes")``), checkpoints carry them.
@@ -65,6 +68,29 @@ class PhaseContext:
     precision: str = "fp32"
     stage_dir: Path | None = None
     state: StageState | None = None
+
+    def stage_file(self, name: str) -> Path:
+        """The path of the file ``name`` in the stage directory, checked; nothing is created.
+
+        Every file a phase writes is named through this method, so that no
+        name, however it was built, writes outside the stage directory::
+
+            atomic_write_json(ctx.stage_file(f"push-{ctx.phase['name']}.json"), info)
+
+        ``name`` must be one file name (no ``/`` or ``\\``, not ``.`` or
+        ``..``, at most 255 bytes), and the path, resolved with symbolic links
+        followed, must lie inside the stage directory
+        (:func:`kdtoolkit.paths.inside`). Phase and stage names already
+        passed :func:`kdtoolkit.paths.name_problem` when the recipe was
+        validated; this check holds for any other string too.
+
+        :raises KdtError: one line (exit code 2) when ``name`` fails the check, or when the
+            phase has no stage directory.
+        """
+        if self.stage_dir is None:
+            raise KdtError(f"phase '{self.phase.get('name')}' of stage '{self.stage}' has no stage directory to write "
+                           f"{name!r} into")
+        return inside(self.stage_dir, name, what=f"stage directory of '{self.stage}'")
 
     def loader(self, split: str = "train_eval", batch_size: int | None = None, *, shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Un-shuffled batches of ``split`` (``train``, ``train_eval``, ``test``).
@@ -132,12 +158,10 @@ class StageTrainer:
         save_checkpoint(self.ckpt_path, ck)
 
     def metrics_line(self, obj: dict[str, Any]) -> None:
-        """Append one line to ``metrics.jsonl`` (rank 0), flushed to disk before the next checkpoint."""
+        """Append one line to ``metrics.jsonl`` (rank 0), flushed to disk before the next checkpoint
+        (:func:`kdtoolkit.io.append_line`: whole or not at all)."""
         if self.ctx.dist.is_main:
-            with open(self.metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(obj) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            append_line(self.metrics_path, json.dumps(obj))
 
     def _restore_metrics(self, ck: Checkpoint) -> None:
         """Cut ``metrics.jsonl`` back to its length when ``ck`` was written: the
@@ -203,7 +227,7 @@ class StageTrainer:
             return TrainPhase(self, i, ph, resume).run()
         comp = self.ctx.plugins.registry("phase").get(ph["kind"])
         own = {k: v for k, v in ph.items() if k in comp.params}
-        phase = comp.factory(**own)
+        phase = comp.build(**own)
         if comp.attr("trains", False):
             return TrainPhase(self, i, ph, resume, hook_owner=phase).run()
         ctx = PhaseContext(self.name, ph, self.model, self.teacher, self.data, self.ctx.device, self.ctx.progress,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, KdtError, RecipeError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, is_resource_error
 from ..records import Records
 from .rundir import StageDir
 
@@ -53,7 +53,7 @@ def data_spec(stage: StageDir, assignments: tuple[str, ...] | list[str]) -> dict
 
 def _split_dataset(spec: dict[str, Any], split: str, plugins) -> Any:
     comp = plugins.registry("dataset").get(spec["dataset"])
-    return comp.factory(split, False, **{k: v for k, v in spec.items() if k in comp.params})
+    return comp.build(split, False, **{k: v for k, v in spec.items() if k in comp.params})
 
 
 def default_out(stage: StageDir, spec: dict[str, Any], split: str) -> Path:
@@ -112,6 +112,8 @@ def _write(out: Path, records: Records, reference: Records | None, result: dict[
             reference.save(out / "reference-records.safetensors")
         atomic_write_json(out / "evaluation.json", result)
     except OSError as exc:
+        if is_resource_error(exc):  # a full disk: the command line's one line for resource errors
+            raise
         raise KdtError(f"cannot write the evaluation: {exc.strerror or exc}", source=str(out)) from None
 
 

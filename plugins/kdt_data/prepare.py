@@ -16,8 +16,10 @@ Every output is determined by ``seed``, its class, source file name,
 operation and copy index alone (its own :class:`torch.Generator`), so a run
 gives the same bytes whatever the order, the number of worker threads or
 how often it was interrupted.  Each file is written to a hidden temporary
-file and renamed into place, so an interrupted run leaves no half-written
-image; a new run skips the outputs that exist and writes the rest.
+file and renamed into place (:func:`kdtoolkit.io.atomic_save_image`), so an
+interrupted run leaves no half-written image, and the next run removes the
+temporary files of killed ones; a new run skips the outputs that exist and
+writes the rest.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def _check_manifest(out: Path, src: Path, seed: int) -> None:
     if path.is_file():
         try:
             have = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            if not isinstance(have, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, RecursionError):
             raise DataError("unreadable record of an earlier kdt prepare; delete it to start over", source=str(path)) from None
         for key in ("src", "seed"):
             if have.get(key) != want[key]:
@@ -174,31 +178,39 @@ def _plan(classes, out: Path, copies: int, ops) -> tuple[list[_Job], int]:
                         existing += 1
                     else:
                         job.outputs.append((op, k, str(dest)))
+                        _remove_legacy_part(dest)
             if job.outputs:
                 jobs.append(job)
     return jobs, existing
 
 
-def _load(path: str):
-    from PIL import Image
-
+def _remove_legacy_part(dest: Path) -> None:
+    """Delete ``.<name>.part``, the temporary file of an output that an earlier version of kdt prepare
+    was killed writing (today's temporary files are removed by :mod:`kdtoolkit.io`)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im if im.mode in ("RGB", "L") else im.convert("RGB")
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        detail = str(exc).strip() or type(exc).__name__
-        raise DataError(f"cannot read image: {detail}", source=path) from None
+        dest.with_name(f".{dest.name}.part").unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _load(path: str):
+    from kdtoolkit.images import open_image
+
+    im = open_image(path)  # DataError naming the file: unreadable, special, over the pixel limit
+    return im if im.mode in ("RGB", "L") else im.convert("RGB")
 
 
 def _write_atomic(img, dest: Path) -> None:
-    """Save ``img`` to a hidden temporary file beside ``dest``, then rename it to ``dest``."""
-    tmp = dest.with_name(f".{dest.name}.part")
+    """Save ``img`` atomically (:func:`kdtoolkit.io.atomic_save_image`: a hidden temporary file beside
+    ``dest``, fsync, rename). A resource error (a full disk) is left to the command line's one line."""
+    from kdtoolkit.io import atomic_save_image, is_resource_error
+
     jpeg = dest.suffix in _JPEG_SUFFIXES
     try:
-        img.save(tmp, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
-        os.replace(tmp, dest)
+        atomic_save_image(img, dest, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
     except OSError as exc:
+        if is_resource_error(exc):
+            raise
         raise DataError(f"cannot write image: {exc.strerror or exc}", source=str(dest)) from None
 
 

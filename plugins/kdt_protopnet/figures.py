@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as TF
 
+from kdtoolkit.io import atomic_savefig
+
 
 def activation_box(similarity_map: torch.Tensor, size: tuple[int, int], percentile: float = 95.0) -> tuple[int, int, int, int]:
     """``(top, left, bottom, right)`` (inclusive) of the pixels ≥ the percentile of
@@ -99,5 +101,5 @@ def prototype_figure(path: Path, images: list[torch.Tensor], boxes: list[tuple[i
         ax.text(x0, y0 - 1, lab, fontsize=6, va="bottom", ha="left", clip_on=False)
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdtoolkit.io import atomic_savefig
+
 #: Smallest tile side in pixels; smaller images are enlarged by an integer factor.
 TILE = 128
 #: Font size in points (at 100 dpi, 1 pt = 1.39 px) and the height of a text line in pixels.
@@ -133,6 +135,6 @@ class Sheet:
             ax.text(x, y, s, clip_on=True, **kw)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=DPI)
+        atomic_savefig(fig, path, dpi=DPI)
         plt.close(fig)
         return path

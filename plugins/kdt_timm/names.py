@@ -16,7 +16,6 @@ import difflib
 import fnmatch
 import json
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -60,16 +59,14 @@ def model_names() -> list[str]:
         data = json.loads(path.read_text())
         if data.get("timm") == version and isinstance(data.get("models"), list) and data["models"]:
             return data["models"]
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         pass
     names = _from_timm()
+    from kdtoolkit.io import atomic_write_text
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"timm": version, "models": names}, f)
-        os.replace(tmp, path)
-    except OSError:
+        atomic_write_text(path, json.dumps({"timm": version, "models": names}))
+    except OSError:  # a cache: not written is only slower next time
         pass
     return names
 
