@@ -14,22 +14,32 @@ Environment variables:
 
 A plugin that fails to import, or whose hook raises during registration, is
 recorded as *failed* with its error; other commands keep working and
-``kdt plugins`` shows the failure.
+``kdt plugins`` shows the failure. This holds for ``SystemExit`` and
+``GeneratorExit`` too (a plugin calling ``sys.exit()`` while it is imported
+is *failed*, "called sys.exit(3) while being imported"); only
+``KeyboardInterrupt`` goes through. What a plugin prints while it is imported
+or registers goes to stderr, so that ``kdt plugins --json`` stays JSON.
+
+The built-in bundles (entry points of the ``kdtoolkit`` distribution) are
+registered before any other entry point: a third-party entry point named like
+a built-in bundle, or a component named like a built-in one, is refused
+(marked *failed*, naming both) and the built-in is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterator
 
 import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .registry import HOOKS, KINDS, Registry
+from .registry import HOOKS, KINDS, Registry, describe_exception, describe_raise
 
 ENTRY_POINT_GROUP = "kdt"
 AUTOLOAD_ENV = "KDT_DISABLE_PLUGIN_AUTOLOAD"
@@ -93,8 +103,27 @@ def _autoload_disabled() -> bool:
 
 
 def _short_error(exc: BaseException) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    return describe_exception(exc)
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str | None:
+    """The name of the distribution declaring entry point ``ep`` (``None`` if unknown)."""
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else None
+
+
+def _is_own(distribution: str | None) -> bool:
+    """Whether ``distribution`` is kdtoolkit itself (its entry points are the built-in bundles)."""
+    return (distribution or "").strip().lower().replace("_", "-") == "kdtoolkit"
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Within the block, what plugin code prints to ``sys.stdout`` goes to stderr (so
+    that output meant for a pipe, such as ``kdt plugins --json``, stays clean); used
+    around plugin imports, registration hooks and ``kdt_add_commands``."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 class PluginManager:
@@ -124,9 +153,12 @@ class PluginManager:
     def _discover(self) -> None:
         blocked = _blocked_names()
         no_autoload = _autoload_disabled()
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        # kdtoolkit's own bundles first: a third-party entry point can never take a built-in's name
+        # (the sort is stable, so other entry points keep importlib.metadata's order)
+        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_own(_dist_name(ep)))
+        for ep in eps:
             dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else None
+            dist_name = _dist_name(ep)
             info = PluginInfo(
                 name=ep.name,
                 module=ep.value,
@@ -134,27 +166,68 @@ class PluginManager:
                 version=dist.version if dist is not None else None,
                 source=f"entry point of {dist_name}" if dist_name else "entry point",
             )
-            if ep.name in self.infos:
-                info.status, info.error = "failed", f"plugin name '{ep.name}' is already taken by {self.infos[ep.name].module}"
-                self.infos[ep.name + f" ({ep.value})"] = info
-                continue
             if ep.name in blocked:
                 info.status = "blocked"
-                self.infos[ep.name] = info
+                self.infos[ep.name if ep.name not in self.infos else self._free_key(ep.name, dist_name or ep.value)] = info
+                continue
+            if ep.name in self.infos:
+                holder = self.infos[ep.name]
+                kept = "the built-in bundle " if _is_own(holder.distribution) else ""
+                info.status, info.error = "failed", (
+                    f"plugin name '{ep.name}' is already taken by {kept}{holder.module} (distribution "
+                    f"{holder.distribution or 'unknown'}); entry point '{ep.name}' = {ep.value} of distribution "
+                    f"{dist_name or 'unknown'} refused, rename it")
+                self.infos[self._free_key(ep.name, dist_name or ep.value)] = info
                 continue
             if no_autoload and (dist_name or "").lower() != "kdtoolkit":
                 info.status = "disabled"
                 self.infos[ep.name] = info
                 continue
             try:
-                obj = ep.load()
+                with stdout_to_stderr():
+                    obj = ep.load()
+            except KeyboardInterrupt:
+                raise
             except Exception as exc:  # a broken plugin must not break the CLI
                 info.status, info.error = "failed", _short_error(exc)
                 self.infos[ep.name] = info
                 continue
+            except BaseException as exc:  # noqa: BLE001 -- sys.exit() or GeneratorExit at import
+                info.status, info.error = "failed", f"{describe_raise(exc)} while being imported"
+                self.infos[ep.name] = info
+                continue
             self._register(obj, ep.name, info)
 
+    def _free_key(self, name: str, tag: str) -> str:
+        """``"name (tag)"``, or with a number added: a key of :attr:`infos` not yet used."""
+        key, n = f"{name} ({tag})", 2
+        while key in self.infos:
+            key, n = f"{name} ({tag}, {n})", n + 1
+        return key
+
+    def _is_builtin(self, name: str) -> bool:
+        """Whether plugin ``name`` is kdtoolkit's own (``kdt.core`` or a bundle of the kdtoolkit distribution)."""
+        info = self.infos.get(name)
+        return name == CORE_PLUGIN or (info is not None and _is_own(info.distribution))
+
     def _register(self, obj: Any, name: str, info: PluginInfo) -> None:
+        """Register ``obj`` as plugin ``name``; anything it raises meanwhile (its attributes are read)
+        marks it failed instead."""
+        try:
+            with stdout_to_stderr():
+                self._register_checked(obj, name, info)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 -- a module __getattr__ or __dir__ that raises or exits
+            with contextlib.suppress(Exception):
+                if self.pm.get_plugin(name) is obj:
+                    self.pm.unregister(obj)
+            info.status, info.error = "failed", f"{describe_raise(exc)} while being registered"
+            info.hooks = []
+            held = self.infos.get(name)
+            self.infos[name if held is None or held is info else self._free_key(name, info.module)] = info
+
+    def _register_checked(self, obj: Any, name: str, info: PluginInfo) -> None:
         file = getattr(obj, "__file__", None)
         if file and info.source in (None, "registered at run time"):
             info.source = file
@@ -203,18 +276,24 @@ class PluginManager:
         for kind in KINDS:
             registry = Registry(kind)
             hook = getattr(self.pm.hook, HOOKS[kind])
-            for impl in hook.get_hookimpls():  # registration order
+            # registration order, kdtoolkit's own plugins first whatever a plugin's tryfirst/trylast say:
+            # on a name clash the first keeps the name, so a built-in component is never displaced
+            impls = sorted(hook.get_hookimpls(), key=lambda impl: not self._is_builtin(impl.plugin_name))
+            for impl in impls:
                 info = self.infos.get(impl.plugin_name)
                 if info is not None and info.status != "loaded":
                     continue
                 before = set(registry.names())
                 try:
-                    impl.function(registry=registry.bound(impl.plugin_name))
+                    with stdout_to_stderr():
+                        impl.function(registry=registry.bound(impl.plugin_name))
                 except PluginError as exc:
                     self._fail(impl.plugin_name, exc.message, registry)
                     continue
-                except Exception as exc:
-                    self._fail(impl.plugin_name, f"{HOOKS[kind]} raised {_short_error(exc)}", registry)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 -- SystemExit and GeneratorExit included
+                    self._fail(impl.plugin_name, f"{HOOKS[kind]} {describe_raise(exc)}", registry)
                     continue
                 added = sorted(set(registry.names()) - before)
                 if info is not None and added:
@@ -241,7 +320,13 @@ class PluginManager:
     def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """Call a collect-all hook; a plugin that raises is reported by name.
 
-        :raises PluginError: ``plugin 'x' failed in kdt_after_epoch: ...``.
+        ``SystemExit`` and ``GeneratorExit`` raised by a plugin are reported the
+        same way (they never end the process); ``KeyboardInterrupt`` goes through, and so does a
+        resource error (a full disk, out of memory: :func:`kdtoolkit.io.is_resource_error`), which the
+        command line reports as one line naming the file.
+
+        :raises PluginError: ``plugin 'x' failed in kdt_after_epoch: ...``
+            (``...: called sys.exit(3)`` for a plugin that calls ``sys.exit``).
         """
         hook = getattr(self.pm.hook, hook_name)
         results = []
@@ -249,7 +334,13 @@ class PluginManager:
             args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
             try:
                 res = impl.function(**args)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 -- a plugin's sys.exit() must not end the process silently
+                from .io import is_resource_error
+
+                if is_resource_error(exc):  # a full disk in a plugin's writer: the CLI's resource-error line
+                    raise
                 raise PluginError(f"plugin '{impl.plugin_name}' failed in {hook_name}: {_short_error(exc)}") from exc
             if res is not None:
                 results.append(res)

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from .errors import PluginError, RecipeError
+from .errors import KdtError, PluginError, RecipeError
 from .params import ParamSpec, signature_params
 
 #: Positional arguments the core passes itself, per component kind; they are
@@ -123,9 +123,10 @@ class Component:
                 obj: Any = importlib.import_module(module_name)
                 for part in attr.split("."):
                     obj = getattr(obj, part)
-            except Exception as exc:
-                text = " ".join(f"{type(exc).__name__}: {exc}".split())
-                raise self._fail(f"cannot import {self.reference} ({text[:300]})") from None
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 -- sys.exit() at import included
+                raise self._fail(f"cannot import {self.reference} ({describe_exception(exc)})") from None
             if not callable(obj):
                 raise self._fail(f"{self.reference} is not a class or function")
             self._factory = obj
@@ -186,6 +187,25 @@ class Component:
         """Whether the factory has been imported."""
         return self._factory is not None
 
+    def build(self, /, *args: Any, **kwargs: Any) -> Any:
+        """Call the factory with ``args`` and ``kwargs`` and return what it builds.
+
+        A :class:`~kdtoolkit.errors.KdtError` raised by the factory (its own
+        one-line error, e.g. a dataset's ``DataError``), ``KeyboardInterrupt``
+        and ``MemoryError`` pass unchanged; any other exception, ``SystemExit``
+        included, becomes one :class:`PluginError` naming the plugin and the
+        component: ``plugin 'x': loss 'y': cannot be built: ValueError: ...``.
+        """
+        factory = self.factory
+        try:
+            return factory(*args, **kwargs)
+        except (KdtError, KeyboardInterrupt, MemoryError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 -- a plugin's factory must not end the process
+            if type(exc).__name__ == "OutOfMemoryError":  # torch's, a resource error like MemoryError
+                raise
+            raise self._fail(f"cannot be built: {describe_exception(exc)}") from exc
+
     def attr(self, name: str, default: Any = None) -> Any:
         """A class attribute of the factory (e.g. ``requires_teacher``; those validation reads
         come from the kept schema when the factory is not imported)."""
@@ -210,6 +230,24 @@ class Component:
             except Exception:  # moved or renamed since: read it from the factory
                 self._schema = None
         return getattr(self.factory, "check_params", None)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line (at most 300 characters) for an exception raised by plugin code:
+    ``ValueError: message``, or ``called sys.exit(3)`` for a ``SystemExit``."""
+    if isinstance(exc, SystemExit):
+        text = f"called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def describe_raise(exc: BaseException) -> str:
+    """What plugin code did, for a message that names the code first: ``raised ValueError: ...``,
+    or ``called sys.exit(3)``."""
+    text = describe_exception(exc)
+    return text if isinstance(exc, SystemExit) else f"raised {text}"
 
 
 def _summary(obj: Any) -> str:
@@ -268,7 +306,8 @@ class Registry:
         if name in self._items:
             first = self._items[name].owner
             raise PluginError(
-                f"{self.kind} '{name}' is registered twice: by plugin '{first}' and by plugin '{self._owner}'"
+                f"{self.kind} '{name}' is registered twice: by plugin '{first}' and by plugin '{self._owner}' "
+                f"(the first keeps the name)"
             )
         if isinstance(factory, str) and not REFERENCE.match(factory):
             raise PluginError(f"plugin '{self._owner}': {self.kind} '{name}': {factory!r} is not a reference "

@@ -123,7 +123,7 @@ def test_core_passes_num_classes_to_backbones_that_accept_it():
 
     def registry(kind):
         factory = Probe if kind == "backbone" else (lambda c, n: nn.Identity())
-        return types.SimpleNamespace(get=lambda name: types.SimpleNamespace(factory=factory))
+        return types.SimpleNamespace(get=lambda name: types.SimpleNamespace(factory=factory, build=factory))
 
     build_model({"model": {"backbone": {"name": "p"}, "head": {"name": "h"}, "weights": None}}, 7,
                 types.SimpleNamespace(registry=registry))

@@ -45,9 +45,9 @@ def build_data(stage: dict[str, Any], plugins: PluginManager) -> StageData:
     spec = dict(stage["data"])
     comp = plugins.registry("dataset").get(spec["dataset"])
     params = {k: v for k, v in spec.items() if k in comp.params}
-    train = comp.factory("train", bool(spec.get("augment", True)), **params)
-    train_eval = comp.factory("train", False, **params)
-    test = comp.factory("test", False, **params)
+    train = comp.build("train", bool(spec.get("augment", True)), **params)
+    train_eval = comp.build("train", False, **params)
+    test = comp.build("test", False, **params)
     return StageData(train, train_eval, test, spec)
 
 

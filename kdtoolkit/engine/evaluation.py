@@ -59,7 +59,7 @@ def compute_metrics(stage: dict[str, Any], records: Records, reference: Records 
     for spec in stage["metrics"]:
         spec = dict(spec)
         comp = plugins.registry("metric").get(spec.pop("name"))
-        metric = comp.factory(**spec)
+        metric = comp.build(**spec)
         ref = reference
         if ref is None and comp.attr("requires_reference", False):
             ref = records  # a model against itself (e.g. a teacher: AJS 1 wherever it has active patches)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..components import Step
-from ..errors import CheckpointError, RecipeError, TrainingError
+from ..errors import CheckpointError, PluginError, RecipeError, TrainingError
 from ..plugins import PluginManager
 
 CORE_KEYS = ("name", "id", "weight")
@@ -56,13 +56,22 @@ class LossSet:
     :param specs: the stage's resolved ``losses`` list.
     :param plugins: the plugin manager.
     :param stage: the stage name (for messages).
+    :param source: the recipe file (for messages).
+    :raises PluginError: when a loss factory raises: one line naming the plugin,
+        the loss and its recipe key ``stages.<stage>.losses[<i>]``.
     """
 
-    def __init__(self, specs: list[dict[str, Any]], plugins: PluginManager, stage: str):
+    def __init__(self, specs: list[dict[str, Any]], plugins: PluginManager, stage: str, source: str | None = None):
         self.stage = stage
         self.specs = {s["id"]: s for s in specs}
         self.params = {s["id"]: {k: v for k, v in s.items() if k not in CORE_KEYS} for s in specs}
-        self.fns = {lid: plugins.registry("loss").get(s["name"]).factory(**self.params[lid]) for lid, s in self.specs.items()}
+        self.fns = {}
+        for i, (lid, s) in enumerate(self.specs.items()):
+            try:
+                self.fns[lid] = plugins.registry("loss").get(s["name"]).build(**self.params[lid])
+            except PluginError as exc:
+                raise PluginError(exc.message, source=exc.source or source,
+                                  key=exc.key or f"stages.{stage}.losses[{i}]") from None
 
     @property
     def modules(self) -> dict[str, nn.Module]:

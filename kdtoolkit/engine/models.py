@@ -17,8 +17,8 @@ from torch import nn
 
 from ..components import Model, selector_matches
 from ..errors import CheckpointError, RecipeError
-from ..io import atomic_save_safetensors, load_external_state_dict, read_kdt_safetensors
 from ..plugins import PluginManager
+from ..tensorfiles import atomic_save_safetensors, load_external_state_dict, read_kdt_safetensors
 
 MODEL_FORMAT = "kdtoolkit.model/1"
 
@@ -31,14 +31,17 @@ def _accepts(factory: Any, name: str) -> bool:
 
 
 def build_model(stage: dict[str, Any], num_classes: int, plugins: PluginManager) -> Model:
-    """The stage's backbone + head (random or pretrained init; ``model.weights`` loaded strictly)."""
+    """The stage's backbone + head (random or pretrained init; ``model.weights`` loaded strictly).
+
+    :raises PluginError: when the backbone or head factory raises, naming the plugin and the component.
+    """
     bspec = dict(stage["model"]["backbone"])
     hspec = dict(stage["model"]["head"])
-    bfactory = plugins.registry("backbone").get(bspec.pop("name")).factory
-    if _accepts(bfactory, "num_classes"):
+    bcomp = plugins.registry("backbone").get(bspec.pop("name"))
+    if _accepts(bcomp.factory, "num_classes"):
         bspec["num_classes"] = num_classes
-    backbone = bfactory(**bspec)
-    head = plugins.registry("head").get(hspec.pop("name")).factory(backbone.out_channels, num_classes, **hspec)
+    backbone = bcomp.build(**bspec)
+    head = plugins.registry("head").get(hspec.pop("name")).build(backbone.out_channels, num_classes, **hspec)
     model = Model(backbone, head)
     if stage["model"].get("weights"):
         path = Path(stage["model"]["weights"])

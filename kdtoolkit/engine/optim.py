@@ -117,7 +117,7 @@ SCHEDULER_CORE_KEYS = RESERVED_KEYS["scheduler"]
 def build_optimizer(spec: dict[str, Any], groups: list[dict[str, Any]], plugins: PluginManager) -> torch.optim.Optimizer:
     """The phase's optimiser over its parameter groups, from its resolved ``optimizer`` table."""
     comp = plugins.registry("optimizer").get(spec["name"])
-    return comp.factory(groups, **{k: v for k, v in spec.items() if k not in OPTIMIZER_CORE_KEYS})
+    return comp.build(groups, **{k: v for k, v in spec.items() if k not in OPTIMIZER_CORE_KEYS})
 
 
 def build_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer, epochs: int, plugins: PluginManager):
@@ -127,7 +127,7 @@ def build_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer, epochs: in
     if warmup:
         linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=spec["warmup_start_factor"], end_factor=1.0,
                                                    total_iters=warmup)
-    main = comp.factory(opt, epochs, **{k: v for k, v in spec.items() if k not in SCHEDULER_CORE_KEYS})
+    main = comp.build(opt, epochs, **{k: v for k, v in spec.items() if k not in SCHEDULER_CORE_KEYS})
     if not warmup:
         return main
     return linear if main is None else torch.optim.lr_scheduler.ChainedScheduler([linear, main], optimizer=opt)

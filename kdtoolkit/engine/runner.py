@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +45,16 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..checkpoint import load_checkpoint
 from ..distributed import Dist
-from ..errors import KdtError, RecipeError
-from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_stale_temps
+from ..errors import KdtError, PluginError, RecipeError
+from ..io import atomic_write_json, atomic_write_text, remove_stale_temps
+from ..paths import inside
 from ..plugins import PluginManager
 from ..progress import Progress
 from ..recipe import Recipe
 from ..records import Records
 from ..report import write_reports
+from ..tensorfiles import atomic_save_safetensors
 from .context import RunContext, StopFlag
 from .data import StageData, build_data
 from .device import resolve_device
@@ -63,6 +62,8 @@ from .evaluation import compute_metrics, evaluate
 from .losses import LossSet
 from .models import build_model, check_phase_selectors, init_from_teacher, save_model_file, trainable_parameters
 from .phases import StageTrainer
+from .preflight import Preflight, model_error
+from .preflight import isolated_rng, stored_hash  # noqa: F401 -- importable from here, as before
 from .taps import check_tap_paths
 from .teacher import TeacherCaches, load_teacher
 
@@ -94,20 +95,6 @@ class RunOptions:
     command: str = ""
 
 
-def stored_hash(path: Path) -> tuple[str | None, str | None]:
-    """``(stage hash, None)`` stored in a ``result.json`` or checkpoint, or ``(None, why it is unreadable)``."""
-    try:
-        if path.suffix == ".json":
-            found = json.loads(path.read_text(encoding="utf-8")).get("stage_hash")
-        else:
-            found = load_checkpoint(path).stage_hash
-    except KdtError as exc:
-        return None, exc.message
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        return None, f"unreadable: {type(exc).__name__}"
-    return found, None
-
-
 class Runner:
     """Runs the stages of one recipe into one run directory."""
 
@@ -133,66 +120,13 @@ class Runner:
     # -- preflight --------------------------------------------------------
     def preflight(self) -> None:
         """Checks done before any training: output directory, stale or unreadable
-        stage files, datasets, free disk space; last, the output directory is
+        stage files, datasets, tap paths, the dry build of every component a stage will
+        build, free disk space; last, the output directory is
         created and a probe file written in it (so an unwritable directory is
-        a one-line error, for root and on read-only filesystems too)."""
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise KdtError("output path exists and is not a directory", source=str(out))
-        probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-        if not probe_dir.is_dir():
-            raise KdtError(f"cannot create the output directory: {probe_dir} is not a directory", source=str(out))
-        if not os.access(probe_dir, os.W_OK):
-            raise KdtError("output directory is not writable", source=str(out))
-        for name in self.recipe.order:
-            self._check_stage_files(name)
-        for name in self.recipe.order:
-            self.data_for(name)
-        for name in self.recipe.order:
-            self._check_taps(name)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".kdt-write-probe.", suffix=".tmp", dir=out)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise KdtError(f"output directory is not writable ({exc.strerror or type(exc).__name__})", source=str(out)) from None
-        try:
-            usage = shutil.disk_usage(out)
-        except OSError:
-            usage = None
-        if usage is not None and usage.total > 0 and usage.free < 50 * 2**20:
-            raise KdtError(f"only {usage.free // 2**20} MiB free on the output disk", source=str(out))
-
-    def _check_stage_files(self, name: str) -> None:
-        for fname in ("result.json", "checkpoint.safetensors"):
-            f = self.out / name / fname
-            if not f.exists():
-                continue
-            found, problem = stored_hash(f)
-            if self.opt.force or found == self.recipe.stage_hash(name):
-                continue
-            if problem is not None:
-                raise KdtError(f"stage '{name}': cannot resume from this file ({problem}); delete it to train the stage "
-                               "again, or use --force", source=str(f))
-            raise KdtError(f"stage '{name}' in this directory was produced by a different recipe (stage hash {found} != "
-                           f"{self.recipe.stage_hash(name)}); use --force to retrain it, or another --out", source=str(f))
-
-    def _check_taps(self, name: str) -> None:
-        """The tap paths of a stage name modules of its student and teacher: both architectures are
-        built on the meta device (no memory, no weights, the RNG left as it was)."""
-        st, src = self.recipe.stage(name), str(self.recipe.path)
-        checks = [(name, st["model"].get("taps") or {}, f"stages.{name}.model.taps")]
-        if st["teacher"]:
-            checks.append((st["teacher"], st.get("teacher_taps") or {}, f"stages.{name}.teacher_taps"))
-        for owner, taps, key in checks:
-            if not taps:
-                continue
-            spec = self.recipe.stage(owner)
-            spec = {**spec, "model": {**spec["model"], "weights": None}}
-            with torch.random.fork_rng(devices=[]), torch.device("meta"):
-                model = build_model(spec, self.data_for(name).num_classes, self.ctx.plugins)
-            check_tap_paths(model, taps, src, key)
+        a one-line error, for root and on read-only filesystems too). The checks are
+        :class:`~kdtoolkit.engine.preflight.Preflight`'s."""
+        Preflight(self.out, self.recipe, self.ctx, force=self.opt.force, stage_dir=self.stage_dir,
+                  data_for=self.data_for).run()
 
     def data_for(self, name: str) -> StageData:
         """The stage's datasets, built once per distinct data table (during preflight
@@ -215,7 +149,8 @@ class Runner:
         ctx, dist = self.ctx, self.ctx.dist
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.out)
+            for folder in (self.out, *(self.stage_dir(s) for s in self.recipe.order)):  # reused stages' too
+                remove_stale_temps(folder, unmarked=True)  # of killed writers (a live concurrent one's are kept)
             atomic_write_text(self.out / "recipe.resolved.toml", self.recipe.to_toml())
             atomic_write_json(self.out / "recipe.resolved.json", self.recipe.resolved)
             atomic_write_json(self.out / "run.json", {
@@ -237,7 +172,8 @@ class Runner:
         return results
 
     def stage_dir(self, name: str) -> Path:
-        return self.out / name
+        """``out/<name>``, checked to lie inside the run directory (:func:`kdtoolkit.paths.inside`)."""
+        return inside(self.out, name, what="run directory")
 
     def _finished(self, name: str, shash: str) -> dict[str, Any] | None:
         sdir = self.stage_dir(name)
@@ -246,9 +182,9 @@ class Runner:
             return None
         try:
             res = json.loads(result_file.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deeply: trained again
             return None
-        if res.get("stage_hash") != shash:
+        if not isinstance(res, dict) or res.get("stage_hash") != shash:
             return None
         if self.ctx.dist.is_main and (sdir / "checkpoint.safetensors").exists():
             (sdir / "checkpoint.safetensors").unlink()  # killed after result.json was written
@@ -271,7 +207,6 @@ class Runner:
         trainer = self.build_stage(name)
         if ctx.dist.is_main:
             sdir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(sdir)
         t0 = time.perf_counter()
         history = trainer.train()
         seconds = time.perf_counter() - t0 + trainer.previous_seconds
@@ -285,7 +220,10 @@ class Runner:
         st, ctx, src = self.recipe.stage(name), self.ctx, str(self.recipe.path)
         data = self.data_for(name)
         torch.manual_seed(st["seed"])
-        model = ctx.place(build_model(st, data.num_classes, ctx.plugins))
+        try:
+            model = ctx.place(build_model(st, data.num_classes, ctx.plugins))
+        except PluginError as exc:
+            raise model_error(exc, name, src) from None
         teacher, tdir = None, None
         if st["teacher"]:
             tdir = self.stage_dir(st["teacher"])
@@ -295,7 +233,7 @@ class Runner:
         check_tap_paths(model, st["model"].get("taps") or {}, src, f"stages.{name}.model.taps")
         if teacher is not None:
             check_tap_paths(teacher, st.get("teacher_taps") or {}, src, f"stages.{name}.teacher_taps")
-        losses = LossSet(st["losses"], ctx.plugins, name)
+        losses = LossSet(st["losses"], ctx.plugins, name, source=src)
         trainer = StageTrainer(ctx, name, st, model, teacher, data, self.recipe.stage_hash(name), self.stage_dir(name),
                                losses, self.caches, self.recipe.stage_hash(st["teacher"]) if teacher is not None else None, tdir)
         if losses.needs_setup():
