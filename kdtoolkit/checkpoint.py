@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .io import atomic_save_safetensors, read_kdt_safetensors
+from .tensorfiles import atomic_save_safetensors, read_kdt_safetensors
 
 CHECKPOINT_FORMAT = "kdtoolkit.checkpoint/1"
 

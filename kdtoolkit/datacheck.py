@@ -9,7 +9,11 @@ line per file, then one :class:`~kdtoolkit.errors.DataError` (exit code 2).
 
 A dataset checks an item with its ``check_item(i)`` method when it has one
 (the built-in image datasets decode the file, and crop it to its box, without
-resizing); otherwise by reading ``dataset[i]``.
+resizing); otherwise by reading ``dataset[i]``. A dataset may also list, in
+``special_files``, paths it found where images lie that are not regular files
+(FIFOs, devices, sockets, links to them, broken links) and skipped without
+opening them: each is reported as a problem too (``image_folder`` does).
+Every image read is subject to the pixel limit of :mod:`kdtoolkit.images`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import DataError, KdtError
+from .images import special_files_line
 from .plugins import PluginManager
 from .tables import Table
 
@@ -38,7 +43,8 @@ class SplitCheck:
     :ivar stages: the stages that use it.
     :ivar images: items checked.
     :ivar classes: the dataset's ``num_classes``.
-    :ivar problems: one line per unreadable item, naming its file.
+    :ivar problems: one line per unreadable item, naming its file, then one per special file.
+    :ivar special: how many of ``problems`` are special files (not regular files; not items).
     :ivar seconds: wall-clock time of the check.
     """
 
@@ -49,6 +55,7 @@ class SplitCheck:
     classes: int
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    special: int = 0
 
 
 def distinct_data(recipe, plugins: PluginManager) -> list[tuple[Any, dict[str, Any], list[str]]]:
@@ -67,7 +74,7 @@ def build_split(recipe, stage: str, comp, params: dict[str, Any], split: str):
     """The un-augmented ``split`` of a dataset; a :class:`KdtError` names the recipe and the stage's data key,
     as in a run's preflight."""
     try:
-        return comp.factory(split, False, **params)
+        return comp.build(split, False, **params)
     except KdtError as exc:
         where = f"stages.{stage}.data" + (f".{exc.key}" if exc.key else "")
         src = f"{recipe.path}: {where}: {exc.source}" if exc.source else str(recipe.path)
@@ -140,16 +147,22 @@ def check_data(recipe, plugins: PluginManager, *, quiet: bool = False, workers: 
                 ds = build_split(recipe, stages[0], comp, params, split)
                 start = time.perf_counter()
                 problems = check_split(ds, split, bar, workers, label=comp.name)
+                special = [special_files_line(p) for p in (getattr(ds, "special_files", None) or ())]
                 checks.append(SplitCheck(str(getattr(ds, "name", comp.name)), split, stages, len(ds),
-                                         int(getattr(ds, "num_classes", 0)), problems, time.perf_counter() - start))
+                                         int(getattr(ds, "num_classes", 0)), problems + special,
+                                         time.perf_counter() - start, len(special)))
     bad = [p for c in checks for p in c.problems]
     if bad:
         echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         for line in bad:
             echo(line)
         total = sum(c.images for c in checks)
-        raise DataError(f"{len(bad)} of {total} images cannot be read (listed above); fix or remove them",
-                        source=str(recipe.path))
+        special = sum(c.special for c in checks)
+        what = [f"{len(bad) - special} of {total} images cannot be read"] if len(bad) > special else []
+        if special:
+            what.append(f"{special} special file{'s' if special > 1 else ''} (a FIFO, device or socket, a link to one, "
+                        f"or a broken link) {'lie' if special > 1 else 'lies'} among the images")
+        raise DataError(f"{' and '.join(what)} (listed above); fix or remove them", source=str(recipe.path))
     return checks
 
 

@@ -121,8 +121,28 @@ def is_path_annotation(ann: Any) -> bool:
         return False
 
 
+#: The range of recipe integers: TOML's 64-bit signed integers (a larger one is refused at validation).
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+# Upper bounds of core recipe keys, checked by ``kdt validate`` (documented in docs/recipes.md).
+#: The largest seed (top-level ``seed``, ``seeds`` items, a stage's ``seed``): what a 64-bit
+#: generator seed (``torch.manual_seed``) and a TOML integer hold; derived seeds are 63-bit hashes.
+MAX_SEED = 2**63 - 1
+#: The largest ``batch_size`` and ``eval_batch_size`` (and a phase's ``accumulate``).
+MAX_BATCH_SIZE = 65536
+#: The largest ``num_workers`` (worker processes loading data).
+MAX_NUM_WORKERS = 256
+#: The largest ``epochs`` of a phase (and ``warmup_epochs``).
+MAX_EPOCHS = 1_000_000
+#: The most memory one batch of input images may take, estimated at validation from the dataset's
+#: ``image_size`` (when it has one) as ``batch × 3 × image_size² × 4`` bytes (float32 RGB).
+MAX_INPUT_BATCH_BYTES = 16 * 2**30
+
+
 def describe_value(value: Any) -> str:
-    """How a value reads in an error message (strings quoted, TOML spellings)."""
+    """How a value reads in an error message (strings quoted, TOML spellings; a huge integer by its size)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, bool):
@@ -163,13 +183,20 @@ def coerce(value: Any, ann: Any) -> Any:
     if ann is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if not INT_MIN <= value <= INT_MAX:
+            raise ParamTypeError(f"expected an integer between -2^63 and 2^63-1 (TOML's 64-bit range), "
+                                 f"got {describe_value(value)}")
         return value
     if ann is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ParamTypeError(f"expected a number, got {describe_value(value)}, too large for a float") from None
         if math.isnan(value):
             raise ParamTypeError("expected a number, got nan")
-        return float(value)
+        return value
     if ann is str:
         if not isinstance(value, str):
             raise bad

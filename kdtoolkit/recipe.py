@@ -26,7 +26,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .errors import RecipeError
+from .errors import KdtError, RecipeError
 from .params import describe_value
 from .plugins import PluginManager
 
@@ -81,6 +81,27 @@ class Recipe:
 # ---------------------------------------------------------------------------
 # loading
 
+#: How deeply tables and lists may nest in a recipe (a recipe needs about 6 levels).
+MAX_DEPTH = 64
+
+
+def check_depth(data: Any, source: str, key: str | None = None, limit: int = MAX_DEPTH,
+                error: type[KdtError] = RecipeError) -> None:
+    """Refuse tables and lists (dicts and lists) nested more than ``limit`` levels deep, without recursion.
+
+    :raises RecipeError: (or ``error``) naming ``source`` (and ``key``) and the path where the limit is crossed.
+    """
+    stack: list[tuple[Any, int, tuple]] = [(data, 0, ())]
+    while stack:
+        node, depth, where = stack.pop()
+        if depth > limit:
+            shown = key_string(list(where[:4])) + (" ..." if len(where) > 4 else "")
+            raise error(f"tables and lists nested more than {limit} levels deep (at {shown})", source=source, key=key)
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1, where + (str(k),)) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1, where + (i,)) for i, v in enumerate(node))
+
 
 def _read_toml(path: Path, *, source: str, key: str | None) -> dict[str, Any]:
     try:
@@ -90,9 +111,15 @@ def _read_toml(path: Path, *, source: str, key: str | None) -> dict[str, Any]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read {path}: {type(exc).__name__}", source=source, key=key) from None
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"invalid TOML: {exc}", source=str(path)) from None
+    except RecursionError:
+        raise RecipeError(f"invalid TOML: nested more than {MAX_DEPTH} levels deep", source=str(path)) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise RecipeError(f"invalid TOML: {' '.join(str(exc).split())[:200]}", source=str(path)) from None
+    check_depth(data, str(path))
+    return data
 
 
 def key_string(parts: list[str | int] | tuple[str | int, ...]) -> str:
@@ -124,6 +151,8 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[s
     if not isinstance(parent, str):
         raise RecipeError(f"expected a string, got {describe_value(parent)}", source=str(path), key="extends")
     parent_path = (path.parent / parent).resolve()
+    if len(chain) >= MAX_DEPTH:
+        raise RecipeError(f"'extends' chains more than {MAX_DEPTH} files", source=str(path), key="extends")
     if parent_path in chain or parent_path == path.resolve():
         raise RecipeError(f"'extends' forms a cycle through {parent}", source=str(path), key="extends")
     if not parent_path.is_file():
@@ -153,11 +182,20 @@ def parse_key_path(path: str) -> list[str | int]:
 
 
 def parse_override_value(text: str) -> Any:
-    """A TOML value (``3``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``, ``inf``) or a bare string."""
+    """A TOML value (``3``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``, ``inf``) or a bare string.
+
+    :raises RecipeError: (source ``--set``) for a value nested more than :data:`MAX_DEPTH` levels deep.
+    """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise RecipeError(f"value nested more than {MAX_DEPTH} levels deep", source="--set") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise RecipeError(f"unreadable value: {' '.join(str(exc).split())[:200]}", source="--set") from None
+    check_depth(value, "--set")
+    return value
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -188,7 +226,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             node[part] = [] if isinstance(nxt, int) else {}
         node = node[part]
     last = parts[-1]
-    value = parse_override_value(raw.strip())
+    try:
+        value = parse_override_value(raw.strip())
+    except RecipeError as exc:
+        raise RecipeError(exc.message, source="--set", key=key) from None
     if isinstance(last, int):
         if not isinstance(node, list) or last >= len(node):
             raise RecipeError(f"no item [{last}] to set", source="--set", key=key)
@@ -213,12 +254,21 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     path = Path(path)
     if not path.is_file():
         raise RecipeError("recipe file not found" if not path.exists() else "not a file", source=str(path))
+    try:
+        return _load_recipe(path, overrides, plugins or get_manager())
+    except RecursionError:  # a bound above missed a case: still one line
+        raise RecipeError("nested too deeply to check (tables, lists, 'extends', stage bases or teachers)",
+                          source=str(path)) from None
+
+
+def _load_recipe(path: Path, overrides: list[str] | tuple[str, ...], plugins: PluginManager) -> Recipe:
     data, origins = _load_with_extends(path)
     for assignment in overrides:
         if assignment.partition("=")[0].strip() == "extends":
             raise RecipeError("'extends' is resolved before overrides; edit the recipe file instead", source="--set", key="extends")
         apply_override(data, assignment)
         _set_origin(origins, key_string(parse_key_path(assignment.partition("=")[0].strip())), os.getcwd())
-    validator = Validator(str(path), plugins or get_manager(), base_dir=os.path.abspath(path.parent), origins=origins)
+    check_depth(data, str(path))  # the overrides together with the files
+    validator = Validator(str(path), plugins, base_dir=os.path.abspath(path.parent), origins=origins)
     resolved, order = validator.recipe(data, default_name=path.stem)
     return Recipe(path=path, resolved=resolved, order=order)

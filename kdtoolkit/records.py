@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
-from .io import atomic_save_safetensors, read_kdt_safetensors
+from .tensorfiles import atomic_save_safetensors, read_kdt_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -73,20 +73,30 @@ class Records:
         return Records({k: as_array(v) for k, v in self.tensors.items()}, dict(self.meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, arrays: str = "torch") -> "Records":
+    def load(cls, path: str | os.PathLike, arrays: str = "torch", require: tuple[str, ...] | list[str] = ()) -> "Records":
         """Read a records file, as torch tensors or (``arrays="numpy"``) as numpy arrays
         without importing torch (a file with a dtype numpy lacks, e.g. bfloat16, still gives
-        torch tensors; see :func:`~kdtoolkit.io.read_safetensors`).
+        torch tensors; see :func:`~kdtoolkit.tensorfiles.read_safetensors`).
 
-        :raises CheckpointError: for a missing, truncated or foreign file.
+        The format, the tensors ``labels``, ``logits`` and ``require`` (e.g. a metric's
+        ``min_distances``) and the shapes (one row per image in every tensor) are checked
+        from the file's header before any tensor is read, so a foreign or hostile file of
+        any size is refused at once.
+
+        :raises CheckpointError: for a missing, truncated, foreign or inconsistent file.
         """
-        tensors, decoded = read_kdt_safetensors(Path(path), RECORDS_FORMAT, "records file", arrays)
-        if "labels" not in tensors or "logits" not in tensors:
-            raise CheckpointError("records need 'labels' and 'logits'", source=str(path))
-        if len(tensors["labels"].shape) != 1:
-            raise CheckpointError(f"'labels' must be [N], got shape {tuple(tensors['labels'].shape)}", source=str(path))
-        n = tensors["labels"].shape[0]
-        for k, v in tensors.items():
-            if len(v.shape) == 0 or v.shape[0] != n:
-                raise CheckpointError(f"tensor '{k}' has {tuple(v.shape)} rows, expected {n}", source=str(path))
+        path = Path(path)
+        tensors, decoded = read_kdt_safetensors(path, RECORDS_FORMAT, "records file", arrays,
+                                                require=("labels", "logits", *require), check=_check_shapes)
+        _check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, str(path))
         return cls(tensors, decoded)
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """``labels`` is ``[N]`` and every tensor has ``N`` rows (``shapes``: name → shape)."""
+    if len(shapes["labels"]) != 1:
+        raise CheckpointError(f"'labels' must be [N], got shape {tuple(shapes['labels'])}", source=source)
+    n = shapes["labels"][0]
+    for k, shape in shapes.items():
+        if len(shape) == 0 or shape[0] != n:
+            raise CheckpointError(f"tensor '{k}' has {tuple(shape)} rows, expected {n}", source=source)

@@ -38,17 +38,23 @@ SEED_PURPOSE = 3
 
 
 def parse_seeds(text: str, source: str = "--seeds") -> list[int]:
-    """``"0,1,2"`` → ``[0, 1, 2]``: distinct integers ≥ 0, comma-separated.
+    """``"0,1,2"`` → ``[0, 1, 2]``: distinct integers from 0 to 2^63-1, comma-separated.
 
     :raises KdtError: (exit code 2) for an empty item, a non-integer, a
-        negative value or a seed listed twice.
+        negative value, a value over 2^63-1 (a 64-bit generator seed) or a
+        seed listed twice.
     """
+    from .params import MAX_SEED
+
     seeds: list[int] = []
     for item in text.split(","):
         item = item.strip()
-        if not item.isdigit():
-            what = "an empty item" if not item else repr(item)
+        if not (item.isascii() and item.isdigit()):
+            what = "an empty item" if not item else repr(item[:40])
             raise KdtError(f"expected comma-separated integers >= 0 (e.g. 0,1,2), got {what}", source=source)
+        if len(item.lstrip("0")) > 19 or int(item) > MAX_SEED:
+            raise KdtError(f"seed {item[:40]}{'...' if len(item) > 40 else ''} is over {MAX_SEED} (2^63-1, a 64-bit "
+                           "generator seed)", source=source)
         if int(item) in seeds:
             raise KdtError(f"seed {int(item)} is listed twice", source=source)
         seeds.append(int(item))
@@ -141,7 +147,7 @@ def _record_seeds(out: Path, runs: dict) -> None:
 
     try:
         known = json.loads((out / "seeds.json").read_text(encoding="utf-8")).get("runs", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         known = {}
     known = known if isinstance(known, dict) else {}
     known.update({f"seed-{n}": {s: st["seed"] for s, st in r.resolved["stages"].items()} for n, r in runs.items()})

@@ -10,6 +10,7 @@ most activated prototypes to the prediction.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,19 +27,30 @@ def image_paths(inputs: Iterable[str | Path]) -> list[Path]:
     """The image files named by ``inputs``: files as given, folders searched
     recursively for :data:`IMAGE_SUFFIXES` (sorted; hidden entries skipped).
 
-    :raises DataError: for a path that does not exist or a folder without images.
+    Nothing is opened here: a special file (a FIFO, a device, a socket, a link
+    to one) given, or found in a folder with an image suffix, is refused by name.
+
+    :raises DataError: for a path that does not exist, is not a regular file,
+        or a folder without images.
     """
+    from ..limits import special_file_kind
+
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_file():
             out.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            named = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir()
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
+            for f in named:
+                if not f.is_file():
+                    raise DataError(f"not a regular file ({special_file_kind(f)})", source=str(f))
+            if not named:
                 raise DataError(f"folder has no images ({', '.join(IMAGE_SUFFIXES)})", source=str(p))
-            out.extend(found)
+            out.extend(named)
+        elif os.path.lexists(p):  # a FIFO, a device, a socket, a link to one or a broken link
+            raise DataError(f"not a regular file ({special_file_kind(p)})", source=str(p))
         else:
             raise DataError("no such file or folder", source=str(p))
     if not out:
@@ -47,18 +59,15 @@ def image_paths(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def load_image(path: Path):
-    """``path`` decoded by Pillow as an RGB image.
+    """``path`` decoded by Pillow as an RGB image (:func:`kdtoolkit.images.open_image`: regular files
+    only, the pixel limit checked from the header before decoding).
 
-    :raises DataError: naming the file when Pillow cannot read it.
+    :raises DataError: naming the file when it is not a regular file, is over the pixel limit, or
+        Pillow cannot read it.
     """
-    from PIL import Image
+    from ..images import open_image
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise DataError(f"cannot read image: {str(exc).strip() or type(exc).__name__}", source=str(path)) from None
+    return open_image(path).convert("RGB")
 
 
 def stage_test_split(stage: StageDir, assignments: tuple[str, ...] | list[str] = ()) -> Any:
@@ -72,7 +81,7 @@ def stage_test_split(stage: StageDir, assignments: tuple[str, ...] | list[str] =
 
     spec = data_spec(stage, assignments) if assignments else dict(stage.spec["data"])
     comp = stage.run.plugins.registry("dataset").get(spec["dataset"])
-    return comp.factory("test", False, **{k: v for k, v in spec.items() if k in comp.params})
+    return comp.build("test", False, **{k: v for k, v in spec.items() if k in comp.params})
 
 
 def _class_name(classes: list[str] | None, i: int) -> str:

@@ -54,7 +54,8 @@ from torch import nn
 
 from ..components import Model
 from ..errors import CheckpointError, TrainingError
-from ..io import atomic_save_safetensors, read_kdt_safetensors, remove_stale_temps
+from ..io import remove_stale_temps
+from ..tensorfiles import atomic_save_safetensors, read_kdt_safetensors
 from .context import RunContext
 from .data import StageData, num_batches
 from .data import batches as iterate_batches

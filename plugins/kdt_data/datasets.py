@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
+from kdt_data.checks import MAX_DIGITS_IMAGE_SIZE, MAX_RESIZE, check_digits_params, check_image_folder_params
 from kdt_data.imagelist import (DEFAULT_CACHE_MB, IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
                                  check_cache_mb, check_image_params, train_augmentation)
 
@@ -199,15 +200,15 @@ def digits(split: str, augment: bool = False, *, image_size: int = 32, test_frac
     ``image_size``).
 
     Parameters:
-        image_size: side in pixels of the square RGB images (at least 8).
+        image_size: side in pixels of the square RGB images (8 to 512).
         test_fraction: fraction of each class held out as the test split (between 0 and 1).
         split_seed: seed of the fixed stratified train/test split.
         normalize: subtract a fixed mean (0.305) and divide by a fixed std (0.33).
     """
     source = "digits"
     _check_split(split, source)
-    if not _is_int(image_size) or image_size < 8:
-        raise DataError(f"image_size must be an integer of at least 8, got {image_size!r}",
+    if not _is_int(image_size) or not 8 <= image_size <= MAX_DIGITS_IMAGE_SIZE:
+        raise DataError(f"image_size must be an integer from 8 to {MAX_DIGITS_IMAGE_SIZE}, got {image_size!r}",
                         source=source, key="image_size")
     if not _is_number(test_fraction) or not 0.0 < float(test_fraction) < 1.0:
         raise DataError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}",
@@ -239,12 +240,26 @@ def _split_dir(root, sub, key):
 
 
 def _image_files(class_dir):
+    """``(images, special files)`` of a class folder: the regular files (or links to them) with an image
+    extension, and every other entry that is neither a regular file nor a folder (a FIFO, a device, a
+    socket, a link to one, a broken link), found from the folder listing alone: never opened."""
     try:
         entries = sorted(os.scandir(class_dir), key=lambda e: e.name)
     except OSError as exc:
         raise DataError(f"cannot list folder: {exc.strerror or exc}", source=str(class_dir)) from exc
-    return [Path(e.path) for e in entries
-            if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file()]
+    files, special = [], []
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        try:
+            regular, folder = e.is_file(), e.is_dir()
+        except OSError:  # e.g. a link loop
+            regular = folder = False
+        if regular and e.name.lower().endswith(IMAGE_EXTENSIONS):
+            files.append(Path(e.path))
+        elif not regular and not folder:
+            special.append(Path(e.path))
+    return files, special
 
 
 #: Values of image_folder's ``augmentation`` key.
@@ -277,10 +292,12 @@ class ImageFolderDataset(ImageListDataset):
     """
 
     def __init__(self, split, augment, root, split_dir, classes, samples, image_size, resize,
-                 mean, std, hflip, random_crop, augmentation="crop_flip", cache_mb=DEFAULT_CACHE_MB):
+                 mean, std, hflip, random_crop, augmentation="crop_flip", cache_mb=DEFAULT_CACHE_MB,
+                 special_files=()):
         super().__init__(name=f"image_folder:{root}", split=split, augment=augment, classes=classes,
                          samples=samples, image_size=image_size, mean=mean, std=std,
-                         augmentation=folder_augmentation(augmentation, hflip), cache_mb=cache_mb)
+                         augmentation=folder_augmentation(augmentation, hflip), cache_mb=cache_mb,
+                         special_files=special_files)
         self.augmentation_name = augmentation
         self.root = root
         self.split_dir = split_dir
@@ -343,7 +360,9 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
 
     Classes are the sorted sub-folder names; the test split must have the same
     classes as the train split.  Files are read with Pillow (jpg, jpeg, png,
-    bmp, gif, tif, tiff, webp, ppm, pgm; other files are ignored) when an item
+    bmp, gif, tif, tiff, webp, ppm, pgm; other files are ignored; special
+    files such as FIFOs, devices and links to them are never opened, and
+    ``kdt check`` lists them) when an item
     is loaded, converted to RGB, resized so the shorter side is ``resize``,
     then center-cropped (evaluation) or randomly cropped and optionally
     flipped (training augmentation), and normalized with ``mean``/``std``.
@@ -352,8 +371,8 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
         root: dataset folder holding the train and test split folders.
         train_dir: name of the train split folder inside root.
         test_dir: name of the test split folder inside root.
-        image_size: side in pixels of the square crops fed to the model.
-        resize: shorter side in pixels before cropping (default: image_size * 8 / 7, rounded).
+        image_size: side in pixels of the square crops fed to the model (1 to 4096).
+        resize: shorter side in pixels before cropping (default: image_size * 8 / 7, rounded; at most 8192).
         mean: per-channel (R, G, B) mean subtracted after scaling to [0, 1].
         std: per-channel (R, G, B) std divided by after subtracting the mean.
         hflip: with augmentation, flip images horizontally with probability 0.5.
@@ -376,8 +395,8 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
     check_cache_mb(source, cache_mb)
     if resize is None:
         resize = int(round(image_size * 8 / 7))
-    if not _is_int(resize) or resize < image_size:
-        raise DataError(f"resize must be an integer of at least image_size ({image_size}), got {resize!r}",
+    if not _is_int(resize) or not image_size <= resize <= MAX_RESIZE:
+        raise DataError(f"resize must be an integer from image_size ({image_size}) to {MAX_RESIZE}, got {resize!r}",
                         source=source, key="resize")
     for key, sub in (("train_dir", train_dir), ("test_dir", test_dir)):
         if not isinstance(sub, str) or not sub:
@@ -408,10 +427,11 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
                             f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}",
                             source=str(split_path))
 
-    samples = []
+    samples, special = [], []
     for label, cls in enumerate(classes):
         class_dir = split_path / cls
-        files = _image_files(class_dir)
+        files, odd = _image_files(class_dir)
+        special.extend(str(p) for p in odd)  # skipped, never opened; kdt check lists them
         if not files:
             raise DataError(f"class folder has no images (extensions: {', '.join(IMAGE_EXTENSIONS)})",
                             source=str(class_dir))
@@ -419,7 +439,12 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
 
     return ImageFolderDataset(split, augment, str(root_path), str(split_path), classes, samples,
                               image_size, resize, [float(v) for v in mean], [float(v) for v in std],
-                              hflip, random_crop, augmentation, cache_mb)
+                              hflip, random_crop, augmentation, cache_mb, special)
+
+
+# torch-free checks of the recipe parameters, run by kdt validate (see kdt_data.checks)
+digits.check_params = check_digits_params
+image_folder.check_params = check_image_folder_params
 
 
 # --------------------------------------------------------------------------- metadata

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
+from kdt_data.checks import MAX_IMAGE_SIZE
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_CACHE_MB", "check_cache_mb", "kept_images_bytes",
            "clear_kept_images", "load_rgb", "crop_box", "random_hflip", "train_augmentation",
@@ -37,16 +38,12 @@ DEFAULT_CACHE_MB = 1024
 
 
 def load_rgb(path):
-    """Open ``path`` with Pillow as a fully decoded RGB image, or raise DataError naming it."""
-    from PIL import Image
+    """Open ``path`` with Pillow as a fully decoded RGB image, or raise DataError naming it: also for a
+    special file (never opened) and an image over the pixel limit (see :func:`kdtoolkit.images.open_image`)."""
+    from kdtoolkit.images import open_image
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        detail = str(exc).strip() or type(exc).__name__
-        raise DataError(f"cannot read image: {detail}", source=str(path)) from exc
+    im = open_image(path)
+    return im.convert("RGB")
 
 
 def crop_box(im, box, path):
@@ -84,9 +81,11 @@ def _is_number(value):
 
 
 def check_image_params(source, image_size, mean, std):
-    """Check ``image_size`` (a positive integer) and ``mean``/``std`` (3 numbers each, std > 0); raise DataError."""
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise DataError(f"image_size must be a positive integer, got {image_size!r}", source=source, key="image_size")
+    """Check ``image_size`` (an integer from 1 to 4096, :data:`kdt_data.checks.MAX_IMAGE_SIZE`) and
+    ``mean``/``std`` (3 numbers each, std > 0); raise DataError."""
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise DataError(f"image_size must be an integer from 1 to {MAX_IMAGE_SIZE}, got {image_size!r}",
+                        source=source, key="image_size")
     for key, values in (("mean", mean), ("std", std)):
         if (not isinstance(values, (list, tuple)) or len(values) != 3
                 or not all(_is_number(v) for v in values)):
@@ -132,10 +131,13 @@ class ImageListDataset(Dataset):
     :ivar augmentation: applied to the decoded (cropped) image of a training item when ``augment`` is on.
     :ivar cache_mb: MiB of decoded (cropped) images that reading this dataset may keep in memory, counted
         over every image dataset of the process, in the main process only (0: none).
+    :ivar special_files: paths found where images are listed that are not regular files (FIFOs,
+        devices, sockets, links to them, broken links): never opened, not items; ``kdt check``
+        reports each.
     """
 
     def __init__(self, *, name, split, augment, classes, samples, image_size, mean, std, boxes=None,
-                 augmentation=None, cache_mb=DEFAULT_CACHE_MB):
+                 augmentation=None, cache_mb=DEFAULT_CACHE_MB, special_files=()):
         self.name = name
         self.split = split
         self.augment = bool(augment)
@@ -149,6 +151,7 @@ class ImageListDataset(Dataset):
         self.std = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
         self.augmentation = augmentation
         self.cache_mb = int(cache_mb)
+        self.special_files = [str(p) for p in special_files]
 
     def __len__(self):
         return len(self.samples)

@@ -27,6 +27,7 @@ from typing import Literal
 from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
+from kdt_data.checks import check_paper_params
 from kdt_data.imagelist import (DEFAULT_CACHE_MB, IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, check_cache_mb,
                                 check_image_params, train_augmentation)
 
@@ -332,3 +333,8 @@ def stanford_cars(split: str, augment: bool = False, *, root: str, image_size: i
     return BoxCropDataset(name=f"stanford_cars:{path}", split=split, augment=augment, classes=classes,
                           samples=samples, image_size=image_size, mean=mean, std=std, boxes=boxes,
                           augmentation=_augmentation(augmentation), cache_mb=cache_mb)
+
+
+# torch-free checks of the recipe parameters, run by kdt validate (see kdt_data.checks)
+cub200.check_params = check_paper_params
+stanford_cars.check_params = check_paper_params

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 #: The deepest tree the head builds (2**depth leaves).
 MAX_DEPTH = 16
+#: The deepest prototype and the largest projection batch: bounds that refuse at validation a
+#: value that would only fail allocating memory at run time.
+MAX_PROTOTYPE_DEPTH = 65536
+MAX_BATCH_SIZE = 65536
 
 
 def check_head_params(params: dict) -> None:
@@ -16,8 +20,8 @@ def check_head_params(params: dict) -> None:
     depth = params["depth"]
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
         raise ValueError("depth", f"must be an integer in [1, {MAX_DEPTH}], got {depth!r}")
-    if params["prototype_depth"] < 1:
-        raise ValueError("prototype_depth", f"must be >= 1, got {params['prototype_depth']}")
+    if not 1 <= params["prototype_depth"] <= MAX_PROTOTYPE_DEPTH:
+        raise ValueError("prototype_depth", f"must be from 1 to {MAX_PROTOTYPE_DEPTH}, got {params['prototype_depth']}")
     if params["leaves"] not in ("derivative_free", "gradient"):
         raise ValueError("leaves", f"must be 'derivative_free' or 'gradient', got {params['leaves']!r}")
 
@@ -29,6 +33,6 @@ def check_prune_params(params: dict) -> None:
 
 
 def check_project_params(params: dict) -> None:
-    """A batch size, when given, of at least 1."""
-    if params["batch_size"] is not None and params["batch_size"] < 1:
-        raise ValueError("batch_size", f"must be >= 1, got {params['batch_size']}")
+    """A batch size, when given, from 1 to 65536."""
+    if params["batch_size"] is not None and not 1 <= params["batch_size"] <= MAX_BATCH_SIZE:
+        raise ValueError("batch_size", f"must be from 1 to {MAX_BATCH_SIZE}, got {params['batch_size']}")

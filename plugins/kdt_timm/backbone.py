@@ -165,7 +165,7 @@ class TimmBackbone(nn.Module):
     def _load_weights(self, path: Path, strict: bool, kwargs: dict[str, Any], *,
                       rename: dict[str, str] | None = None, ignore: list[str] | None = None) -> dict[str, int]:
         from kdtoolkit.errors import CheckpointError
-        from kdtoolkit.io import load_external_state_dict
+        from kdtoolkit.tensorfiles import load_external_state_dict
 
         full_shapes, head_keys = self._reference_keys(kwargs)
         try:
