@@ -20,12 +20,15 @@ import errno
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any
+
+from .errors import KdtError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -80,7 +83,7 @@ _RESOURCE_ADVICE = {
     errno.EFBIG: ("file too large for the file system or the process's file-size limit",
                   "raise the limit or write elsewhere"),
     errno.EROFS: ("read-only file system", "make it writable (or write elsewhere, e.g. another --out)"),
-    errno.ENAMETOOLONG: ("file name too long", "use a shorter output path"),
+    errno.ENAMETOOLONG: ("file name too long", "use a shorter path"),
 }
 
 
@@ -218,6 +221,30 @@ def atomic_save_image(image: Any, path: Path, **kwargs: Any) -> Path:
     return path
 
 
+def open_for_update(path: Path, flags: int) -> int:
+    """A file descriptor of ``path`` opened in place with ``flags`` (``os.O_WRONLY | os.O_APPEND |
+    os.O_CREAT`` to append, ``os.O_RDWR`` to cut back): the writes that are not a rename. A symbolic
+    link is never followed (``O_NOFOLLOW``), and a FIFO, device or socket is refused without
+    blocking, so a link planted in an unpacked run directory cannot redirect the write.
+
+    :raises KdtError: one line naming ``path``, when it is a link or not a regular file.
+    :raises OSError: naming ``path``, for other failures.
+    """
+    path = Path(path)
+    nofollow, nonblock = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | nofollow | nonblock, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise KdtError("refusing to write through a symbolic link (a run directory's files are its own)",
+                           source=str(path)) from None
+        raise _named(exc, path)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise KdtError("refusing to write: not a regular file", source=str(path))
+    return fd
+
+
 def append_line(path: Path, line: str) -> None:
     """Append one line of text to ``path`` (e.g. ``metrics.jsonl``), fsynced; whole or not at all.
 
@@ -227,13 +254,11 @@ def append_line(path: Path, line: str) -> None:
     ``metrics.jsonl`` back to the length its checkpoint recorded.
 
     :raises OSError: naming ``path``.
+    :raises KdtError: when ``path`` is a symbolic link or not a regular file (:func:`open_for_update`).
     """
     path = Path(path)
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise _named(exc, path)
+    fd = open_for_update(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         size = os.fstat(fd).st_size
         try:

@@ -74,6 +74,25 @@ def open_regular_file(path: str | os.PathLike, error: type[KdtError] = Checkpoin
         raise
 
 
+#: The largest JSON or text file of a run directory read (``result.json``, ``run.json``, the resolved recipe).
+MAX_TEXT_BYTES = 64 * 2**20
+
+
+def read_text_file(path: str | os.PathLike, error: type[KdtError] = KdtError, limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of ``path``, a regular file (:func:`open_regular_file`) of at most ``limit`` bytes:
+    a run directory's JSON files, which an unpacked run directory may have replaced with a FIFO, a link
+    to ``/dev/zero`` or a huge file.
+
+    :raises KdtError: (of class ``error``) naming ``path`` when it is not a regular file or too large.
+    :raises OSError: when it cannot be opened or read; ``UnicodeDecodeError`` when it is not UTF-8.
+    """
+    with open_regular_file(path, error) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"too large for a run file (over {limit // 2**20} MiB)", source=str(path))
+    return data.decode("utf-8")
+
+
 def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo", "rb") as fh:
@@ -85,20 +104,35 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_available() -> int | None:
-    """Bytes left under this process's cgroup (v2) memory limit, ``None`` without one."""
+def _cgroup_available(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup (v2) memory limit, ``None`` without one. The page cache
+    the kernel can reclaim (``inactive_file`` in ``memory.stat``, counted in ``memory.current``) counts as
+    free: a container that has just read its dataset is not full."""
     try:
-        rel = next((line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
+        rel = next((line[3:].strip() for line in proc.read_text().splitlines()
                     if line.startswith("0::")), None)
         if rel is None:
             return None
-        folder = Path("/sys/fs/cgroup") / rel.lstrip("/")
+        folder = root / rel.lstrip("/")
         limit = (folder / "memory.max").read_text().strip()
         if limit == "max":
             return None
-        return max(0, int(limit) - int((folder / "memory.current").read_text().strip()))
+        used = int((folder / "memory.current").read_text().strip())
+        return max(0, int(limit) - used + _reclaimable(folder / "memory.stat"))
     except (OSError, ValueError):
         return None
+
+
+def _reclaimable(stat_file: Path) -> int:
+    """``inactive_file`` of a cgroup's ``memory.stat`` (0 when absent or unreadable)."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "inactive_file":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _address_space_available() -> int | None:

@@ -130,8 +130,9 @@ def _part_problem(part: Any) -> str | None:
     text = os.fspath(part)
     if not isinstance(text, str):
         return "expected a file name, got bytes"
-    if not text or text in (".", "..") or "/" in text or "\\" in text or "\0" in text or os.sep in text:
-        return f"{_shown(text)} is not a single file name"
+    if (not text or text in (".", "..") or "/" in text or "\\" in text or os.sep in text
+            or any(ord(c) < 32 or ord(c) == 127 for c in text)):
+        return f"{_shown(text)} is not a single file name (no separators, '.', '..' or control characters)"
     if len(text.encode("utf-8", "surrogateescape")) > MAX_FILE_NAME_BYTES:
         return f"{_shown(text)} is longer than {MAX_FILE_NAME_BYTES} bytes"
     return None
@@ -162,8 +163,12 @@ def inside(base: str | Path, *parts: str, what: str = "directory", follow_links:
     joined = base.joinpath(*parts)
     if not follow_links:
         return joined
-    root = base.resolve()
-    target = joined.resolve()
+    try:
+        root = base.resolve()
+        target = joined.resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic-link loop (RuntimeError before Python 3.13), a bad link
+        raise KdtError(f"refusing the path {_shown(os.path.join(*parts))}: it cannot be resolved "
+                       f"({' '.join(str(exc).split())[:80]})", source=str(base)) from None
     if target != root and root not in target.parents:
         raise KdtError(f"refusing the path {_shown(os.path.join(*parts))}: it resolves to {target}, outside the {what}",
                        source=str(base))

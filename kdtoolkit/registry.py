@@ -192,17 +192,20 @@ class Component:
 
         A :class:`~kdtoolkit.errors.KdtError` raised by the factory (its own
         one-line error, e.g. a dataset's ``DataError``), ``KeyboardInterrupt``
-        and ``MemoryError`` pass unchanged; any other exception, ``SystemExit``
+        and resource errors (:func:`kdtoolkit.io.is_resource_error`: out of memory, a full disk) pass
+        unchanged; any other exception, ``SystemExit``
         included, becomes one :class:`PluginError` naming the plugin and the
         component: ``plugin 'x': loss 'y': cannot be built: ValueError: ...``.
         """
         factory = self.factory
         try:
             return factory(*args, **kwargs)
-        except (KdtError, KeyboardInterrupt, MemoryError):
+        except (KdtError, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: BLE001 -- a plugin's factory must not end the process
-            if type(exc).__name__ == "OutOfMemoryError":  # torch's, a resource error like MemoryError
+            from .io import is_resource_error
+
+            if is_resource_error(exc):  # out of memory, a full disk: the command line's resource-error line
                 raise
             raise self._fail(f"cannot be built: {describe_exception(exc)}") from exc
 

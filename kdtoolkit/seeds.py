@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import Interrupted, KdtError
+from .paths import inside
 
 #: The last part of the hash input of :func:`stage_seed` (the purpose).
 SEED_PURPOSE = 3
@@ -84,8 +85,9 @@ def seed_recipe(recipe, n: int):
 
 
 def seed_dir(out: str | Path, n: int) -> Path:
-    """``out/seed-<n>``: where the run of seed ``n`` goes."""
-    return Path(out) / f"seed-{n}"
+    """``out/seed-<n>``: where the run of seed ``n`` goes (checked to lie inside ``out``:
+    :func:`kdtoolkit.paths.inside`)."""
+    return inside(Path(out), f"seed-{n}", what="output folder")
 
 
 def chosen_seeds(option: str | None, recipe) -> list[int] | None:

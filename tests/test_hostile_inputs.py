@@ -405,3 +405,22 @@ def test_kdt_check_lists_images_over_the_pixel_limit(tmp_path, capsys, gate, mon
     assert f"{big}: image of 12000x12000" in captured.err
     assert captured.err.splitlines()[-1] == (f"kdt: error: {recipe}: 1 of 9 images cannot be read (listed above); "
                                              "fix or remove them")
+
+
+def test_the_cgroup_memory_left_counts_reclaimable_page_cache(tmp_path):
+    """cgroup v2 counts the page cache in ``memory.current``: a container that has just read its dataset
+    still has the reclaimable part (``inactive_file``) to load a checkpoint into."""
+    from kdtoolkit.limits import _cgroup_available
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/job\n")
+    folder = tmp_path / "fs" / "job"
+    folder.mkdir(parents=True)
+    (folder / "memory.max").write_text(f"{8 * 2**30}\n")
+    (folder / "memory.current").write_text(f"{8 * 2**30 - 2**20}\n")
+    (folder / "memory.stat").write_text(f"anon 1000\nfile {6 * 2**30}\ninactive_file {5 * 2**30}\n")
+    assert _cgroup_available(proc, tmp_path / "fs") == 5 * 2**30 + 2**20
+    (folder / "memory.stat").unlink()
+    assert _cgroup_available(proc, tmp_path / "fs") == 2**20
+    (folder / "memory.max").write_text("max\n")
+    assert _cgroup_available(proc, tmp_path / "fs") is None

@@ -312,7 +312,7 @@ def test_name_rule():
 
 
 @pytest.mark.parametrize("hostile", ["../x", "push-/../../x.json", "/abs/x", "..", ".", "", "a/b", "a\\b", "x\0y",
-                                     "x" * 256])
+                                     "x" * 256, "pms_matching_vs_x\ny.json", "x\ty", "x\x7f"])
 def test_inside_refuses_a_name_that_is_no_plain_file_name(tmp_path, hostile):
     base = tmp_path / "run" / "kd"
     before = snapshot(tmp_path)
@@ -334,6 +334,42 @@ def test_inside_follows_links_planted_in_the_directory(tmp_path):
     assert inside(base, "push-other.json") == base / "push-other.json"
     assert inside(base) == base
     assert inside(tmp_path / "runs", "kd", follow_links=False) == tmp_path / "runs" / "kd"
+
+
+def test_inside_refuses_a_link_loop_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "teacher").symlink_to(run / "teacher")  # a loop: resolving it fails
+    with pytest.raises(KdtError, match="cannot be resolved") as info:
+        inside(run, "teacher", "result.json", what="run directory")
+    assert "\n" not in str(info.value)
+
+
+def test_default_output_folders_inside_a_run_are_checked(tmp_path):
+    """``kdt explain``'s ``explanations/``, ``kdt evaluate``'s ``evaluations/`` and the ``seed-<n>/``
+    folders of a multi-seed run: a link planted there by an unpacked run directory is refused."""
+    from kdt_proto2proto.explain_stage import out_dir_for
+    from kdtoolkit.engine.reevaluate import default_out
+    from kdtoolkit.seeds import seed_dir
+
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    (run / "kd").mkdir(parents=True)
+    victim.mkdir()
+    for link in (run / "explanations", run / "kd" / "evaluations", run / "seed-0"):
+        link.symlink_to(victim)
+
+    class Stage:
+        path = run / "kd"
+
+    with pytest.raises(KdtError, match="outside the run directory"):
+        out_dir_for(None, run)
+    with pytest.raises(KdtError, match="outside the stage directory"):
+        default_out(Stage(), {"dataset": "digits"}, "test")
+    with pytest.raises(KdtError, match="outside the output folder"):
+        seed_dir(run, 0)
+    assert out_dir_for(tmp_path / "mine", run) == tmp_path / "mine"  # a folder the user names is the user's
+    assert seed_dir(run, 1) == run / "seed-1"
+    assert list(victim.iterdir()) == []
 
 
 def test_phase_context_stage_file(tmp_path):

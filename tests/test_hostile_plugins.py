@@ -540,6 +540,23 @@ def test_sys_exit_in_a_factory_is_one_line(kdt_plugin, tmp_path):
         run_recipe(_recipe('teacher = "s"\nlosses = [{ name = "boom" }]'), out=tmp_path / "run")
 
 
+def test_a_resource_error_in_a_factory_keeps_its_own_line(kdt_plugin, tmp_path):
+    """A factory that fills the disk (a dataset cache, a download) or runs out of memory is a resource
+    error, not a broken plugin: it reaches the command line's resource-error line unchanged."""
+    import errno
+    import os
+
+    class Full(_RaisingLoss):
+        def __init__(self, *, scale: float = 1.0):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "cache.bin"))
+
+    kdt_plugin(_module("kdt_full_factory", kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
+                       kdt_register_losses=hookimpl(lambda registry: registry.add("full", Full))), "full_factory")
+    with pytest.raises(OSError) as info:
+        run_recipe(_recipe('teacher = "s"\nlosses = [{ name = "full" }]'), out=tmp_path / "run")
+    assert info.value.errno == errno.ENOSPC and not isinstance(info.value, PluginError)
+
+
 # --------------------------------------------------------------------------- the dry build changes no number
 
 

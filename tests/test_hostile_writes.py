@@ -41,6 +41,7 @@ import torch
 from kdt_faultutil import ROOT, load_gate_module, make_gate_plugin, metrics_lines
 from kdtoolkit import io as kio
 from kdtoolkit.checkpoint import load_checkpoint
+from kdtoolkit.errors import KdtError
 from kdtoolkit.cli import main
 from kdtoolkit.hookspecs import hookimpl
 from kdtoolkit.plugins import PluginManager, set_manager
@@ -721,3 +722,60 @@ def test_a_full_disk_on_rank_0_of_a_distributed_run_ends_every_rank_with_one_lin
         lines = [l for l in stderr.splitlines() if l.startswith("kdt: error:")]
         assert len(lines) == 1 and words in lines[0], stderr
     assert not _temps(out)
+
+
+# --------------------------------------------------------------------------- links planted in a run directory
+
+
+def test_a_resume_never_writes_through_a_metrics_log_linked_outside(clean, plugins, capsys, monkeypatch, tmp_path):
+    """``metrics.jsonl`` is the one file written in place (appended, cut back on resume): a link planted
+    there by an unpacked run directory is refused, and the file it points to is left as it was."""
+    recipe, reference, writes = clean
+    out = tmp_path / "run"
+    _fail_write(monkeypatch, writes.index(str(reference / "kd" / "model.safetensors")) + 1, out)
+    assert _main(capsys, "run", str(recipe), "--out", str(out), "-q")[0] == 2
+    monkeypatch.undo()
+    assert (out / "kd" / "checkpoint.safetensors").exists()  # the stage will resume and cut its log back
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"x" * 100_000)
+    log = out / "kd" / "metrics.jsonl"
+    log.unlink()
+    log.symlink_to(victim)
+    code, err = _main(capsys, "run", str(recipe), "--out", str(out), "-q")
+    assert code == 2
+    assert _line(err) == f"kdt: error: {log}: refusing to write through a symbolic link (a run directory's files are its own)"
+    assert victim.read_bytes() == b"x" * 100_000
+
+
+def test_append_line_refuses_links_and_special_files(tmp_path):
+    target = tmp_path / "target.jsonl"
+    target.write_text("keep\n")
+    link = tmp_path / "metrics.jsonl"
+    link.symlink_to(target)
+    with pytest.raises(KdtError, match="symbolic link"):
+        kio.append_line(link, "{}")
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "missing.jsonl")
+    with pytest.raises(KdtError, match="symbolic link"):
+        kio.append_line(dangling, "{}")
+    assert not (tmp_path / "missing.jsonl").exists()
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(KdtError, match="not a regular file"):  # refused without blocking
+        kio.open_for_update(fifo, os.O_RDWR)
+    assert target.read_text() == "keep\n"
+    kio.append_line(tmp_path / "new.jsonl", "{}")
+    assert (tmp_path / "new.jsonl").read_text() == "{}\n"
+
+
+def test_a_fifo_in_place_of_result_json_is_no_hang(clean, plugins, capsys, tmp_path):
+    """A run directory whose ``result.json`` is a FIFO (or a link to ``/dev/zero``) is read without
+    blocking: the stage counts as unreadable and ``kdt run`` says so in one line."""
+    recipe, reference, _ = clean
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "teacher" / "result.json").unlink()
+    os.mkfifo(out / "teacher" / "result.json")
+    code, err = _main(capsys, "run", str(recipe), "--out", str(out), "-q")
+    assert code == 2
+    assert "not a regular file (a FIFO)" in _line(err)

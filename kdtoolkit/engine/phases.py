@@ -23,7 +23,7 @@ from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..components import Model, Step
 from ..distributed import Dist
 from ..errors import CheckpointError, KdtError
-from ..io import append_line
+from ..io import append_line, open_for_update
 from ..paths import inside
 from ..progress import Progress
 from .context import RunContext, StageState
@@ -168,11 +168,13 @@ class StageTrainer:
         lines of epochs (and phases) about to be redone are written again."""
         if not self.ctx.dist.is_main or ck.metrics_bytes is None or not self.metrics_path.exists():
             return
-        if self.metrics_path.stat().st_size > ck.metrics_bytes:
-            with open(self.metrics_path, "r+b") as fh:
-                fh.truncate(ck.metrics_bytes)
-                fh.flush()
-                os.fsync(fh.fileno())
+        fd = open_for_update(self.metrics_path, os.O_RDWR)  # never through a planted link
+        try:
+            if os.fstat(fd).st_size > ck.metrics_bytes:
+                os.ftruncate(fd, ck.metrics_bytes)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def bad_checkpoint(self, exc: Exception) -> CheckpointError:
         """The error for a checkpoint whose state does not fit this stage."""

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import KdtError, PluginError
+from ..limits import read_text_file
 from .losses import LossSet
 from .models import build_model
 from .rundir import trained_spec
@@ -58,7 +59,7 @@ def stored_hash(path: Path) -> tuple[str | None, str | None]:
     """``(stage hash, None)`` stored in a ``result.json`` or checkpoint, or ``(None, why it is unreadable)``."""
     try:
         if path.suffix == ".json":
-            found = json.loads(path.read_text(encoding="utf-8")).get("stage_hash")
+            found = json.loads(read_text_file(path)).get("stage_hash")
         else:
             found = load_checkpoint(path).stage_hash
     except KdtError as exc:

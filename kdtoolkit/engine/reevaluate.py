@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import DataError, KdtError, RecipeError
 from ..io import atomic_write_json, is_resource_error
+from ..paths import inside
 from ..records import Records
 from .rundir import StageDir
 
@@ -57,9 +58,10 @@ def _split_dataset(spec: dict[str, Any], split: str, plugins) -> Any:
 
 
 def default_out(stage: StageDir, spec: dict[str, Any], split: str) -> Path:
-    """``<stage>/evaluations/<dataset>-<split>-<8 hex digits of the data table>``."""
+    """``<stage>/evaluations/<dataset>-<split>-<8 hex digits of the data table>``, checked to lie inside
+    the stage directory (:func:`kdtoolkit.paths.inside`)."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return stage.path / "evaluations" / f"{spec['dataset']}-{split}-{digest}"
+    return inside(stage.path, "evaluations", f"{spec['dataset']}-{split}-{digest}", what="stage directory")
 
 
 def run_precision(stage: StageDir, device) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import KdtError
+from ..limits import read_text_file
 from ..paths import inside
 from ..plugins import PluginManager, get_manager
 
@@ -32,7 +33,7 @@ def _read_json(path: Path, what: str) -> Any:
     from ..recipe import check_depth
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path))
         check_depth(data, str(path), limit=128, error=KdtError)
         return data
     except FileNotFoundError:

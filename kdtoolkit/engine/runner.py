@@ -48,6 +48,7 @@ from .. import __version__
 from ..distributed import Dist
 from ..errors import KdtError, PluginError, RecipeError
 from ..io import atomic_write_json, atomic_write_text, remove_stale_temps
+from ..limits import read_text_file
 from ..paths import inside
 from ..plugins import PluginManager
 from ..progress import Progress
@@ -181,8 +182,8 @@ class Runner:
         if not (result_file.exists() and (sdir / "model.safetensors").exists()):
             return None
         try:
-            res = json.loads(result_file.read_text())
-        except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deeply: trained again
+            res = json.loads(read_text_file(result_file))
+        except (KdtError, OSError, ValueError, RecursionError):  # not a regular file, unreadable, not JSON, too deep: trained again
             return None
         if not isinstance(res, dict) or res.get("stage_hash") != shash:
             return None

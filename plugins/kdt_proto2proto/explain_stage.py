@@ -20,6 +20,7 @@ from kdt_protopnet import explain as X
 from kdt_protopnet.receptive_field import RFInfo, model_rf_info
 from kdtoolkit.engine.rundir import StageDir
 from kdtoolkit.errors import KdtError
+from kdtoolkit.paths import inside
 
 
 @dataclass
@@ -121,8 +122,9 @@ def prototype_label(ld: LoadedStage, src: X.PrototypeSource) -> str:
 
 
 def out_dir_for(out: Path | None, default: Path) -> Path:
-    """``out``, or ``default/explanations`` when it is ``None``."""
-    return Path(out) if out is not None else default / "explanations"
+    """``out``, or ``default/explanations`` when it is ``None`` (checked to lie inside ``default``, the run
+    or stage directory: :func:`kdtoolkit.paths.inside`)."""
+    return Path(out) if out is not None else inside(default, "explanations", what="run directory")
 
 
 def view_json(v: X.PrototypeView) -> dict[str, Any]:

@@ -7,11 +7,12 @@ They import no torch, so that checking a recipe does not either (see
 
 from __future__ import annotations
 
+from kdtoolkit.params import MAX_BATCH_SIZE
+
 #: The most prototypes per class, the deepest prototype and the largest push batch: bounds that
 #: refuse at validation a value that would only fail allocating memory at run time.
 MAX_PROTOTYPES_PER_CLASS = 4096
 MAX_PROTOTYPE_DEPTH = 65536
-MAX_BATCH_SIZE = 65536
 
 
 def check_head_params(params: dict) -> None:

@@ -7,12 +7,13 @@ They import no torch, so that checking a recipe does not either (see
 
 from __future__ import annotations
 
+from kdtoolkit.params import MAX_BATCH_SIZE
+
 #: The deepest tree the head builds (2**depth leaves).
 MAX_DEPTH = 16
 #: The deepest prototype and the largest projection batch: bounds that refuse at validation a
 #: value that would only fail allocating memory at run time.
 MAX_PROTOTYPE_DEPTH = 65536
-MAX_BATCH_SIZE = 65536
 
 
 def check_head_params(params: dict) -> None:
