@@ -88,8 +88,9 @@ def one_process(ds) -> float:
 
 
 def loader(ds, workers: int) -> float:
-    dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=workers, persistent_workers=True,
-                                     generator=torch.Generator().manual_seed(0))
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=32, num_workers=workers, persistent_workers=True, generator=torch.Generator().manual_seed(0)
+    )
     for _ in dl:  # start the workers, warm them up
         pass
     t0 = time.perf_counter()
@@ -113,20 +114,28 @@ def main() -> None:
         ds = dataset(root, mode)
         rows[mode] = (one_process(ds), loader(ds, args.workers))
     w = args.workers
-    print(f"# image_folder train items, 224 px from 500x400 JPEGs, {args.images} images; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
-    head = f"{'augmentation':12s} {'1 proc img/s':>12s} {'ms/img':>7s} {f'{w} workers img/s':>17s} " \
-           f"{f'{w}w / 1p':>8s} {'time vs none':>12s}"
+    print(
+        f"# image_folder train items, 224 px from 500x400 JPEGs, {args.images} images; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}"
+    )
+    head = (
+        f"{'augmentation':12s} {'1 proc img/s':>12s} {'ms/img':>7s} {f'{w} workers img/s':>17s} "
+        f"{f'{w}w / 1p':>8s} {'time vs none':>12s}"
+    )
     head += "".join(f" {f'cores @ {r:.0f}/s':>14s}" for r in gpu_rates)
     print(head)
     floor = rows["none"][0]
     for mode, (single, multi) in rows.items():
-        line = f"{mode:12s} {single:12.1f} {1000 / single:7.1f} {multi:17.1f} {multi / single:7.2f}x " \
-               f"{floor / single:11.2f}x"
+        line = (
+            f"{mode:12s} {single:12.1f} {1000 / single:7.1f} {multi:17.1f} {multi / single:7.2f}x "
+            f"{floor / single:11.2f}x"
+        )
         line += "".join(f" {math.ceil(r / single):14d}" for r in gpu_rates)
         print(line)
-    print("# cores @ R/s: loader processes needed to deliver R images/s at the one-process rate "
-          "(an estimate; R is a stated GPU training throughput, not a measurement)")
+    print(
+        "# cores @ R/s: loader processes needed to deliver R images/s at the one-process rate "
+        "(an estimate; R is a stated GPU training throughput, not a measurement)"
+    )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,9 @@ def trainer_epochs(epochs: int, device: str) -> dict[str, list[float]]:
 def build(backbone: str) -> Model:
     pm = get_manager()
     bb = pm.registry("backbone").get("timm").factory(model=backbone, out_index=2)
-    head = pm.registry("head").get("protopnet").factory(bb.out_channels, 10, prototypes_per_class=10, prototype_depth=64)
+    head = (
+        pm.registry("head").get("protopnet").factory(bb.out_channels, 10, prototypes_per_class=10, prototype_depth=64)
+    )
     return Model(bb, head)
 
 
@@ -100,8 +102,10 @@ def main() -> None:
         return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    print(f"torch {torch.__version__}, {dev}{' bf16' if dev.type == 'cuda' else f' fp32, {torch.get_num_threads()} threads'}, "
-          f"batch {args.batch}, {args.size} px, {args.steps} steps x {args.repeat} repeats (median per step)")
+    print(
+        f"torch {torch.__version__}, {dev}{' bf16' if dev.type == 'cuda' else f' fp32, {torch.get_num_threads()} threads'}, "
+        f"batch {args.batch}, {args.size} px, {args.steps} steps x {args.repeat} repeats (median per step)"
+    )
     print()
     print("| backbone | contiguous | channels-last | speedup |")
     print("|---|---|---|---|")

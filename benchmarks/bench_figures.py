@@ -48,8 +48,16 @@ def previous_prototype_figure(path, images, boxes, labels, title, cols=10):
         ax = axes.flat[k]
         ax.imshow(_display(img).numpy(), interpolation="nearest")
         top, left, bottom, right = box
-        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left + 1, bottom - top + 1, fill=False,
-                               edgecolor="yellow", linewidth=1.2))
+        ax.add_patch(
+            Rectangle(
+                (left - 0.5, top - 0.5),
+                right - left + 1,
+                bottom - top + 1,
+                fill=False,
+                edgecolor="yellow",
+                linewidth=1.2,
+            )
+        )
         ax.set_title(lab, fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -78,8 +86,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn(out / f"{impl}.png", images, boxes, labels, name)
                 times[(name, impl)].append(time.perf_counter() - t0)
-    print(f"# prototype figures, 56 px tiles, median of {args.repeats}; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# prototype figures, 56 px tiles, median of {args.repeats}; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'figure':36s} {'previous s':>11s} {'current s':>10s} {'speed-up':>9s}")
     for name in cases:
         a, b = statistics.median(times[(name, "previous")]), statistics.median(times[(name, "current")])

@@ -77,7 +77,7 @@ groups = [
 ]
 """
 
-BARE = r'''
+BARE = r"""
 import json, math, sys, time
 import torch
 from kdtoolkit.components import Model, Step
@@ -122,15 +122,19 @@ for epoch in range(epochs + 1):  # the first epoch warms up, as kdt's warm phase
     if epoch > 0:
         per_batch.append((time.perf_counter() - t0) / nb)
 print("PER_BATCH=" + json.dumps(per_batch))
-'''
+"""
 
 
 def run_kdt(tmp: Path, epochs: int, channels_last: bool, workers: int) -> list[float]:
     recipe = tmp / f"loop-{channels_last}-{workers}.toml"
     recipe.write_text(RECIPE.format(epochs=epochs, channels_last=str(channels_last).lower(), workers=workers))
     out = tmp / f"run-{time.time_ns()}"
-    proc = subprocess.run([sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"kdt run failed: {proc.stderr.strip()[-800:]}")
     lines = [json.loads(l) for l in (out / "p" / "metrics.jsonl").read_text().splitlines()]
@@ -139,8 +143,9 @@ def run_kdt(tmp: Path, epochs: int, channels_last: bool, workers: int) -> list[f
 
 
 def run_bare(epochs: int, channels_last: bool) -> list[float]:
-    proc = subprocess.run([sys.executable, "-c", BARE, str(epochs), str(channels_last).lower()], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", BARE, str(epochs), str(channels_last).lower()], cwd=ROOT, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"bare loop failed: {proc.stderr.strip()[-800:]}")
     return json.loads(proc.stdout.split("PER_BATCH=")[-1])
@@ -160,8 +165,10 @@ def main() -> None:
         for cl in layouts:
             res.setdefault(("kdt", cl), []).extend(run_kdt(tmp, args.epochs, cl, args.workers))
             res.setdefault(("bare", cl), []).extend(run_bare(args.epochs, cl))
-    print(f"# seconds per batch (batch 64), median of {args.repeats} x {args.epochs} epochs; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, kdt num_workers = {args.workers}")
+    print(
+        f"# seconds per batch (batch 64), median of {args.repeats} x {args.epochs} epochs; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, kdt num_workers = {args.workers}"
+    )
     print(f"{'layout':14s} {'bare s/batch':>13s} {'kdt s/batch':>12s} {'kdt / bare':>11s}")
     for cl in layouts:
         bare, kdt = statistics.median(res[("bare", cl)]), statistics.median(res[("kdt", cl)])

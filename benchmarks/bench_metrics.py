@@ -189,7 +189,11 @@ def main(argv=None) -> int:
     ajs_diff = 0.0
     counts = None
     for _ in range(args.repeats):
-        for name, fn in (("aap_ajs old", old_aap_ajs), ("aap_ajs new", new_aap_ajs), ("aap_ajs shared", new_aap_ajs_shared)):
+        for name, fn in (
+            ("aap_ajs old", old_aap_ajs),
+            ("aap_ajs new", new_aap_ajs),
+            ("aap_ajs shared", new_aap_ajs_shared),
+        ):
             dt, out = timed(fn)
             rows.setdefault(name, []).append(dt)
             if name == "aap_ajs old":
@@ -232,8 +236,10 @@ def main(argv=None) -> int:
     ):
         goal_text = f"{goal:>8.1f}s{med[new] / goal:>9.2f}" if goal else ""
         print(f"{label:<58}{med[old]:>8.3f}s{med[new]:>8.3f}s{med[old] / med[new]:>8.1f}x{goal_text}")
-    print(f"same numbers as the previous implementation: {'yes' if same else 'NO'} "
-          f"(largest AJS difference {ajs_diff:.1e}; AAP and co-location counts equal)")
+    print(
+        f"same numbers as the previous implementation: {'yes' if same else 'NO'} "
+        f"(largest AJS difference {ajs_diff:.1e}; AAP and co-location counts equal)"
+    )
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"

@@ -42,8 +42,10 @@ def write_records(folder: Path, kind: str) -> tuple[Path, Path]:
     paths = []
     for name, d, a in (("teacher", td, ta), ("student", sd, sa)):
         logits = torch.randn(8041, 196, generator=g)
-        recs = Records({"logits": logits, "labels": labels, "min_distances": d, "argmin": a},
-                       {"stage": name, "H": 7, "W": 7, "num_classes": 196, "dataset": "synthetic"})
+        recs = Records(
+            {"logits": logits, "labels": labels, "min_distances": d, "argmin": a},
+            {"stage": name, "H": 7, "W": 7, "num_classes": 196, "dataset": "synthetic"},
+        )
         path = folder / f"{name}.safetensors"
         recs.save(path)
         paths.append(path)
@@ -66,16 +68,29 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kdt-bench-metrics-"))
     teacher, student = write_records(tmp, args.kind)
-    cmd = [sys.executable, "-m", "kdtoolkit", "metrics", "--teacher", str(teacher), "--student", str(student),
-           "--pms", "--json", str(tmp / "out.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kdtoolkit",
+        "metrics",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--pms",
+        "--json",
+        str(tmp / "out.json"),
+    ]
     floor = [sys.executable, "-c", "import torch"]
     times, floors = [], []
     for _ in range(args.repeats):
         times.append(wall(cmd))
         floors.append(wall(floor))
     med = statistics.median(times)
-    print(f"# kdt metrics --teacher T --student S --pms --json OUT; {args.kind} records, N 8041, P 1960 + 1960, "
-          f"7x7; median of {args.repeats}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# kdt metrics --teacher T --student S --pms --json OUT; {args.kind} records, N 8041, P 1960 + 1960, "
+        f"7x7; median of {args.repeats}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'command':44s} {'median s':>9s} {'goal s':>7s} {'time/goal':>9s}")
     print(f"{'kdt metrics ... --pms --json OUT':44s} {med:9.3f} {GOAL_S:7.1f} {med / GOAL_S:9.2f}")
     print(f"{'python -c import torch (floor)':44s} {statistics.median(floors):9.3f} {'':>7s} {'':>9s}")

@@ -81,7 +81,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def stage_passes(stage: dict, teacher: dict | None, times: dict, key, n_train: int, n_test: int) -> list[tuple[int, float]]:
+def stage_passes(
+    stage: dict, teacher: dict | None, times: dict, key, n_train: int, n_test: int
+) -> list[tuple[int, float]]:
     """The stage's passes over data: (images, CPU seconds per image at ``times``, keyed by ``key(stage)``)."""
     own = times[key(stage)]
     passes = [(n_test, own["forward"])]  # the test evaluation
@@ -93,8 +95,11 @@ def stage_passes(stage: dict, teacher: dict | None, times: dict, key, n_train: i
         used = set(phase.get("losses") or active) & active
         if phase["epochs"] == 0 or not used:
             continue
-        trains_backbone = any(g == "backbone" or g.startswith("backbone.")
-                              for group in phase["groups"] for g in _selectors(group["params"]))
+        trains_backbone = any(
+            g == "backbone" or g.startswith("backbone.")
+            for group in phase["groups"]
+            for g in _selectors(group["params"])
+        )
         per_image = own["train"] if trains_backbone else own["forward"]
         if teacher is not None and used & KD_LOSSES:
             per_image += times[key(teacher)]["forward"]
@@ -110,10 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--gpu-r50-rate", type=float, default=1000.0,
-                    help="assumed GPU training images/s of the ResNet-50 ProtoPNet (not measured)")
-    ap.add_argument("--loader-rate", type=float, default=1000.0,
-                    help="images/s the data loader delivers (a cap on every pass; not measured here)")
+    ap.add_argument(
+        "--gpu-r50-rate",
+        type=float,
+        default=1000.0,
+        help="assumed GPU training images/s of the ResNet-50 ProtoPNet (not measured)",
+    )
+    ap.add_argument(
+        "--loader-rate",
+        type=float,
+        default=1000.0,
+        help="images/s the data loader delivers (a cap on every pass; not measured here)",
+    )
     ap.add_argument("--times", help="reuse per-image times: 'model+head=forward_ms/train_ms,...' (skips measuring)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -122,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.NamedTemporaryFile(suffix=".pth") as weights:  # validation only checks that the file exists
         over = [f"stages.teacher.model.backbone.weights={weights.name}"]
-        recipes = {p.stem: load_recipe(p, over if "prototree" in p.stem else [])
-                   for p in sorted((ROOT / "kdtoolkit" / "recipes" / "paper").glob("*.toml"))}
+        recipes = {
+            p.stem: load_recipe(p, over if "prototree" in p.stem else [])
+            for p in sorted((ROOT / "kdtoolkit" / "recipes" / "paper").glob("*.toml"))
+        }
 
     def key(stage):
         return stage["model"]["backbone"]["model"].split(".")[0], stage["model"]["head"]["name"]
@@ -141,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             classes = 196 if stage["data"]["dataset"] == "stanford_cars" else 200
             times[key(stage)] = measure(_model(stage["model"]["backbone"], stage["model"]["head"], classes), args.batch)
             t = times[key(stage)]
-            print(f"{key(stage)[0]:>12} + {key(stage)[1]:<9}  forward {1000 * t['forward']:7.1f} ms/image   "
-                  f"train {1000 * t['train']:7.1f} ms/image   (CPU, {args.threads} thread(s), batch {args.batch})")
+            print(
+                f"{key(stage)[0]:>12} + {key(stage)[1]:<9}  forward {1000 * t['forward']:7.1f} ms/image   "
+                f"train {1000 * t['train']:7.1f} ms/image   (CPU, {args.threads} thread(s), batch {args.batch})"
+            )
     gpu_scale = times[("resnet50", "protopnet")]["train"] * args.gpu_r50_rate  # CPU seconds per GPU second
-    print(f"\nGPU estimate: ResNet-50 ProtoPNet training at {args.gpu_r50_rate:.0f} images/s (assumed), every other "
-          f"time scaled by its measured CPU ratio, no pass faster than {args.loader_rate:.0f} images/s (loader)\n")
+    print(
+        f"\nGPU estimate: ResNet-50 ProtoPNet training at {args.gpu_r50_rate:.0f} images/s (assumed), every other "
+        f"time scaled by its measured CPU ratio, no pass faster than {args.loader_rate:.0f} images/s (loader)\n"
+    )
     for rec_name, rec in recipes.items():
         n_train, n_test = SIZES[rec.stage(rec.order[0])["data"]["dataset"]]
         gpu, cpu, images = {}, 0.0, 0
@@ -156,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             gpu[name] = sum(n * max(t / gpu_scale, 1 / args.loader_rate) for n, t in passes)
             cpu += sum(n * t for n, t in passes)
             images += sum(n for n, _ in passes)
-        print(f"{rec_name}: " + ", ".join(f"{n} {t / 60:.0f} min" for n, t in gpu.items())
-              + f"; total {sum(gpu.values()) / 3600:.1f} GPU h (estimate), {images / 1e6:.1f} M images; "
-              f"{cpu / 3600:.0f} h at the measured CPU rates")
+        print(
+            f"{rec_name}: "
+            + ", ".join(f"{n} {t / 60:.0f} min" for n, t in gpu.items())
+            + f"; total {sum(gpu.values()) / 3600:.1f} GPU h (estimate), {images / 1e6:.1f} M images; "
+            f"{cpu / 3600:.0f} h at the measured CPU rates"
+        )
     return 0
 
 

@@ -26,7 +26,6 @@ import torch
 from kdtoolkit.engine.metrics import Accuracy
 from kdtoolkit.components import Model, Step
 from kdtoolkit.plugins import get_manager
-from kdtoolkit.records import Records
 from kdtoolkit.engine.evaluation import evaluate
 from kdt_proto2proto.evaluation import AAP, AJS, PMS
 from kdt_proto2proto.losses import GlobalExplanationLoss, PatchPrototypeCorrespondenceLoss
@@ -37,8 +36,11 @@ from kdt_classic.losses import CrossEntropyLoss
 def build(backbone: str, depth: int, classes: int, per_class: int) -> Model:
     pm = get_manager()
     bb = pm.registry("backbone").get("timm").factory(model=backbone, out_index=2)
-    head = pm.registry("head").get("protopnet").factory(bb.out_channels, classes, prototypes_per_class=per_class,
-                                                        prototype_depth=depth)
+    head = (
+        pm.registry("head")
+        .get("protopnet")
+        .factory(bb.out_channels, classes, prototypes_per_class=per_class, prototype_depth=depth)
+    )
     return Model(bb, head)
 
 
@@ -86,11 +88,15 @@ def main() -> None:
         for m in (teacher, student):
             m.eval()
             for i in range(0, args.images, 256):
-                m(x[i:i + 256].to(dev))
+                m(x[i : i + 256].to(dev))
 
     def full():
-        rt = evaluate(teacher, data, batch_size=256, device=dev, record_keys=("min_distances", "argmin"), meta={"stage": "t"})
-        rs = evaluate(student, data, batch_size=256, device=dev, record_keys=("min_distances", "argmin"), meta={"stage": "s"})
+        rt = evaluate(
+            teacher, data, batch_size=256, device=dev, record_keys=("min_distances", "argmin"), meta={"stage": "t"}
+        )
+        rs = evaluate(
+            student, data, batch_size=256, device=dev, record_keys=("min_distances", "argmin"), meta={"stage": "s"}
+        )
         for recs, ref in ((rt, None), (rs, rt)):
             Accuracy()(recs)
             AAP(taus=taus)(recs)
@@ -139,16 +145,21 @@ def main() -> None:
         b.append(timed(kd_step, 1))
     t_base, t_kd = statistics.median(a), statistics.median(b)
 
-    print(f"device: {dev}, torch threads: {torch.get_num_threads()}, images: {args.images} at {args.size} px, "
-          f"P = {K * per_class}, D = {D}")
+    print(
+        f"device: {dev}, torch threads: {torch.get_num_threads()}, images: {args.images} at {args.size} px, "
+        f"P = {K * per_class}, D = {D}"
+    )
     print("| measurement | baseline | kdtoolkit | overhead |")
     print("|---|---|---|---|")
-    print(f"| evaluation, teacher + student, 8 τ + PMS | bare forwards {t_bare:.3f} s | {t_full:.3f} s | "
-          f"{100 * (t_full / t_bare - 1):+.1f}% |")
-    print(f"| one training step, batch {args.batch} | student-only step + teacher inference {1000 * t_base:.1f} ms | "
-          f"Proto2Proto step {1000 * t_kd:.1f} ms | {100 * (t_kd / t_base - 1):+.1f}% |")
-    print("command: python benchmarks/bench_proto2proto.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items()))
+    print(
+        f"| evaluation, teacher + student, 8 τ + PMS | bare forwards {t_bare:.3f} s | {t_full:.3f} s | "
+        f"{100 * (t_full / t_bare - 1):+.1f}% |"
+    )
+    print(
+        f"| one training step, batch {args.batch} | student-only step + teacher inference {1000 * t_base:.1f} ms | "
+        f"Proto2Proto step {1000 * t_kd:.1f} ms | {100 * (t_kd / t_base - 1):+.1f}% |"
+    )
+    print("command: python benchmarks/bench_proto2proto.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()))
 
 
 if __name__ == "__main__":

@@ -39,10 +39,16 @@ CASES = [
     ("python -c 'import torch'", [sys.executable, "-c", "import torch"], None),
     ("kdt --help", [sys.executable, "-m", "kdtoolkit", "--help"], 0.5),
     ("kdt plugins", [sys.executable, "-m", "kdtoolkit", "plugins"], 0.5),
-    ("kdt validate recipes/proto2proto.toml", [sys.executable, "-m", "kdtoolkit", "validate",
-                                               "recipes/proto2proto.toml"], 2.0),
-    ("  same, caches empty (first check)", [sys.executable, "-m", "kdtoolkit", "validate",
-                                            "recipes/proto2proto.toml"], None),
+    (
+        "kdt validate recipes/proto2proto.toml",
+        [sys.executable, "-m", "kdtoolkit", "validate", "recipes/proto2proto.toml"],
+        2.0,
+    ),
+    (
+        "  same, caches empty (first check)",
+        [sys.executable, "-m", "kdtoolkit", "validate", "recipes/proto2proto.toml"],
+        None,
+    ),
 ]
 COLD = CASES[-1][0]
 
@@ -67,8 +73,10 @@ def main() -> None:
         for name, cmd, _ in CASES:
             cold = dict(env, KDT_CACHE_DIR=tempfile.mkdtemp(prefix="kdt-bench-cold-")) if name == COLD else env
             times[name].append(_once(cmd, cold))
-    print(f"# start-up, median of {args.repeats}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# start-up, median of {args.repeats}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'command':42s} {'median s':>9s} {'min s':>7s} {'goal s':>7s} {'time/goal':>9s}")
     for name, _, goal in CASES:
         med, low = statistics.median(times[name]), min(times[name])

@@ -140,8 +140,13 @@ def cache_build_seconds(recipe_path: Path, out: Path, repeat: int = 3) -> tuple[
     times, cache = [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        tensors = teachercache.compute(teacher, batches(data.train, 256, shuffle=False, seed=0), keys={"features"},
-                                       device=dev, autocast=lambda: autocast(dev, "fp32"))
+        tensors = teachercache.compute(
+            teacher,
+            batches(data.train, 256, shuffle=False, seed=0),
+            keys={"features"},
+            device=dev,
+            autocast=lambda: autocast(dev, "fp32"),
+        )
         times.append(time.perf_counter() - t0)
         cache = teachercache.TeacherCache(tensors, "bench")
     return statistics.median(times), teachercache.describe(cache)
@@ -171,18 +176,26 @@ def main() -> None:
     off = [t for s in ("off_1", "off_2") for t in epoch_times(clock, s, "joint")]
     mem = [t for s in ("memory_1", "memory_2") for t in epoch_times(clock, s, "joint")]
     stages = stage_times(clock)
-    print(f"torch {torch.__version__}, {args.threads} CPU threads, {args.size} px, joint phase of {args.epochs} epochs, "
-          f"whole run {total:.0f} s")
+    print(
+        f"torch {torch.__version__}, {args.threads} CPU threads, {args.size} px, joint phase of {args.epochs} epochs, "
+        f"whole run {total:.0f} s"
+    )
     print(f"cache: {what}; building it (one teacher pass) takes {build:.2f} s")
     print()
     print("| measurement | teacher_cache = off | teacher_cache = memory | speedup |")
     print("|---|---|---|---|")
-    print(f"| joint-phase epoch (median of {len(off)} / {len(mem)}) | {statistics.median(off):.2f} s | "
-          f"{statistics.median(mem):.2f} s | **{statistics.median(off) / statistics.median(mem):.2f}×** |")
-    print(f"| whole student stage, cache built in it (off_1 vs memory_1) | {stages['off_1']:.1f} s | "
-          f"{stages['memory_1']:.1f} s | **{stages['off_1'] / stages['memory_1']:.2f}×** |")
-    print(f"| whole student stage, cache reused from the stage before (off_2 vs memory_2) | {stages['off_2']:.1f} s | "
-          f"{stages['memory_2']:.1f} s | **{stages['off_2'] / stages['memory_2']:.2f}×** |")
+    print(
+        f"| joint-phase epoch (median of {len(off)} / {len(mem)}) | {statistics.median(off):.2f} s | "
+        f"{statistics.median(mem):.2f} s | **{statistics.median(off) / statistics.median(mem):.2f}×** |"
+    )
+    print(
+        f"| whole student stage, cache built in it (off_1 vs memory_1) | {stages['off_1']:.1f} s | "
+        f"{stages['memory_1']:.1f} s | **{stages['off_1'] / stages['memory_1']:.2f}×** |"
+    )
+    print(
+        f"| whole student stage, cache reused from the stage before (off_2 vs memory_2) | {stages['off_2']:.1f} s | "
+        f"{stages['memory_2']:.1f} s | **{stages['off_2'] / stages['memory_2']:.2f}×** |"
+    )
 
 
 if __name__ == "__main__":

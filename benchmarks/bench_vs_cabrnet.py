@@ -134,8 +134,7 @@ def write_digits_folder(root: Path, max_train: int | None = None) -> tuple[int, 
     bunch = load_digits()
     images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
     labels = bunch.target
-    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels,
-                                           random_state=0)
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
     if max_train is not None:
         idx_train = idx_train[:max_train]
     for split, idx in (("train", idx_train), ("test", idx_test)):
@@ -246,19 +245,34 @@ def _timed(cmd: list[str], what: str) -> tuple[float, float]:
     return elapsed, cpu
 
 
-def run_kdt(tmp: Path, data_root: Path, epochs: int, tag: str,
-            overrides: tuple[str, ...] = ()) -> tuple[tuple[float, float], list[float]]:
+def run_kdt(
+    tmp: Path, data_root: Path, epochs: int, tag: str, overrides: tuple[str, ...] = ()
+) -> tuple[tuple[float, float], list[float]]:
     """(wall, CPU) seconds of a whole ``kdt run`` and the in-loop seconds of each epoch from metrics.jsonl."""
     recipe = tmp / f"kdt-{epochs}.toml"
     if not recipe.exists():
-        recipe.write_text(KDT_RECIPE.format(
-            seed=SEED, root=str(data_root), size=IMAGE_SIZE, mean=json.dumps(MEAN), std=json.dumps(STD),
-            batch=BATCH, cluster=CLUSTER, separation=SEPARATION, epochs=epochs, lr_backbone=LR_BACKBONE,
-            lr_add_on=LR_ADD_ON, lr_prototypes=LR_PROTOTYPES))
+        recipe.write_text(
+            KDT_RECIPE.format(
+                seed=SEED,
+                root=str(data_root),
+                size=IMAGE_SIZE,
+                mean=json.dumps(MEAN),
+                std=json.dumps(STD),
+                batch=BATCH,
+                cluster=CLUSTER,
+                separation=SEPARATION,
+                epochs=epochs,
+                lr_backbone=LR_BACKBONE,
+                lr_add_on=LR_ADD_ON,
+                lr_prototypes=LR_PROTOTYPES,
+            )
+        )
     out = tmp / f"kdt-run-{epochs}-{tag}"
     sets = [arg for o in overrides for arg in ("--set", o)]
-    elapsed = _timed([sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q", *sets],
-                     f"kdt run ({epochs} epochs)")
+    elapsed = _timed(
+        [sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q", *sets],
+        f"kdt run ({epochs} epochs)",
+    )
     metrics = out / "p" / "metrics.jsonl"
     lines = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.exists() else []
     return elapsed, [l["seconds"] for l in lines if l.get("phase") == "joint" and "seconds" in l]
@@ -270,15 +284,33 @@ def run_cabrnet(python: str, tmp: Path, data_root: Path, epochs: int, tag: str) 
     if not cfg.exists():
         write_cabrnet_configs(cfg, data_root, epochs)
     out = tmp / f"cabrnet-run-{epochs}-{tag}"
-    cmd = [python, "-m", "cabrnet.main", "train",
-           "-m", str(cfg / "model_arch.yml"), "-d", str(cfg / "dataset.yml"), "-t", str(cfg / "training.yml"),
-           "-o", str(out), "--device", "cpu", "--seed", str(SEED), "--logger-level", "WARNING"]
+    cmd = [
+        python,
+        "-m",
+        "cabrnet.main",
+        "train",
+        "-m",
+        str(cfg / "model_arch.yml"),
+        "-d",
+        str(cfg / "dataset.yml"),
+        "-t",
+        str(cfg / "training.yml"),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        "--seed",
+        str(SEED),
+        "--logger-level",
+        "WARNING",
+    ]
     return _timed(cmd, f"cabrnet train ({epochs} epochs)")
 
 
 def torch_threads(python: str) -> str:
-    proc = subprocess.run([python, "-c", "import torch; print(torch.get_num_threads())"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [python, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True
+    )
     return proc.stdout.strip() if proc.returncode == 0 else "?"
 
 
@@ -292,16 +324,23 @@ def cabrnet_available(python: str) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cabrnet-python", default=sys.executable,
-                    help="interpreter that can import cabrnet (default: this one)")
+    ap.add_argument(
+        "--cabrnet-python", default=sys.executable, help="interpreter that can import cabrnet (default: this one)"
+    )
     ap.add_argument("--short", type=int, default=1, help="epochs of the short runs")
     ap.add_argument("--long", type=int, default=3, help="epochs of the long runs")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved short/long runs per tool (median)")
-    ap.add_argument("--max-train", type=int, default=None,
-                    help="use only this many train images (quick checks; default: all 1437)")
+    ap.add_argument(
+        "--max-train", type=int, default=None, help="use only this many train images (quick checks; default: all 1437)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (data, configs, runs)")
-    ap.add_argument("--kdt-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a recipe override for kdt's runs (repeatable), e.g. channels_last=true, data.num_workers=2")
+    ap.add_argument(
+        "--kdt-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for kdt's runs (repeatable), e.g. channels_last=true, data.num_workers=2",
+    )
     args = ap.parse_args()
     if not 1 <= args.short < args.long:
         ap.error("need 1 <= --short < --long")
@@ -309,8 +348,10 @@ def main() -> None:
         ap.error("--max-train must be at least 10")
 
     if not cabrnet_available(args.cabrnet_python):
-        print("cabrnet is not installed; pip install cabrnet to compare "
-              f"(import cabrnet fails with {args.cabrnet_python}; another interpreter: --cabrnet-python)")
+        print(
+            "cabrnet is not installed; pip install cabrnet to compare "
+            f"(import cabrnet fails with {args.cabrnet_python}; another interpreter: --cabrnet-python)"
+        )
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="kdt-bench-cabrnet-"))
@@ -332,13 +373,19 @@ def main() -> None:
         load_after = os.getloadavg()
 
         extra_batches = (args.long - args.short) * per_epoch
-        print(f"# ProtoPNet (ResNet-18 to layer2, 100 prototypes, D 64), digits image folder {IMAGE_SIZE} px "
-              f"({n_train} train / {n_test} test), batch {BATCH}, {per_epoch} batches per epoch")
-        print(f"# whole-run times, median of {args.repeats}; marginal s/batch = (T_long - T_short) / "
-              f"{extra_batches} batches ({args.long} - {args.short} epochs)")
-        print(f"# {os.cpu_count()} CPUs; torch threads: kdt {torch_threads(sys.executable)}, "
-              f"CaBRNet {torch_threads(args.cabrnet_python)}; load average (1 min) "
-              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after")
+        print(
+            f"# ProtoPNet (ResNet-18 to layer2, 100 prototypes, D 64), digits image folder {IMAGE_SIZE} px "
+            f"({n_train} train / {n_test} test), batch {BATCH}, {per_epoch} batches per epoch"
+        )
+        print(
+            f"# whole-run times, median of {args.repeats}; marginal s/batch = (T_long - T_short) / "
+            f"{extra_batches} batches ({args.long} - {args.short} epochs)"
+        )
+        print(
+            f"# {os.cpu_count()} CPUs; torch threads: kdt {torch_threads(sys.executable)}, "
+            f"CaBRNet {torch_threads(args.cabrnet_python)}; load average (1 min) "
+            f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
+        )
         print(f"{'tool':9s} {'short s':>9s} {'long s':>9s} {'marginal s/batch':>17s} {'CPU s/batch':>12s}")
         wall, cpu = {}, {}
         for tool in ("kdt", "CaBRNet"):
@@ -350,17 +397,21 @@ def main() -> None:
         if wall["kdt"] > 0 and wall["CaBRNet"] > 0:
             print(f"ratio kdt / CaBRNet (marginal wall s/batch): {wall['kdt'] / wall['CaBRNet']:.3f}")
         else:
-            print("ratio kdt / CaBRNet: undefined (a marginal time is not positive: the machine's load changed "
-                  "between the runs; rerun on a quiet machine, with --repeats or more --long epochs)")
+            print(
+                "ratio kdt / CaBRNet: undefined (a marginal time is not positive: the machine's load changed "
+                "between the runs; rerun on a quiet machine, with --repeats or more --long epochs)"
+            )
         if cpu["kdt"] > 0 and cpu["CaBRNet"] > 0:
-            print(f"(ratio of the marginal CPU seconds per batch, user + system: "
-                  f"{cpu['kdt'] / cpu['CaBRNet']:.3f})")
+            print(f"(ratio of the marginal CPU seconds per batch, user + system: {cpu['kdt'] / cpu['CaBRNet']:.3f})")
         if in_loop:
-            print(f"(kdt in-loop s/batch from metrics.jsonl, median of the long runs' epochs: "
-                  f"{statistics.median(in_loop):.4f}; not used for the ratio)")
+            print(
+                f"(kdt in-loop s/batch from metrics.jsonl, median of the long runs' epochs: "
+                f"{statistics.median(in_loop):.4f}; not used for the ratio)"
+            )
         if max(load_before[0], load_after[0]) > 0.5:
-            print("# note: other processes were running (load average above 0.5); "
-                  "wall times include their interference")
+            print(
+                "# note: other processes were running (load average above 0.5); wall times include their interference"
+            )
     finally:
         if args.keep:
             print(f"# files kept in {tmp}")

@@ -48,8 +48,10 @@ def representation_measures(seed_dir: Path) -> dict[str, dict[str, float]]:
         for name in STUDENTS:
             sm = run.stage(name).model("cpu")
             zs = sm(x)["features"]
-            out[name] = {"prototype_distance": float((sm.head.prototypes - tm.head.prototypes).norm(dim=1).mean()),
-                         "latent_distance": float(((zt - zs) ** 2).sum(1).mean())}
+            out[name] = {
+                "prototype_distance": float((sm.head.prototypes - tm.head.prototypes).norm(dim=1).mean()),
+                "latent_distance": float(((zt - zs) ** 2).sum(1).mean()),
+            }
     return out
 
 
@@ -62,8 +64,14 @@ def per_seed(run: Path) -> list[dict[str, dict[str, float]]]:
         row = {}
         for name in ("teacher", *STUDENTS):
             r = stages[name]
-            row[name] = {"accuracy": r["accuracy"], "aap": r["aap"]["inf"], "ajs": r["ajs"]["inf"], "pms": r["pms"],
-                         "aap_gap": abs(r["aap"]["inf"] - stages["teacher"]["aap"]["inf"]), **reps.get(name, {})}
+            row[name] = {
+                "accuracy": r["accuracy"],
+                "aap": r["aap"]["inf"],
+                "ajs": r["ajs"]["inf"],
+                "pms": r["pms"],
+                "aap_gap": abs(r["aap"]["inf"] - stages["teacher"]["aap"]["inf"]),
+                **reps.get(name, {}),
+            }
         seeds.append(row)
     return seeds
 
@@ -88,18 +96,26 @@ def compare(seeds: list[dict], a: str, b: str, metric: str, expect: str) -> str:
     d = [x - y for x, y in zip(xs, ys)]
     t = ttest_rel(xs, ys)
     right = sum((v > 0) if expect == ">" else (v < 0) for v in d)
-    return (f"| {a} − {b} | {metric} | {expect} 0 | {statistics.mean(d):+.4f} ± {statistics.stdev(d):.4f} | "
-            f"{t.statistic:.2f} | {t.pvalue:.2g} | {right}/{len(d)} |")
+    return (
+        f"| {a} − {b} | {metric} | {expect} 0 | {statistics.mean(d):+.4f} ± {statistics.stdev(d):.4f} | "
+        f"{t.statistic:.2f} | {t.pvalue:.2g} | {right}/{len(d)} |"
+    )
 
 
 COMPARISONS = (
-    ("claim 1", "kd", "baseline", "ajs", ">"), ("claim 1", "kd", "baseline", "pms", ">"),
-    ("claim 1", "kd", "baseline", "aap_gap", "<"), ("claim 1", "kd", "baseline", "accuracy", ">"),
-    ("claim 2", "kd_no_ppc", "baseline", "prototype_distance", "<"), ("claim 2", "kd_no_ppc", "baseline", "pms", ">"),
+    ("claim 1", "kd", "baseline", "ajs", ">"),
+    ("claim 1", "kd", "baseline", "pms", ">"),
+    ("claim 1", "kd", "baseline", "aap_gap", "<"),
+    ("claim 1", "kd", "baseline", "accuracy", ">"),
+    ("claim 2", "kd_no_ppc", "baseline", "prototype_distance", "<"),
+    ("claim 2", "kd_no_ppc", "baseline", "pms", ">"),
     ("claim 2", "kd", "kd_no_ppc", "pms", ">"),
-    ("claim 3", "kd_no_global", "baseline", "latent_distance", "<"), ("claim 3", "kd_no_global", "baseline", "ajs", ">"),
-    ("claim 3", "kd_no_global", "baseline", "aap_gap", "<"), ("claim 3", "kd", "kd_no_global", "ajs", ">"),
-    ("why", "kd_no_ppc", "baseline", "latent_distance", "<"), ("why", "kd_no_global", "kd_no_ppc", "pms", ">"),
+    ("claim 3", "kd_no_global", "baseline", "latent_distance", "<"),
+    ("claim 3", "kd_no_global", "baseline", "ajs", ">"),
+    ("claim 3", "kd_no_global", "baseline", "aap_gap", "<"),
+    ("claim 3", "kd", "kd_no_global", "ajs", ">"),
+    ("why", "kd_no_ppc", "baseline", "latent_distance", "<"),
+    ("why", "kd_no_global", "kd_no_ppc", "pms", ">"),
 )
 
 

@@ -28,7 +28,16 @@ from .errors import KdtError
 from .tables import Number, Table, fmt
 
 #: Keys of a stage's result that are not metrics.
-NOT_METRICS = ("num_parameters", "train_seconds", "test_images", "losses", "loss_names", "state", "history", "stage_hash")
+NOT_METRICS = (
+    "num_parameters",
+    "train_seconds",
+    "test_images",
+    "losses",
+    "loss_names",
+    "state",
+    "history",
+    "stage_hash",
+)
 _NUMBER_TEXT = re.compile(r"^\s*([+-]?\d+(?:\.(\d+))?)(%?)\s*$")
 
 
@@ -79,7 +88,12 @@ class Stat:
 
     def to_json(self) -> dict[str, Any]:
         """``{mean, sd, n, values}``, and ``p`` for a difference (``None`` for what is undefined or not finite)."""
-        out = {"mean": _finite(self.mean), "sd": _finite(self.sd), "n": self.n, "values": [_finite(v) for v in self.values]}
+        out = {
+            "mean": _finite(self.mean),
+            "sd": _finite(self.sd),
+            "n": self.n,
+            "values": [_finite(v) for v in self.values],
+        }
         if self.signed:
             out["p"] = self.p_value
         return out
@@ -149,7 +163,9 @@ def load_run(path: Path) -> Run:
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), dict):
         raise KdtError("not a run directory (no recipe.resolved.json) and no seed-<n> folders in it", source=str(path))
     if not (path / "results.json").is_file():
-        raise KdtError("no results.json: the run has not finished (run the same kdt run command again)", source=str(path))
+        raise KdtError(
+            "no results.json: the run has not finished (run the same kdt run command again)", source=str(path)
+        )
     results = _read_json(path / "results.json", "results")
     seed = recipe.get("seed")
     if (path / "run.json").is_file():
@@ -180,8 +196,10 @@ def check_same_recipe(runs: list[Run]) -> None:
     for run in runs[1:]:
         other = _without_seeds(run.recipe)
         if json.dumps(other, sort_keys=True, default=str) != json.dumps(first, sort_keys=True, default=str):
-            raise KdtError(f"{runs[0].path} and {run.path} are runs of different recipes ({_first_difference(first, other)} "
-                           "differs; only the seeds may)")
+            raise KdtError(
+                f"{runs[0].path} and {run.path} are runs of different recipes ({_first_difference(first, other)} "
+                "differs; only the seeds may)"
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -247,8 +265,10 @@ def _aggregate_table(tables: list[Table], total: int) -> AggTable:
             label = fmt(row[0]) if row else ""
             rows.setdefault((label, seen[label]), []).append(dict(zip(t.columns, row)))
             seen[label] += 1
-    out = [[aggregate_cell([r.get(c) for r in group], total, label=(j == 0)) for j, c in enumerate(columns)]
-           for group in rows.values()]
+    out = [
+        [aggregate_cell([r.get(c) for r in group], total, label=(j == 0)) for j, c in enumerate(columns)]
+        for group in rows.values()
+    ]
     return AggTable(tables[0].title, columns, out, tables[0].note, tables[0].key)
 
 
@@ -377,8 +397,13 @@ def deltas_table(deltas: dict[str, tuple[str, dict[tuple[str, ...], Stat]]]) -> 
     for name, (base, stats) in deltas.items():
         cells = [stats.get(columns[c]) for c in order]
         rows.append([name, base, *[None if c is None else Stat(c.values, c.total, signed=True) for c in cells]])
-    return AggTable("Differences from the baseline", ["stage", "baseline", *order], rows,
-                    note="Per run, the stage's metric minus its baseline's (units of results.json: accuracy as a "
-                         "fraction); mean ± sample sd of these paired differences over the runs, and the two-sided "
-                         "p-value of a paired t-test that the mean difference is 0 (scipy.stats.ttest_1samp of the "
-                         "differences; with few runs read it as a guide, not a verdict).", key="baseline_deltas")
+    return AggTable(
+        "Differences from the baseline",
+        ["stage", "baseline", *order],
+        rows,
+        note="Per run, the stage's metric minus its baseline's (units of results.json: accuracy as a "
+        "fraction); mean ± sample sd of these paired differences over the runs, and the two-sided "
+        "p-value of a paired t-test that the mean difference is 0 (scipy.stats.ttest_1samp of the "
+        "differences; with few runs read it as a guide, not a verdict).",
+        key="baseline_deltas",
+    )

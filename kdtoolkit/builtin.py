@@ -19,8 +19,13 @@ from .hookspecs import hookimpl
 #: Optimiser name → function in :mod:`kdtoolkit.engine.optim`.
 OPTIMIZERS = {"adam": "adam", "adamw": "adamw", "sgd": "sgd"}
 #: Schedule name → function in :mod:`kdtoolkit.engine.optim`.
-SCHEDULERS = {"none": "no_schedule", "step": "step", "multistep": "multistep", "cosine": "cosine",
-              "exponential": "exponential"}
+SCHEDULERS = {
+    "none": "no_schedule",
+    "step": "step",
+    "multistep": "multistep",
+    "cosine": "cosine",
+    "exponential": "exponential",
+}
 
 
 @hookimpl

@@ -61,5 +61,8 @@ def resolve_recipe(arg: Path) -> Path:
     hint = suggest(arg.as_posix(), names)
     if not hint and arg.name in by_stem:
         hint = f" (did you mean '{by_stem[arg.name]}'?)"
-    raise RecipeError(f"no recipe file '{arg}' and no shipped recipe of that name{hint}; "
-                      f"shipped: {', '.join(names) or 'none'} (kdt recipes lists them)", source=str(arg))
+    raise RecipeError(
+        f"no recipe file '{arg}' and no shipped recipe of that name{hint}; "
+        f"shipped: {', '.join(names) or 'none'} (kdt recipes lists them)",
+        source=str(arg),
+    )

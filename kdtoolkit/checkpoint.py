@@ -100,9 +100,20 @@ def save_checkpoint(path: Path, ck: Checkpoint) -> None:
     tensors = {f"model/{k}": v for k, v in ck.model.items()}
     tensors.update({f"loss/{k}": v for k, v in ck.losses.items()})
     meta: dict[str, Any] = {
-        "stage": ck.stage, "stage_hash": ck.stage_hash, "phase": ck.phase, "epoch": ck.epoch, "batch": ck.batch,
-        "scheduler": ck.scheduler, "scaler": ck.scaler, "history": ck.history, "state": ck.state, "watch": ck.watch,
-        "seconds": ck.seconds, "optimizer": None, "running": ck.running, "metrics_bytes": ck.metrics_bytes,
+        "stage": ck.stage,
+        "stage_hash": ck.stage_hash,
+        "phase": ck.phase,
+        "epoch": ck.epoch,
+        "batch": ck.batch,
+        "scheduler": ck.scheduler,
+        "scaler": ck.scaler,
+        "history": ck.history,
+        "state": ck.state,
+        "watch": ck.watch,
+        "seconds": ck.seconds,
+        "optimizer": None,
+        "running": ck.running,
+        "metrics_bytes": ck.metrics_bytes,
     }
     if ck.optimizer is not None:
         otensors, oplain = _split_optimizer(ck.optimizer)
@@ -124,15 +135,24 @@ def load_checkpoint(path: Path) -> Checkpoint:
     tensors, m = read_kdt_safetensors(path, CHECKPOINT_FORMAT, "checkpoint")
     try:
         ck = Checkpoint(
-            stage=m["stage"], stage_hash=m["stage_hash"], phase=int(m["phase"]), epoch=int(m["epoch"]), batch=int(m["batch"]),
-            model={k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+            stage=m["stage"],
+            stage_hash=m["stage_hash"],
+            phase=int(m["phase"]),
+            epoch=int(m["epoch"]),
+            batch=int(m["batch"]),
+            model={k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")},
             optimizer=_join_optimizer(tensors, m["optimizer"]) if m.get("optimizer") else None,
-            scheduler=m.get("scheduler"), scaler=m.get("scaler"), rng=tensors.get("rng"),
-            history=m.get("history") or [], state=m.get("state") or m.get("flags") or {}, watch=m.get("watch") or {},
-            seconds=float(m.get("seconds") or 0.0), rng_cuda=tensors.get("rng_cuda"),
+            scheduler=m.get("scheduler"),
+            scaler=m.get("scaler"),
+            rng=tensors.get("rng"),
+            history=m.get("history") or [],
+            state=m.get("state") or m.get("flags") or {},
+            watch=m.get("watch") or {},
+            seconds=float(m.get("seconds") or 0.0),
+            rng_cuda=tensors.get("rng_cuda"),
             running=m.get("running"),
             metrics_bytes=int(m["metrics_bytes"]) if m.get("metrics_bytes") is not None else None,
-            losses={k[len("loss/"):]: v for k, v in tensors.items() if k.startswith("loss/")},
+            losses={k[len("loss/") :]: v for k, v in tensors.items() if k.startswith("loss/")},
         )
         if ck.rng is not None and (ck.rng.dtype != torch.uint8 or ck.rng.dim() not in (1, 2)):
             raise ValueError("tensor 'rng' is not an RNG state")

@@ -35,19 +35,47 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(file_okay=True, path_type=Path), default=None,
-              help="Run directory (default: runs/<recipe name>).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=True, path_type=Path),
+    default=None,
+    help="Run directory (default: runs/<recipe name>).",
+)
 @click.option("--device", type=str, default=None, help="auto, cpu, cuda, cuda:N or mps (default: the recipe's, auto).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key, e.g. --set stages.kd.phases[0].epochs=3 (repeatable).")
-@click.option("--force", is_flag=True, help="Retrain stages whose stored results came from a different recipe (others are reused).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a recipe key, e.g. --set stages.kd.phases[0].epochs=3 (repeatable).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Retrain stages whose stored results came from a different recipe (others are reused).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines; the summary still prints.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results (results.json) instead of the summary tables.")
 @click.option("--check-data", is_flag=True, help="First decode every image of every dataset (as kdt check does).")
-@click.option("--seeds", "seeds_text", metavar="N,N,...", default=None,
-              help="Run once per seed into OUT/seed-<n>/, then write OUT/report.md (mean ± sd); overrides the recipe's seeds.")
-def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str, ...], force: bool, quiet: bool,
-        as_json: bool, check_data: bool, seeds_text: str | None) -> None:
+@click.option(
+    "--seeds",
+    "seeds_text",
+    metavar="N,N,...",
+    default=None,
+    help="Run once per seed into OUT/seed-<n>/, then write OUT/report.md (mean ± sd); overrides the recipe's seeds.",
+)
+def run(
+    recipe: Path,
+    out: Path | None,
+    device: str | None,
+    overrides: tuple[str, ...],
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+    check_data: bool,
+    seeds_text: str | None,
+) -> None:
     """Run every stage of RECIPE (teachers first) and write the run directory."""
     from .distributed import Dist
     from .engine.device import check_device_spec, resolve_device
@@ -71,8 +99,13 @@ def run(recipe: Path, out: Path | None, device: str | None, overrides: tuple[str
         from .datacheck import check_data as check_images
 
         check_images(rec, plugins, quiet=quiet or not dist.is_main)
-    opts = RunOptions(out=out, device=device, force=force, quiet=quiet,
-                      command="kdt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    opts = RunOptions(
+        out=out,
+        device=device,
+        force=force,
+        quiet=quiet,
+        command="kdt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
     if seeds:
         return run_seeds(rec, seeds, opts, plugins, dist, as_json=as_json)
     with Progress(enabled=not quiet and dist.is_main) as progress:
@@ -101,7 +134,9 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Threads decoding images (default: CPUs, at most 8).")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Threads decoding images (default: CPUs, at most 8)."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def check(recipe: Path, overrides: tuple[str, ...], workers: int | None, quiet: bool) -> None:
     """Decode every image of every split of RECIPE's datasets; list every unreadable file (exit 2)."""
@@ -174,14 +209,26 @@ def recipes(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(shipped, indent=2))
         return
-    print_tables([Table("Shipped recipes (kdt run NAME, kdt validate NAME)", ["name", "description", "file"],
-                        [[r["name"], r["description"], r["path"]] for r in shipped])])
+    print_tables(
+        [
+            Table(
+                "Shipped recipes (kdt run NAME, kdt validate NAME)",
+                ["name", "description", "file"],
+                [[r["name"], r["description"], r["path"]] for r in shipped],
+            )
+        ]
+    )
 
 
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The report (default: report.md in the one folder given, or in the folder holding them all).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The report (default: report.md in the one folder given, or in the folder holding them all).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the aggregated numbers as JSON instead of the tables.")
 def report(runs: tuple[Path, ...], out: Path | None, as_json: bool) -> None:
     """Aggregate runs of one recipe (run directories, or a folder of seed-<n>/ runs) into report.md: mean ± sd."""

@@ -13,9 +13,14 @@ from pathlib import Path
 import click
 
 STAGE_DIR = click.Path(file_okay=False, path_type=Path)
-DATA_OPTION = click.option("--data", "assignments", multiple=True, metavar="KEY=VALUE",
-                           help="Change a key of the stage's data table, e.g. --data root=PATH where the data lies "
-                                "elsewhere on this machine (repeatable).")
+DATA_OPTION = click.option(
+    "--data",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Change a key of the stage's data table, e.g. --data root=PATH where the data lies "
+    "elsewhere on this machine (repeatable).",
+)
 
 
 def _json_out(obj, target: str) -> None:
@@ -38,16 +43,36 @@ def _json_out(obj, target: str) -> None:
 @click.command()
 @click.argument("stage_dir", type=STAGE_DIR)
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top", default=3, show_default=True, type=click.IntRange(min=0),
-              help="Most activated prototypes listed per image (prototype heads).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option(
+    "--top",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Most activated prototypes listed per image (prototype heads).",
+)
+@click.option(
+    "--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per forward pass."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--json", "json_out", metavar="FILE", default=None,
-              help="Write the predictions as JSON to FILE ('-': standard output) instead of a table.")
+@click.option(
+    "--json",
+    "json_out",
+    metavar="FILE",
+    default=None,
+    help="Write the predictions as JSON to FILE ('-': standard output) instead of a table.",
+)
 @DATA_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def predict(stage_dir: Path, images: tuple[Path, ...], top: int, batch_size: int, device: str,
-            json_out: str | None, assignments: tuple[str, ...], quiet: bool) -> None:
+def predict(
+    stage_dir: Path,
+    images: tuple[Path, ...],
+    top: int,
+    batch_size: int,
+    device: str,
+    json_out: str | None,
+    assignments: tuple[str, ...],
+    quiet: bool,
+) -> None:
     """Predict the class of IMAGES (files or folders) with the trained stage STAGE_DIR.
 
     Each image is preprocessed as the stage's test split is (from the run's
@@ -64,8 +89,9 @@ def predict(stage_dir: Path, images: tuple[Path, ...], top: int, batch_size: int
     check_device_spec(device, "--device")
     stage = StageDir.open(stage_dir)
     with Progress(enabled=not quiet and json_out != "-") as progress:
-        rows = run_predict(stage, images, top=top, batch_size=batch_size, device=device, progress=progress,
-                           data=assignments)
+        rows = run_predict(
+            stage, images, top=top, batch_size=batch_size, device=device, progress=progress, data=assignments
+        )
     if json_out is not None:
         _json_out(rows, json_out)
         return
@@ -88,18 +114,33 @@ def _prototype_text(p: dict) -> str:
 
 @click.command()
 @click.argument("stage_dir", type=STAGE_DIR)
-@click.option("--data", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Change a key of the stage's data table, e.g. --data root=other/folder (repeatable); "
-                   "naming another dataset starts from its defaults.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "train"]),
-              help="The split to evaluate (never augmented).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default: STAGE_DIR/evaluations/<dataset>-<split>-<hash>).")
+@click.option(
+    "--data",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Change a key of the stage's data table, e.g. --data root=other/folder (repeatable); "
+    "naming another dataset starts from its defaults.",
+)
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    type=click.Choice(["test", "train"]),
+    help="The split to evaluate (never augmented).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: STAGE_DIR/evaluations/<dataset>-<split>-<hash>).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--json", "as_json", is_flag=True, help="Print evaluation.json instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def evaluate(stage_dir: Path, assignments: tuple[str, ...], split: str, out: Path | None, device: str,
-             as_json: bool, quiet: bool) -> None:
+def evaluate(
+    stage_dir: Path, assignments: tuple[str, ...], split: str, out: Path | None, device: str, as_json: bool, quiet: bool
+) -> None:
     """Evaluate the trained stage STAGE_DIR on another split or dataset and write its metrics.
 
     Writes evaluation.json and records.safetensors into the output folder
@@ -121,7 +162,9 @@ def evaluate(stage_dir: Path, assignments: tuple[str, ...], split: str, out: Pat
         _json_out(result, "-")
         return
     rows = _metric_rows(result)
-    print_tables([Table(f"kdt evaluate · {stage.name} on {result['data']['dataset']} ({split})", ["metric", "value"], rows)])
+    print_tables(
+        [Table(f"kdt evaluate · {stage.name} on {result['data']['dataset']} ({split})", ["metric", "value"], rows)]
+    )
     click.echo(f"written: {result['out']}")
 
 
@@ -142,10 +185,19 @@ def _metric_rows(result: dict) -> list[list[str]]:
 
 @click.command()
 @click.argument("stage_dir", type=STAGE_DIR)
-@click.option("--format", "fmt_name", required=True, type=click.Choice(["exported-program", "torchscript"]),
-              help="exported-program (torch.export, .pt2) or torchscript (torch.jit.trace, .pt).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The file to write (default: STAGE_DIR/model.pt2 or model.pt).")
+@click.option(
+    "--format",
+    "fmt_name",
+    required=True,
+    type=click.Choice(["exported-program", "torchscript"]),
+    help="exported-program (torch.export, .pt2) or torchscript (torch.jit.trace, .pt).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The file to write (default: STAGE_DIR/model.pt2 or model.pt).",
+)
 @DATA_OPTION
 def export(stage_dir: Path, fmt_name: str, out: Path | None, assignments: tuple[str, ...]) -> None:
     """Write the trained stage STAGE_DIR as a self-contained model (no kdtoolkit needed to run it).

@@ -24,7 +24,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .errors import DataError, KdtError
 from .images import special_files_line
@@ -107,12 +108,26 @@ def check_item(dataset, split: str, i: int) -> str | None:
 
 def _bar(quiet: bool):
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[bad]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=quiet)
+    return Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[bad]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=quiet,
+    )
 
 
 def check_split(dataset, split: str, bar, workers: int, label: str = "") -> list[str]:
@@ -129,8 +144,14 @@ def check_split(dataset, split: str, bar, workers: int, label: str = "") -> list
     return problems
 
 
-def check_data(recipe, plugins: PluginManager, *, quiet: bool = False, workers: int | None = None,
-               echo: Callable[[str], None] | None = None) -> list[SplitCheck]:
+def check_data(
+    recipe,
+    plugins: PluginManager,
+    *,
+    quiet: bool = False,
+    workers: int | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> list[SplitCheck]:
     """Read every item of the train and test split of every distinct dataset of ``recipe``.
 
     :param quiet: no progress bar.
@@ -148,9 +169,18 @@ def check_data(recipe, plugins: PluginManager, *, quiet: bool = False, workers: 
                 start = time.perf_counter()
                 problems = check_split(ds, split, bar, workers, label=comp.name)
                 special = [special_files_line(p) for p in (getattr(ds, "special_files", None) or ())]
-                checks.append(SplitCheck(str(getattr(ds, "name", comp.name)), split, stages, len(ds),
-                                         int(getattr(ds, "num_classes", 0)), problems + special,
-                                         time.perf_counter() - start, len(special)))
+                checks.append(
+                    SplitCheck(
+                        str(getattr(ds, "name", comp.name)),
+                        split,
+                        stages,
+                        len(ds),
+                        int(getattr(ds, "num_classes", 0)),
+                        problems + special,
+                        time.perf_counter() - start,
+                        len(special),
+                    )
+                )
     bad = [p for c in checks for p in c.problems]
     if bad:
         echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -160,17 +190,24 @@ def check_data(recipe, plugins: PluginManager, *, quiet: bool = False, workers: 
         special = sum(c.special for c in checks)
         what = [f"{len(bad) - special} of {total} images cannot be read"] if len(bad) > special else []
         if special:
-            what.append(f"{special} special file{'s' if special > 1 else ''} (a FIFO, device or socket, a link to one, "
-                        f"or a broken link) {'lie' if special > 1 else 'lies'} among the images")
+            what.append(
+                f"{special} special file{'s' if special > 1 else ''} (a FIFO, device or socket, a link to one, "
+                f"or a broken link) {'lie' if special > 1 else 'lies'} among the images"
+            )
         raise DataError(f"{' and '.join(what)} (listed above); fix or remove them", source=str(recipe.path))
     return checks
 
 
 def summary_table(checks: list[SplitCheck]) -> Table:
     """The table ``kdt check`` prints: one row per dataset split."""
-    rows = [[c.dataset, c.split, ", ".join(c.stages), c.images, c.classes, len(c.problems), f"{c.seconds:.1f}"]
-            for c in checks]
+    rows = [
+        [c.dataset, c.split, ", ".join(c.stages), c.images, c.classes, len(c.problems), f"{c.seconds:.1f}"]
+        for c in checks
+    ]
     total = sum(c.images for c in checks)
-    return Table("kdt check: every image decoded", ["dataset", "split", "stages", "images", "classes",
-                                                    "unreadable", "seconds"], rows,
-                 note=f"{total} images in {len(checks)} splits, all readable.")
+    return Table(
+        "kdt check: every image decoded",
+        ["dataset", "split", "stages", "images", "classes", "unreadable", "seconds"],
+        rows,
+        note=f"{total} images in {len(checks)} splits, all readable.",
+    )

@@ -64,7 +64,7 @@ class Dist:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         """Read torchrun's variables and initialise the process group once."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
@@ -76,9 +76,11 @@ class Dist:
             try:
                 dist.init_process_group(backend=backend)
             except (ValueError, RuntimeError) as exc:
-                raise KdtError(f"cannot join the distributed run (WORLD_SIZE={world}): {' '.join(str(exc).split())[:200]}; "
-                               "launch with torchrun, which sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT",
-                               source="torch.distributed") from None
+                raise KdtError(
+                    f"cannot join the distributed run (WORLD_SIZE={world}): {' '.join(str(exc).split())[:200]}; "
+                    "launch with torchrun, which sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT",
+                    source="torch.distributed",
+                ) from None
         return cls(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
     @staticmethod
@@ -181,8 +183,10 @@ def _collective(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except RuntimeError as exc:  # torch.distributed.DistBackendError is a RuntimeError
         detail = " ".join(str(exc).split())
-        raise KdtError(f"another process of the distributed run failed or left ({detail[:160]}); see its error",
-                       source="torch.distributed") from None
+        raise KdtError(
+            f"another process of the distributed run failed or left ({detail[:160]}); see its error",
+            source="torch.distributed",
+        ) from None
 
 
 def shard_indices(n: int, batch_size: int, rank: int, world: int) -> list[int]:

@@ -23,17 +23,50 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 #: Core modules whose public functions and classes make up the API reference.
 CORE_MODULES = (
-    "kdtoolkit.errors", "kdtoolkit.hookspecs", "kdtoolkit.plugins", "kdtoolkit.registry", "kdtoolkit.params",
-    "kdtoolkit.recipe", "kdtoolkit.validate", "kdtoolkit.validate_stage", "kdtoolkit.paths", "kdtoolkit.components",
-    "kdtoolkit.engine.context", "kdtoolkit.engine.device", "kdtoolkit.engine.data", "kdtoolkit.engine.models",
-    "kdtoolkit.engine.taps", "kdtoolkit.engine.teacher", "kdtoolkit.engine.losses", "kdtoolkit.engine.optim",
-    "kdtoolkit.engine.loop", "kdtoolkit.engine.phases", "kdtoolkit.engine.evaluation", "kdtoolkit.engine.runner",
-    "kdtoolkit.engine.preflight", "kdtoolkit.engine.rundir", "kdtoolkit.engine.inspect", "kdtoolkit.engine.predict",
-    "kdtoolkit.engine.reevaluate", "kdtoolkit.engine.export",
-    "kdtoolkit.checkpoint", "kdtoolkit.records", "kdtoolkit.io", "kdtoolkit.limits", "kdtoolkit.tensorfiles",
-    "kdtoolkit.distributed", "kdtoolkit.report",
-    "kdtoolkit.progress", "kdtoolkit.builtin", "kdtoolkit.datacheck", "kdtoolkit.seeds", "kdtoolkit.aggregate",
-    "kdtoolkit.multirun", "kdtoolkit.reportplots", "kdtoolkit.schemas", "kdtoolkit.engine.optim_checks",
+    "kdtoolkit.errors",
+    "kdtoolkit.hookspecs",
+    "kdtoolkit.plugins",
+    "kdtoolkit.registry",
+    "kdtoolkit.params",
+    "kdtoolkit.recipe",
+    "kdtoolkit.validate",
+    "kdtoolkit.validate_stage",
+    "kdtoolkit.paths",
+    "kdtoolkit.components",
+    "kdtoolkit.engine.context",
+    "kdtoolkit.engine.device",
+    "kdtoolkit.engine.data",
+    "kdtoolkit.engine.models",
+    "kdtoolkit.engine.taps",
+    "kdtoolkit.engine.teacher",
+    "kdtoolkit.engine.losses",
+    "kdtoolkit.engine.optim",
+    "kdtoolkit.engine.loop",
+    "kdtoolkit.engine.phases",
+    "kdtoolkit.engine.evaluation",
+    "kdtoolkit.engine.runner",
+    "kdtoolkit.engine.preflight",
+    "kdtoolkit.engine.rundir",
+    "kdtoolkit.engine.inspect",
+    "kdtoolkit.engine.predict",
+    "kdtoolkit.engine.reevaluate",
+    "kdtoolkit.engine.export",
+    "kdtoolkit.checkpoint",
+    "kdtoolkit.records",
+    "kdtoolkit.io",
+    "kdtoolkit.limits",
+    "kdtoolkit.tensorfiles",
+    "kdtoolkit.distributed",
+    "kdtoolkit.report",
+    "kdtoolkit.progress",
+    "kdtoolkit.builtin",
+    "kdtoolkit.datacheck",
+    "kdtoolkit.seeds",
+    "kdtoolkit.aggregate",
+    "kdtoolkit.multirun",
+    "kdtoolkit.reportplots",
+    "kdtoolkit.schemas",
+    "kdtoolkit.engine.optim_checks",
 )
 #: The distribution whose registered components and bundle modules are documented.
 DISTRIBUTION = "kdtoolkit"
@@ -60,6 +93,7 @@ def bundle_modules() -> tuple[str, ...]:
 def api_modules() -> tuple[str, ...]:
     """Every module of the API reference: the core's, then the built-in bundles'."""
     return CORE_MODULES + bundle_modules()
+
 
 _PARAM_RST = re.compile(r"^\s*:param\s+(\w+):\s*(.*)$")
 
@@ -135,10 +169,23 @@ def components_md(pm: PluginManager) -> str:
             continue
         out += [f"## {PLURALS[kind].capitalize()}", ""]
         for comp in reg:
-            out += [f"### `{comp.name}` ({kind}, plugin `{comp.owner}`)", "", _first_paragraph(comp.factory) or "(no description)", ""]
+            out += [
+                f"### `{comp.name}` ({kind}, plugin `{comp.owner}`)",
+                "",
+                _first_paragraph(comp.factory) or "(no description)",
+                "",
+            ]
             attrs = []
-            for a in ("requires_teacher", "requires_outputs", "requires_teacher_outputs", "requires_reference", "requires_records", "outputs",
-                      "param_groups", "record_keys"):
+            for a in (
+                "requires_teacher",
+                "requires_outputs",
+                "requires_teacher_outputs",
+                "requires_reference",
+                "requires_records",
+                "outputs",
+                "param_groups",
+                "record_keys",
+            ):
                 if hasattr(comp.factory, a):
                     attrs.append(f"`{a}` = `{getattr(comp.factory, a)!r}`")
             if attrs:

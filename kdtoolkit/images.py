@@ -53,8 +53,10 @@ def max_image_pixels() -> int | None:
     if not text:
         return DEFAULT_MAX_IMAGE_PIXELS
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise DataError(f"expected a number of pixels (an integer >= 0; 0 turns the limit off), got {text[:40]!r}",
-                        source=MAX_PIXELS_ENV)
+        raise DataError(
+            f"expected a number of pixels (an integer >= 0; 0 turns the limit off), got {text[:40]!r}",
+            source=MAX_PIXELS_ENV,
+        )
     return int(text) or None
 
 
@@ -76,8 +78,11 @@ def _megapixels(n: int) -> str:
 
 def _too_large(path: str, pixels: int, limit: int, size: str = "") -> DataError:
     what = f"{size} ({_megapixels(pixels)})" if size else _megapixels(pixels)
-    return DataError(f"image of {what} is over the limit of {_megapixels(limit)} ({limit} pixels); it was not "
-                     f"decoded: set {MAX_PIXELS_ENV} to read larger images (0: no limit)", source=path)
+    return DataError(
+        f"image of {what} is over the limit of {_megapixels(limit)} ({limit} pixels); it was not "
+        f"decoded: set {MAX_PIXELS_ENV} to read larger images (0: no limit)",
+        source=path,
+    )
 
 
 def open_image(path: str | os.PathLike) -> Any:

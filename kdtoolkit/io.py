@@ -73,15 +73,20 @@ def is_resource_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a resource error: ``MemoryError``, torch's ``OutOfMemoryError`` (GPU
     memory), or an ``OSError`` whose errno is one of :data:`RESOURCE_ERRNOS` (a full disk, a
     quota, a read-only file system, a name too long, a file too large)."""
-    return (isinstance(exc, MemoryError) or _gpu_out_of_memory(exc)
-            or (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS))
+    return (
+        isinstance(exc, MemoryError)
+        or _gpu_out_of_memory(exc)
+        or (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS)
+    )
 
 
 _RESOURCE_ADVICE = {
     errno.ENOSPC: ("no space left on device", "free some space"),
     errno.EDQUOT: ("disk quota exceeded", "free some space (or raise the quota)"),
-    errno.EFBIG: ("file too large for the file system or the process's file-size limit",
-                  "raise the limit or write elsewhere"),
+    errno.EFBIG: (
+        "file too large for the file system or the process's file-size limit",
+        "raise the limit or write elsewhere",
+    ),
     errno.EROFS: ("read-only file system", "make it writable (or write elsewhere, e.g. another --out)"),
     errno.ENAMETOOLONG: ("file name too long", "use a shorter path"),
 }
@@ -93,16 +98,20 @@ def resource_error_message(exc: BaseException) -> str | None:
     (every file is written atomically and a run resumes from its last checkpoint) and what to do."""
     if isinstance(exc, MemoryError) or _gpu_out_of_memory(exc):
         what = "out of memory (MemoryError)" if isinstance(exc, MemoryError) else "out of GPU memory"
-        return (f"{what}; nothing finished was lost (every file is written atomically and a run resumes from its "
-                "last checkpoint): free memory or use smaller batches (data.batch_size, data.eval_batch_size), then "
-                "run the same command again to resume")
+        return (
+            f"{what}; nothing finished was lost (every file is written atomically and a run resumes from its "
+            "last checkpoint): free memory or use smaller batches (data.batch_size, data.eval_batch_size), then "
+            "run the same command again to resume"
+        )
     if not is_resource_error(exc):
         return None
     assert isinstance(exc, OSError)
     what, todo = _RESOURCE_ADVICE.get(exc.errno, (exc.strerror or "resource error", "fix it"))
     where = f"{exc.filename}: " if exc.filename not in (None, "") else ""
-    return (f"{where}{what}; nothing finished was lost (every file is written atomically and a run "
-            f"resumes from its last checkpoint): {todo}, then run the same command again to resume")
+    return (
+        f"{where}{what}; nothing finished was lost (every file is written atomically and a run "
+        f"resumes from its last checkpoint): {todo}, then run the same command again to resume"
+    )
 
 
 def _named(exc: OSError, path: Path) -> OSError:
@@ -236,8 +245,9 @@ def open_for_update(path: Path, flags: int) -> int:
         fd = os.open(path, flags | nofollow | nonblock, 0o666)
     except OSError as exc:
         if exc.errno == errno.ELOOP or os.path.islink(path):
-            raise KdtError("refusing to write through a symbolic link (a run directory's files are its own)",
-                           source=str(path)) from None
+            raise KdtError(
+                "refusing to write through a symbolic link (a run directory's files are its own)", source=str(path)
+            ) from None
         raise _named(exc, path)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -369,9 +379,22 @@ def _json_default(o: Any) -> Any:
 #: Names that moved to :mod:`kdtoolkit.limits` and :mod:`kdtoolkit.tensorfiles`, still importable from here.
 _MOVED = {
     **dict.fromkeys(("special_file_kind", "open_regular_file", "available_memory"), "kdtoolkit.limits"),
-    **dict.fromkeys(("CHECKSUM_KEY", "MAX_HEADER_BYTES", "content_checksum", "atomic_save_safetensors",
-                     "SafetensorsHeader", "read_safetensors_header", "read_safetensors", "load_external_state_dict",
-                     "decode_metadata", "read_kdt_safetensors", "read_kdt_metadata"), "kdtoolkit.tensorfiles"),
+    **dict.fromkeys(
+        (
+            "CHECKSUM_KEY",
+            "MAX_HEADER_BYTES",
+            "content_checksum",
+            "atomic_save_safetensors",
+            "SafetensorsHeader",
+            "read_safetensors_header",
+            "read_safetensors",
+            "load_external_state_dict",
+            "decode_metadata",
+            "read_kdt_safetensors",
+            "read_kdt_metadata",
+        ),
+        "kdtoolkit.tensorfiles",
+    ),
 }
 
 

@@ -19,8 +19,13 @@ from typing import BinaryIO
 
 from .errors import CheckpointError, KdtError
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def special_file_kind(path: str | os.PathLike) -> str | None:
@@ -109,8 +114,7 @@ def _cgroup_available(proc: Path = Path("/proc/self/cgroup"), root: Path = Path(
     the kernel can reclaim (``inactive_file`` in ``memory.stat``, counted in ``memory.current``) counts as
     free: a container that has just read its dataset is not full."""
     try:
-        rel = next((line[3:].strip() for line in proc.read_text().splitlines()
-                    if line.startswith("0::")), None)
+        rel = next((line[3:].strip() for line in proc.read_text().splitlines() if line.startswith("0::")), None)
         if rel is None:
             return None
         folder = root / rel.lstrip("/")
@@ -157,9 +161,11 @@ def available_memory(needed: int) -> tuple[int, str] | None:
     Reads (cheaply, no dependency) ``MemAvailable`` of ``/proc/meminfo``, the cgroup v2
     memory limit, and ``RLIMIT_AS`` (where loading a file also maps it: twice ``needed``).
     """
-    for avail, what, factor in ((_meminfo_available(), "available memory (MemAvailable)", 1),
-                                (_cgroup_available(), "memory left under the cgroup limit", 1),
-                                (_address_space_available(), "address space left under RLIMIT_AS (ulimit -v)", 2)):
+    for avail, what, factor in (
+        (_meminfo_available(), "available memory (MemAvailable)", 1),
+        (_cgroup_available(), "memory left under the cgroup limit", 1),
+        (_address_space_available(), "address space left under RLIMIT_AS (ulimit -v)", 2),
+    ):
         if avail is not None and needed * factor > avail:
             return avail // factor, what
     return None

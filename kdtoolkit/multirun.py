@@ -12,14 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aggregate import (AggTable, Run, Stat, aggregate_tables, baseline_deltas, check_same_recipe, deltas_table,
-                        find_runs, load_run, nest, stage_metrics)
+from .aggregate import (
+    AggTable,
+    Run,
+    Stat,
+    aggregate_tables,
+    baseline_deltas,
+    check_same_recipe,
+    deltas_table,
+    find_runs,
+    load_run,
+    nest,
+    stage_metrics,
+)
 from .errors import KdtError
 from .tables import Table
 
-SD_NOTE = ("Each number is the mean ± the sample standard deviation (n − 1 in the denominator) over the runs; "
-           "\"(n=k)\": only k runs have the value. Differences from the baseline are the mean ± sample standard "
-           "deviation of the per-run paired differences (a run's stage minus the same run's baseline).")
+SD_NOTE = (
+    "Each number is the mean ± the sample standard deviation (n − 1 in the denominator) over the runs; "
+    '"(n=k)": only k runs have the value. Differences from the baseline are the mean ± sample standard '
+    "deviation of the per-run paired differences (a run's stage minus the same run's baseline)."
+)
 
 
 @dataclass
@@ -52,12 +65,17 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         """Every aggregated number: ``{name, runs, seeds, n, sd, tables, metrics, deltas, figures}``."""
         return {
-            "name": self.name, "runs": [str(r.path) for r in self.runs], "seeds": [r.seed for r in self.runs],
-            "n": len(self.runs), "sd": "sample standard deviation (ddof = 1)",
+            "name": self.name,
+            "runs": [str(r.path) for r in self.runs],
+            "seeds": [r.seed for r in self.runs],
+            "n": len(self.runs),
+            "sd": "sample standard deviation (ddof = 1)",
             "tables": [t.to_json() for t in self.tables],
             "metrics": {s: nest({p: st.to_json() for p, st in stats.items()}) for s, stats in self.metrics.items()},
-            "deltas": {s: {"baseline": b, "metrics": nest({p: st.to_json() for p, st in stats.items()})}
-                       for s, (b, stats) in self.deltas.items()},
+            "deltas": {
+                s: {"baseline": b, "metrics": nest({p: st.to_json() for p, st in stats.items()})}
+                for s, (b, stats) in self.deltas.items()
+            },
             "figures": {k: str(v) for k, v in self.figures.items()},
         }
 
@@ -85,8 +103,11 @@ def _figures(report: Report, out: Path) -> None:
 
     stem, folder = out.stem, out.parent
     for metric, title in (("aap", "AAP (average number of active patches)"), ("ajs", "AJS (against the teacher)")):
-        made = tau_figure(tau_series(report.metrics, metric), f"{title} against τ, mean ± sd over {len(report.runs)} runs",
-                          folder / f"{stem}-{metric}.png")
+        made = tau_figure(
+            tau_series(report.metrics, metric),
+            f"{title} against τ, mean ± sd over {len(report.runs)} runs",
+            folder / f"{stem}-{metric}.png",
+        )
         if made is not None:
             report.figures[metric] = made
     logs = [epoch_logs(r.path, list(r.results["stages"])) for r in report.runs]
@@ -101,15 +122,26 @@ def _markdown(report: Report, out: Path) -> str:
     md = [f"# Report: {report.name} ({len(report.runs)} runs)", ""]
     if first.get("description"):
         md += [first["description"], ""]
-    runs = ", ".join(f"[{_rel(r.path, folder)}]({_rel(r.path / 'results.md', folder)})"
-                     + (f" (seed {r.seed})" if r.seed is not None else "") for r in report.runs)
+    runs = ", ".join(
+        f"[{_rel(r.path, folder)}]({_rel(r.path / 'results.md', folder)})"
+        + (f" (seed {r.seed})" if r.seed is not None else "")
+        for r in report.runs
+    )
     md += [f"Runs of the same recipe: {runs}.", "", SD_NOTE, ""]
     md += [t.to_markdown() for t in report.all_tables()]
     if "aap" in report.figures or "ajs" in report.figures:
-        md += ["## AAP and AJS against τ", "",
-               "One line per model: the mean over the runs, the band ± one sample standard deviation; τ = ∞ "
-               "(no threshold) at its own tick on the right.", ""]
-        md += [f"![{m.upper()} against τ]({_rel(report.figures[m], folder)})" for m in ("aap", "ajs") if m in report.figures]
+        md += [
+            "## AAP and AJS against τ",
+            "",
+            "One line per model: the mean over the runs, the band ± one sample standard deviation; τ = ∞ "
+            "(no threshold) at its own tick on the right.",
+            "",
+        ]
+        md += [
+            f"![{m.upper()} against τ]({_rel(report.figures[m], folder)})"
+            for m in ("aap", "ajs")
+            if m in report.figures
+        ]
         md.append("")
     curves = [r.path / "training.png" for r in report.runs if (r.path / "training.png").is_file()]
     if "training" in report.figures or curves:
@@ -117,7 +149,10 @@ def _markdown(report: Report, out: Path) -> str:
         if "training" in report.figures:
             md += [f"![training curves, mean ± sd]({_rel(report.figures['training'], folder)})", ""]
         if curves:
-            md += ["Each run's own curves: " + ", ".join(f"[{_rel(p.parent, folder)}]({_rel(p, folder)})" for p in curves), ""]
+            md += [
+                "Each run's own curves: " + ", ".join(f"[{_rel(p.parent, folder)}]({_rel(p, folder)})" for p in curves),
+                "",
+            ]
     return "\n".join(md)
 
 
@@ -130,7 +165,9 @@ def write_report(report: Report, out: str | Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise KdtError(f"cannot create the report's folder ({exc.strerror or type(exc).__name__})", source=str(out)) from None
+        raise KdtError(
+            f"cannot create the report's folder ({exc.strerror or type(exc).__name__})", source=str(out)
+        ) from None
     _figures(report, out)
     atomic_write_text(out, _markdown(report, out))
     return out

@@ -23,7 +23,8 @@ import pathlib
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 REQUIRED = inspect.Parameter.empty
 
@@ -102,7 +103,9 @@ def type_name(ann: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
     if origin is list:
         (item,) = typing.get_args(ann) or (Any,)
-        return "a list of " + (type_name(item).removeprefix("a ").removeprefix("an ") + "s" if item is not Any else "values")
+        return "a list of " + (
+            type_name(item).removeprefix("a ").removeprefix("an ") + "s" if item is not Any else "values"
+        )
     if origin is dict:
         args = typing.get_args(ann)
         return "a table of " + (type_name(args[1]).removeprefix("a ").removeprefix("an ") + "s" if args else "values")
@@ -184,8 +187,9 @@ def coerce(value: Any, ann: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
         if not INT_MIN <= value <= INT_MAX:
-            raise ParamTypeError(f"expected an integer between -2^63 and 2^63-1 (TOML's 64-bit range), "
-                                 f"got {describe_value(value)}")
+            raise ParamTypeError(
+                f"expected an integer between -2^63 and 2^63-1 (TOML's 64-bit range), got {describe_value(value)}"
+            )
         return value
     if ann is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -49,14 +49,32 @@ MAX_FILE_NAME_BYTES = 255
 
 #: What ``kdt run``, ``kdt run --seeds``, ``kdt report`` and ``kdt explain`` write into a run directory.
 RUN_DIR_NAMES = (
-    "recipe.resolved.toml", "recipe.resolved.json", "run.json", "results.json", "results.md", "training.png",
-    "seeds.json", "report.md", "report-aap.png", "report-ajs.png", "report-training.png", "explanations",
+    "recipe.resolved.toml",
+    "recipe.resolved.json",
+    "run.json",
+    "results.json",
+    "results.md",
+    "training.png",
+    "seeds.json",
+    "report.md",
+    "report-aap.png",
+    "report-ajs.png",
+    "report-training.png",
+    "explanations",
 )
 
 #: What ``kdt run``, ``kdt evaluate``, ``kdt export`` and ``kdt explain`` write into a stage directory.
 STAGE_DIR_NAMES = (
-    "model.safetensors", "result.json", "checkpoint.safetensors", "metrics.jsonl", "losses.safetensors",
-    "records.safetensors", "evaluations", "explanations", "model.pt", "model.pt2",
+    "model.safetensors",
+    "result.json",
+    "checkpoint.safetensors",
+    "metrics.jsonl",
+    "losses.safetensors",
+    "records.safetensors",
+    "evaluations",
+    "explanations",
+    "model.pt",
+    "model.pt2",
 )
 
 #: Names a stage, phase or recipe may not have, lower-case (compared with ``str.casefold``).
@@ -71,7 +89,7 @@ NAME_RULE = "letters, digits, '_', '-' and '.', starting with a letter, digit or
 def _shown(name: str, limit: int = 40) -> str:
     """``name`` quoted for a one-line message (escapes visible, long names cut)."""
     text = repr(name)
-    return text if len(text) <= limit else text[:limit - 4] + "...'"
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 def key_name(name: str) -> str:
@@ -95,8 +113,10 @@ def name_problem(name: Any) -> str | None:
     if len(name) > MAX_NAME_LENGTH:
         return f"{_shown(name)} is {len(name)} characters long; names have at most {MAX_NAME_LENGTH}"
     if name.casefold() in RESERVED_NAMES:
-        return (f"{_shown(name)} is reserved: run and stage directories have their own file or folder of that name "
-                "(compared ignoring case)")
+        return (
+            f"{_shown(name)} is reserved: run and stage directories have their own file or folder of that name "
+            "(compared ignoring case)"
+        )
     if RESERVED_RE.match(name):
         return f"{_shown(name)} is reserved for the seed folders of a multi-seed run (seed-<n>)"
     return None
@@ -120,7 +140,7 @@ def safe_name(text: str) -> str:
     out = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
     out = re.sub(r"^[.-]", "_", out)[:MAX_NAME_LENGTH] or "recipe"
     if name_problem(out) is not None:
-        out = out[:MAX_NAME_LENGTH - 4] + "_run"
+        out = out[: MAX_NAME_LENGTH - 4] + "_run"
     return out
 
 
@@ -130,8 +150,14 @@ def _part_problem(part: Any) -> str | None:
     text = os.fspath(part)
     if not isinstance(text, str):
         return "expected a file name, got bytes"
-    if (not text or text in (".", "..") or "/" in text or "\\" in text or os.sep in text
-            or any(ord(c) < 32 or ord(c) == 127 for c in text)):
+    if (
+        not text
+        or text in (".", "..")
+        or "/" in text
+        or "\\" in text
+        or os.sep in text
+        or any(ord(c) < 32 or ord(c) == 127 for c in text)
+    ):
         return f"{_shown(text)} is not a single file name (no separators, '.', '..' or control characters)"
     if len(text.encode("utf-8", "surrogateescape")) > MAX_FILE_NAME_BYTES:
         return f"{_shown(text)} is longer than {MAX_FILE_NAME_BYTES} bytes"
@@ -167,9 +193,14 @@ def inside(base: str | Path, *parts: str, what: str = "directory", follow_links:
         root = base.resolve()
         target = joined.resolve()
     except (RuntimeError, OSError) as exc:  # a symbolic-link loop (RuntimeError before Python 3.13), a bad link
-        raise KdtError(f"refusing the path {_shown(os.path.join(*parts))}: it cannot be resolved "
-                       f"({' '.join(str(exc).split())[:80]})", source=str(base)) from None
+        raise KdtError(
+            f"refusing the path {_shown(os.path.join(*parts))}: it cannot be resolved "
+            f"({' '.join(str(exc).split())[:80]})",
+            source=str(base),
+        ) from None
     if target != root and root not in target.parents:
-        raise KdtError(f"refusing the path {_shown(os.path.join(*parts))}: it resolves to {target}, outside the {what}",
-                       source=str(base))
+        raise KdtError(
+            f"refusing the path {_shown(os.path.join(*parts))}: it resolves to {target}, outside the {what}",
+            source=str(base),
+        )
     return joined

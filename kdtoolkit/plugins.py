@@ -33,7 +33,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pluggy
 
@@ -141,11 +142,17 @@ class PluginManager:
         self.infos: dict[str, PluginInfo] = {}
         from . import builtin
 
-        self._register(builtin, CORE_PLUGIN, PluginInfo(CORE_PLUGIN, builtin.__name__, "kdtoolkit", _version("kdtoolkit"), "built-in"))
+        self._register(
+            builtin,
+            CORE_PLUGIN,
+            PluginInfo(CORE_PLUGIN, builtin.__name__, "kdtoolkit", _version("kdtoolkit"), "built-in"),
+        )
         if autoload:
             self._discover()
         for obj, name in extra or []:
-            self._register(obj, name, PluginInfo(name, getattr(obj, "__name__", repr(obj)), source="registered at run time"))
+            self._register(
+                obj, name, PluginInfo(name, getattr(obj, "__name__", repr(obj)), source="registered at run time")
+            )
         self.registries: dict[str, Registry] = {}
         self._collect()
 
@@ -168,15 +175,21 @@ class PluginManager:
             )
             if ep.name in blocked:
                 info.status = "blocked"
-                self.infos[ep.name if ep.name not in self.infos else self._free_key(ep.name, dist_name or ep.value)] = info
+                self.infos[ep.name if ep.name not in self.infos else self._free_key(ep.name, dist_name or ep.value)] = (
+                    info
+                )
                 continue
             if ep.name in self.infos:
                 holder = self.infos[ep.name]
                 kept = "the built-in bundle " if _is_own(holder.distribution) else ""
-                info.status, info.error = "failed", (
-                    f"plugin name '{ep.name}' is already taken by {kept}{holder.module} (distribution "
-                    f"{holder.distribution or 'unknown'}); entry point '{ep.name}' = {ep.value} of distribution "
-                    f"{dist_name or 'unknown'} refused, rename it")
+                info.status, info.error = (
+                    "failed",
+                    (
+                        f"plugin name '{ep.name}' is already taken by {kept}{holder.module} (distribution "
+                        f"{holder.distribution or 'unknown'}); entry point '{ep.name}' = {ep.value} of distribution "
+                        f"{dist_name or 'unknown'} refused, rename it"
+                    ),
+                )
                 self.infos[self._free_key(ep.name, dist_name or ep.value)] = info
                 continue
             if no_autoload and (dist_name or "").lower() != "kdtoolkit":
@@ -192,7 +205,7 @@ class PluginManager:
                 info.status, info.error = "failed", _short_error(exc)
                 self.infos[ep.name] = info
                 continue
-            except BaseException as exc:  # noqa: BLE001 -- sys.exit() or GeneratorExit at import
+            except BaseException as exc:
                 info.status, info.error = "failed", f"{describe_raise(exc)} while being imported"
                 self.infos[ep.name] = info
                 continue
@@ -218,7 +231,7 @@ class PluginManager:
                 self._register_checked(obj, name, info)
         except KeyboardInterrupt:
             raise
-        except BaseException as exc:  # noqa: BLE001 -- a module __getattr__ or __dir__ that raises or exits
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 if self.pm.get_plugin(name) is obj:
                     self.pm.unregister(obj)
@@ -242,8 +255,10 @@ class PluginManager:
         # (pluggy adds a spec-less caller to pm.hook for every unknown name it
         # has seen, so test for the spec, not for the attribute.)
         unknown = [
-            h for h in dir(obj)
-            if h.startswith("kdt_") and callable(getattr(obj, h))
+            h
+            for h in dir(obj)
+            if h.startswith("kdt_")
+            and callable(getattr(obj, h))
             and getattr(getattr(self.pm.hook, h, None), "spec", None) is None
         ]
         if unknown:
@@ -257,18 +272,21 @@ class PluginManager:
                 self.pm.unregister(obj)
                 info.status, info.error = "failed", _short_error(exc)
         if info.status == "loaded":
-            info.hooks = sorted(
-                h.name for h in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []
-            )
+            info.hooks = sorted(h.name for h in self.pm.get_hookcallers(self.pm.get_plugin(name)) or [])
             # A function named like a hook but not decorated with @hookimpl is silently ignored by pluggy.
             plain = [
-                h for h in dir(obj)
-                if h.startswith("kdt_") and callable(getattr(obj, h)) and h not in info.hooks
+                h
+                for h in dir(obj)
+                if h.startswith("kdt_")
+                and callable(getattr(obj, h))
+                and h not in info.hooks
                 and getattr(getattr(self.pm.hook, h, None), "spec", None) is not None
             ]
             if plain:
-                info.warnings.append(f"{', '.join(plain)} not decorated with @hookimpl, so never called "
-                                     "(from kdtoolkit.hookspecs import hookimpl)")
+                info.warnings.append(
+                    f"{', '.join(plain)} not decorated with @hookimpl, so never called "
+                    "(from kdtoolkit.hookspecs import hookimpl)"
+                )
         self.infos[name] = info
 
     # -- registries -----------------------------------------------------
@@ -292,7 +310,7 @@ class PluginManager:
                     continue
                 except KeyboardInterrupt:
                     raise
-                except BaseException as exc:  # noqa: BLE001 -- SystemExit and GeneratorExit included
+                except BaseException as exc:
                     self._fail(impl.plugin_name, f"{HOOKS[kind]} {describe_raise(exc)}", registry)
                     continue
                 added = sorted(set(registry.names()) - before)
@@ -336,7 +354,7 @@ class PluginManager:
                 res = impl.function(**args)
             except KeyboardInterrupt:
                 raise
-            except BaseException as exc:  # noqa: BLE001 -- a plugin's sys.exit() must not end the process silently
+            except BaseException as exc:
                 from .io import is_resource_error
 
                 if is_resource_error(exc):  # a full disk in a plugin's writer: the CLI's resource-error line

@@ -46,7 +46,7 @@ class Progress:
                 transient=False,
             )
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self._p is not None:
             self._p.start()
         return self
@@ -60,8 +60,13 @@ class Progress:
             return None
         return self._p.add_task(description, total=total, completed=completed, epoch="-", loss="-", speed="")
 
-    def advance(self, task: TaskID | None, loss: float | None = None, epoch: str | None = None,
-                images_per_s: float | None = None) -> None:
+    def advance(
+        self,
+        task: TaskID | None,
+        loss: float | None = None,
+        epoch: str | None = None,
+        images_per_s: float | None = None,
+    ) -> None:
         """One step done: the bar moves by one, with the running loss, the epoch and the throughput."""
         if self._p is None or task is None:
             return

@@ -32,6 +32,7 @@ from .plugins import PluginManager
 
 from .validate import Validator, deep_merge
 
+
 @dataclass
 class Recipe:
     """A loaded, validated recipe.
@@ -85,8 +86,9 @@ class Recipe:
 MAX_DEPTH = 64
 
 
-def check_depth(data: Any, source: str, key: str | None = None, limit: int = MAX_DEPTH,
-                error: type[KdtError] = RecipeError) -> None:
+def check_depth(
+    data: Any, source: str, key: str | None = None, limit: int = MAX_DEPTH, error: type[KdtError] = RecipeError
+) -> None:
     """Refuse tables and lists (dicts and lists) nested more than ``limit`` levels deep, without recursion.
 
     :raises RecipeError: (or ``error``) naming ``source`` (and ``key``) and the path where the limit is crossed.
@@ -240,7 +242,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node[last] = value
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, plugins: PluginManager | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, plugins: PluginManager | None = None
+) -> Recipe:
     """Read, merge (``extends``), override (``--set``) and validate a recipe.
 
     :param path: the recipe file.
@@ -257,15 +261,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     try:
         return _load_recipe(path, overrides, plugins or get_manager())
     except RecursionError:  # a bound above missed a case: still one line
-        raise RecipeError("nested too deeply to check (tables, lists, 'extends', stage bases or teachers)",
-                          source=str(path)) from None
+        raise RecipeError(
+            "nested too deeply to check (tables, lists, 'extends', stage bases or teachers)", source=str(path)
+        ) from None
 
 
 def _load_recipe(path: Path, overrides: list[str] | tuple[str, ...], plugins: PluginManager) -> Recipe:
     data, origins = _load_with_extends(path)
     for assignment in overrides:
         if assignment.partition("=")[0].strip() == "extends":
-            raise RecipeError("'extends' is resolved before overrides; edit the recipe file instead", source="--set", key="extends")
+            raise RecipeError(
+                "'extends' is resolved before overrides; edit the recipe file instead", source="--set", key="extends"
+            )
         apply_override(data, assignment)
         _set_origin(origins, key_string(parse_key_path(assignment.partition("=")[0].strip())), os.getcwd())
     check_depth(data, str(path))  # the overrides together with the files

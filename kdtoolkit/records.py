@@ -56,11 +56,13 @@ class Records:
         import torch
 
         meta = {"format": RECORDS_FORMAT, **{k: json.dumps(v) for k, v in self.meta.items()}}
-        tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).contiguous().cpu()
-                   for k, v in self.tensors.items()}
+        tensors = {
+            k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).contiguous().cpu()
+            for k, v in self.tensors.items()
+        }
         atomic_save_safetensors(tensors, Path(path), meta)
 
-    def numpy(self) -> "Records":
+    def numpy(self) -> Records:
         """The same records with numpy arrays (CPU copies of torch tensors; bfloat16, which
         numpy lacks, becomes float32, which holds its values exactly)."""
 
@@ -73,7 +75,9 @@ class Records:
         return Records({k: as_array(v) for k, v in self.tensors.items()}, dict(self.meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, arrays: str = "torch", require: tuple[str, ...] | list[str] = ()) -> "Records":
+    def load(
+        cls, path: str | os.PathLike, arrays: str = "torch", require: tuple[str, ...] | list[str] = ()
+    ) -> Records:
         """Read a records file, as torch tensors or (``arrays="numpy"``) as numpy arrays
         without importing torch (a file with a dtype numpy lacks, e.g. bfloat16, still gives
         torch tensors; see :func:`~kdtoolkit.tensorfiles.read_safetensors`).
@@ -86,8 +90,9 @@ class Records:
         :raises CheckpointError: for a missing, truncated, foreign or inconsistent file.
         """
         path = Path(path)
-        tensors, decoded = read_kdt_safetensors(path, RECORDS_FORMAT, "records file", arrays,
-                                                require=("labels", "logits", *require), check=_check_shapes)
+        tensors, decoded = read_kdt_safetensors(
+            path, RECORDS_FORMAT, "records file", arrays, require=("labels", "logits", *require), check=_check_shapes
+        )
         _check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, str(path))
         return cls(tensors, decoded)
 

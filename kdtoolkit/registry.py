@@ -27,7 +27,8 @@ import inspect
 import re
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .errors import KdtError, PluginError, RecipeError
 from .params import ParamSpec, signature_params
@@ -76,6 +77,7 @@ def summarize(names: list[str], limit: int = LIST_LIMIT, hint: str = "see kdt pl
         return ", ".join(names) or "none"
     return ", ".join(names[:limit]) + f", … and {len(names) - limit} more; {hint}"
 
+
 #: Plural of each kind, as in hook names and listings.
 PLURALS = {kind: kind + ("es" if kind.endswith("s") else "s") for kind in KINDS}
 #: The registration hook of each kind.
@@ -100,8 +102,7 @@ class Component:
     reference.
     """
 
-    def __init__(self, kind: str, name: str, factory: Callable[..., Any] | str, owner: str,
-                 summary: str | None = None):
+    def __init__(self, kind: str, name: str, factory: Callable[..., Any] | str, owner: str, summary: str | None = None):
         self.kind, self.name, self.owner = kind, name, owner
         self.reference = factory if isinstance(factory, str) else None
         self._factory = None if isinstance(factory, str) else factory
@@ -125,7 +126,7 @@ class Component:
                     obj = getattr(obj, part)
             except KeyboardInterrupt:
                 raise
-            except BaseException as exc:  # noqa: BLE001 -- sys.exit() at import included
+            except BaseException as exc:
                 raise self._fail(f"cannot import {self.reference} ({describe_exception(exc)})") from None
             if not callable(obj):
                 raise self._fail(f"{self.reference} is not a class or function")
@@ -159,9 +160,11 @@ class Component:
         clash = [p for p in params if p in RESERVED_KEYS[self.kind]]
         if clash:
             self._factory = None if self.reference else self._factory
-            raise self._fail(f"parameter '{clash[0]}' is a key the core reads itself in every {self.kind}'s table "
-                             f"({', '.join(RESERVED_KEYS[self.kind])}), so it would never reach the {self.kind}: "
-                             "rename it")
+            raise self._fail(
+                f"parameter '{clash[0]}' is a key the core reads itself in every {self.kind}'s table "
+                f"({', '.join(RESERVED_KEYS[self.kind])}), so it would never reach the {self.kind}: "
+                "rename it"
+            )
         self._params = params
 
     @property
@@ -202,7 +205,7 @@ class Component:
             return factory(*args, **kwargs)
         except (KdtError, KeyboardInterrupt):
             raise
-        except BaseException as exc:  # noqa: BLE001 -- a plugin's factory must not end the process
+        except BaseException as exc:
             from .io import is_resource_error
 
             if is_resource_error(exc):  # out of memory, a full disk: the command line's resource-error line
@@ -281,7 +284,7 @@ class Registry:
         self.failed: list[tuple[str, str]] = []
 
     # -- registration -------------------------------------------------
-    def bound(self, owner: str) -> "Registry":
+    def bound(self, owner: str) -> Registry:
         """A view of this registry whose :meth:`add` records ``owner``."""
         view = object.__new__(Registry)
         view.kind = self.kind
@@ -313,11 +316,15 @@ class Registry:
                 f"(the first keeps the name)"
             )
         if isinstance(factory, str) and not REFERENCE.match(factory):
-            raise PluginError(f"plugin '{self._owner}': {self.kind} '{name}': {factory!r} is not a reference "
-                              "of the form 'package.module:Name'")
+            raise PluginError(
+                f"plugin '{self._owner}': {self.kind} '{name}': {factory!r} is not a reference "
+                "of the form 'package.module:Name'"
+            )
         if not isinstance(factory, str) and not callable(factory):
-            raise PluginError(f"plugin '{self._owner}': {self.kind} '{name}': the factory must be a class, "
-                              f"a function or a 'package.module:Name' reference, got {type(factory).__name__}")
+            raise PluginError(
+                f"plugin '{self._owner}': {self.kind} '{name}': the factory must be a class, "
+                f"a function or a 'package.module:Name' reference, got {type(factory).__name__}"
+            )
         self._items[name] = Component(self.kind, name, factory, self._owner, summary)
 
     def drop_owner(self, owner: str) -> list[str]:
@@ -352,8 +359,11 @@ class Registry:
         except (KeyError, TypeError):
             failed = ""
             if self.failed:
-                failed = "; plugins that failed to load: " + "; ".join(
-                    f"'{plugin}' ({error})" for plugin, error in self.failed) + " (see kdt plugins)"
+                failed = (
+                    "; plugins that failed to load: "
+                    + "; ".join(f"'{plugin}' ({error})" for plugin, error in self.failed)
+                    + " (see kdt plugins)"
+                )
             raise RecipeError(
                 f"unknown {self.kind} {name!r}{suggest(str(name), self.names())}; registered: "
                 f"{summarize(self.names())}{failed}",

@@ -19,15 +19,32 @@ def stages_table(results: dict[str, Any]) -> Table:
     keys: list[str] = []
     for res in stages.values():
         for k, v in res.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in (
-                "num_parameters", "train_seconds", "test_images") and k not in keys:
+            if (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and k not in ("num_parameters", "train_seconds", "test_images")
+                and k not in keys
+            ):
                 keys.append(k)
     keys.sort(key=lambda k: (k != "accuracy", k))
     rows = []
     for name, res in stages.items():
-        rows.append([name, res.get("description", ""), res.get("teacher") or "—", *[res.get(k) for k in keys],
-                     f"{res.get('num_parameters', 0) / 1e6:.2f}M", Number(res.get("train_seconds", 0), ".1f")])
-    return Table("Test metrics per stage", ["stage", "description", "teacher", *keys, "parameters", "train s"], rows, key="stages")
+        rows.append(
+            [
+                name,
+                res.get("description", ""),
+                res.get("teacher") or "—",
+                *[res.get(k) for k in keys],
+                f"{res.get('num_parameters', 0) / 1e6:.2f}M",
+                Number(res.get("train_seconds", 0), ".1f"),
+            ]
+        )
+    return Table(
+        "Test metrics per stage",
+        ["stage", "description", "teacher", *keys, "parameters", "train s"],
+        rows,
+        key="stages",
+    )
 
 
 def collect_tables(results: dict[str, Any], recipe: dict[str, Any], plugins) -> list[Table]:
@@ -66,10 +83,12 @@ def epoch_logs(out: Path, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
 CROSS_ENTROPY_LOSSES = ("cross_entropy", "prototree_nll")
 
 
-PHASE_NOTE = ("Dotted grey lines: a training phase starts. Dashed red lines: a phase without epochs (push, projection, "
-              "pruning). At a push the prototypes become training patches,\nso the cross-entropy usually jumps and the "
-              "last-layer phase after it re-fits the last layer. The total is the weighted sum of the losses the phase "
-              "uses: it also jumps\nwhere that set changes (the last-layer phase has no cluster or separation term).")
+PHASE_NOTE = (
+    "Dotted grey lines: a training phase starts. Dashed red lines: a phase without epochs (push, projection, "
+    "pruning). At a push the prototypes become training patches,\nso the cross-entropy usually jumps and the "
+    "last-layer phase after it re-fits the last layer. The total is the weighted sum of the losses the phase "
+    "uses: it also jumps\nwhere that set changes (the last-layer phase has no cluster or separation term)."
+)
 
 
 def phase_marks(history: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[tuple[float, str, bool]]:
@@ -115,9 +134,17 @@ def _stage_panel(ax, name: str, rows: list[dict[str, Any]], result: dict[str, An
     for (pos, trains), phases in marks.items():
         ax.axvline(pos, color="0.45" if trains else "tab:red", linestyle=":" if trains else "--", linewidth=1)
         # a phase's name right of its start line; pushes (no epochs) left of their line, which they share
-        ax.text(pos + (0.03 if trains else -0.03), 0.98, " + ".join(phases), transform=ax.get_xaxis_transform(),
-                rotation=90, va="top", ha="left" if trains else "right", fontsize=8,
-                color="0.25" if trains else "tab:red")
+        ax.text(
+            pos + (0.03 if trains else -0.03),
+            0.98,
+            " + ".join(phases),
+            transform=ax.get_xaxis_transform(),
+            rotation=90,
+            va="top",
+            ha="left" if trains else "right",
+            fontsize=8,
+            color="0.25" if trains else "tab:red",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(0.3, max([len(rows) + 0.5] + [p + 0.4 for p, _ in marks]))
     ax.set_title(f"{name}: loss per epoch", fontsize=10)

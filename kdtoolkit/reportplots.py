@@ -46,8 +46,9 @@ def _band(ax, x: list[float], stats: list[Stat], color, label: str | None = None
     mean = [s.mean for s in stats]
     sd = [s.sd or 0.0 for s in stats]
     ax.plot(x, mean, marker="o", markersize=3, color=color, label=label)
-    ax.fill_between(x, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], color=color, alpha=0.2,
-                    linewidth=0)
+    ax.fill_between(
+        x, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], color=color, alpha=0.2, linewidth=0
+    )
 
 
 def tau_figure(series: dict[str, list[tuple[float, Stat]]], title: str, path: Path) -> Path | None:
@@ -71,8 +72,15 @@ def tau_figure(series: dict[str, list[tuple[float, Stat]]], title: str, path: Pa
             _band(ax, [t for t, _ in fin], [s for _, s in fin], color, stage)
         if inf:
             s = inf[0]
-            ax.errorbar([x_inf], [s.mean], yerr=[[s.sd or 0.0], [s.sd or 0.0]], fmt="s", color=color, capsize=4,
-                        label=None if fin else stage)
+            ax.errorbar(
+                [x_inf],
+                [s.mean],
+                yerr=[[s.sd or 0.0], [s.sd or 0.0]],
+                fmt="s",
+                color=color,
+                capsize=4,
+                label=None if fin else stage,
+            )
             if fin:
                 ax.plot([fin[-1][0], x_inf], [fin[-1][1].mean, s.mean], linestyle=":", color=color)
     ticks = finite + [x_inf]
@@ -121,11 +129,13 @@ def training_figure(logs: list[dict[str, list[dict[str, Any]]]], path: Path) -> 
         for ax, key in ((ax1, "loss/total"), (ax2, "train_accuracy")):
             mean, sd = _mean_curves(per_run, key)
             x = list(range(1, len(mean) + 1))
-            ax.plot(x, mean, color=colors[i % len(colors)], label=stage, marker="o" if len(x) < 30 else None,
-                    markersize=3)
+            ax.plot(
+                x, mean, color=colors[i % len(colors)], label=stage, marker="o" if len(x) < 30 else None, markersize=3
+            )
             lower = [max(m - d, m * 1e-3) if key == "loss/total" else m - d for m, d in zip(mean, sd)]
-            ax.fill_between(x, lower, [m + d for m, d in zip(mean, sd)], color=colors[i % len(colors)], alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(
+                x, lower, [m + d for m, d in zip(mean, sd)], color=colors[i % len(colors)], alpha=0.2, linewidth=0
+            )
     if all(v > 0 for line in ax1.get_lines() for v in line.get_ydata()):
         ax1.set_yscale("log")
     ax1.set_title(f"total training loss (mean ± sd over {len(logs)} runs)")

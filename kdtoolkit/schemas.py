@@ -43,9 +43,20 @@ from .params import REQUIRED, ParamSpec
 
 #: The class attributes of components that recipe validation reads.
 SCHEMA_ATTRS = (
-    "outputs", "param_groups", "record_keys", "requires_records", "requires_outputs", "requires_labels",
-    "provides_labels", "trains", "requires_teacher", "requires_reference", "requires_teacher_outputs",
-    "requires_indices", "requires_taps", "requires_teacher_taps",
+    "outputs",
+    "param_groups",
+    "record_keys",
+    "requires_records",
+    "requires_outputs",
+    "requires_labels",
+    "provides_labels",
+    "trains",
+    "requires_teacher",
+    "requires_reference",
+    "requires_teacher_outputs",
+    "requires_indices",
+    "requires_taps",
+    "requires_teacher_taps",
 )
 
 CACHE_FILE = "component-schemas-v2.json"
@@ -224,9 +235,12 @@ class SchemaCache:
         try:
             if not all(_current(f) for f in entry["files"]):
                 return None
-            params = {name: ParamSpec(name, _unannotation(p["annotation"]),
-                                      REQUIRED if p.get("required") else _unvalue(p["default"]))
-                      for name, p in entry["params"].items()}
+            params = {
+                name: ParamSpec(
+                    name, _unannotation(p["annotation"]), REQUIRED if p.get("required") else _unvalue(p["default"])
+                )
+                for name, p in entry["params"].items()
+            }
             attrs = {k: _unattr(v) for k, v in entry["attrs"].items()}
         except (KeyError, TypeError, ValueError, AttributeError, ImportError):
             return None
@@ -237,14 +251,21 @@ class SchemaCache:
         holds something JSON cannot, when a source file changed after ``since_ns`` (it may differ
         from what was imported), or when the file cannot be written."""
         check = getattr(factory, "check_params", None)
-        if check is not None and not (isinstance(getattr(check, "__module__", None), str)
-                                      and isinstance(getattr(check, "__qualname__", None), str)):
+        if check is not None and not (
+            isinstance(getattr(check, "__module__", None), str)
+            and isinstance(getattr(check, "__qualname__", None), str)
+        ):
             return  # e.g. a functools.partial: not importable by name
         try:
             entry = {
-                "params": {name: ({"annotation": _annotation(p.annotation), "required": True} if p.required else
-                                  {"annotation": _annotation(p.annotation), "default": _value(p.default)})
-                           for name, p in params.items()},
+                "params": {
+                    name: (
+                        {"annotation": _annotation(p.annotation), "required": True}
+                        if p.required
+                        else {"annotation": _annotation(p.annotation), "default": _value(p.default)}
+                    )
+                    for name, p in params.items()
+                },
                 "attrs": {a: _attr(getattr(factory, a)) for a in SCHEMA_ATTRS if hasattr(factory, a)},
                 "check": None if check is None else f"{check.__module__}:{check.__qualname__}",
             }
@@ -252,7 +273,9 @@ class SchemaCache:
             return
         if check is not None and "<" in check.__qualname__:  # a lambda or a local function: not importable
             return
-        functions = [getattr(factory, a) for a in SCHEMA_ATTRS if isinstance(getattr(factory, a, None), types.FunctionType)]
+        functions = [
+            getattr(factory, a) for a in SCHEMA_ATTRS if isinstance(getattr(factory, a, None), types.FunctionType)
+        ]
         modules = _sources(factory, functions + ([check] if check is not None else []))
         files = [_module_file(m) for m in modules]
         if None in files:

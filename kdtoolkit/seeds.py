@@ -54,8 +54,11 @@ def parse_seeds(text: str, source: str = "--seeds") -> list[int]:
             what = "an empty item" if not item else repr(item[:40])
             raise KdtError(f"expected comma-separated integers >= 0 (e.g. 0,1,2), got {what}", source=source)
         if len(item.lstrip("0")) > 19 or int(item) > MAX_SEED:
-            raise KdtError(f"seed {item[:40]}{'...' if len(item) > 40 else ''} is over {MAX_SEED} (2^63-1, a 64-bit "
-                           "generator seed)", source=source)
+            raise KdtError(
+                f"seed {item[:40]}{'...' if len(item) > 40 else ''} is over {MAX_SEED} (2^63-1, a 64-bit "
+                "generator seed)",
+                source=source,
+            )
         if int(item) in seeds:
             raise KdtError(f"seed {int(item)} is listed twice", source=source)
         seeds.append(int(item))
@@ -153,8 +156,9 @@ def _record_seeds(out: Path, runs: dict) -> None:
         known = {}
     known = known if isinstance(known, dict) else {}
     known.update({f"seed-{n}": {s: st["seed"] for s, st in r.resolved["stages"].items()} for n, r in runs.items()})
-    atomic_write_json(out / "seeds.json", {"rule": "top-level seed -> n; stage seed s -> derive_seed(s, n, 3)",
-                                           "runs": known})
+    atomic_write_json(
+        out / "seeds.json", {"rule": "top-level seed -> n; stage seed s -> derive_seed(s, n, 3)", "runs": known}
+    )
 
 
 def _install_sigint(stop):

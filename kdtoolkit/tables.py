@@ -22,7 +22,7 @@ class Number(float):
 
     spec: str
 
-    def __new__(cls, value: float, spec: str = ".4f") -> "Number":
+    def __new__(cls, value: float, spec: str = ".4f") -> Number:
         obj = super().__new__(cls, value)
         obj.spec = spec
         return obj

@@ -20,7 +20,8 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
 
 from safetensors import SafetensorError
 
@@ -31,7 +32,6 @@ from .limits import _size, available_memory, open_regular_file, special_file_kin
 # torch is imported where tensors are read or written as torch tensors: reading
 # records as numpy arrays (``kdt metrics`` on records files) never imports it.
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 #: Metadata key of the content checksum every file written by :func:`atomic_save_safetensors` carries.
@@ -68,7 +68,9 @@ def content_checksum(tensors: dict[str, Any], metadata: dict[str, str]) -> str:
     return f"crc32:{crc:08x}"
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """Save ``tensors`` as safetensors with string ``metadata``, atomically, with a content
     checksum in the metadata (``checksum``) that :func:`read_safetensors` verifies."""
     from safetensors.torch import save as st_save
@@ -83,9 +85,28 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 _NUMPY_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"})
 
 #: Bits per element of each safetensors dtype: a header naming another dtype is refused.
-_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
-               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-               "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
 
 #: The largest safetensors header read (the safetensors library's own limit), in bytes.
 MAX_HEADER_BYTES = 100_000_000
@@ -131,14 +152,23 @@ def _entry(name: str, e: Any, bad) -> tuple[int, int, str, str, tuple[int, ...]]
 
     if not isinstance(shape, list) or len(shape) > 64 or not all(natural(d) for d in shape):
         raise bad(f"tensor '{name}' has a bad shape {str(shape)[:60]} (expected at most 64 sizes >= 0)")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(natural(o) for o in offsets) or offsets[0] > offsets[1]:
-        raise bad(f"tensor '{name}' has bad data_offsets {str(offsets)[:60]} (expected [begin, end], 0 <= begin <= end)")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(natural(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(
+            f"tensor '{name}' has bad data_offsets {str(offsets)[:60]} (expected [begin, end], 0 <= begin <= end)"
+        )
     bits = _DTYPE_BITS[dtype]
     for d in shape:
         bits *= d
     if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
-        raise bad(f"tensor '{name}' ({dtype} {tuple(shape)}) takes {bits / 8:g} bytes, but its data_offsets "
-                  f"{offsets} span {offsets[1] - offsets[0]}")
+        raise bad(
+            f"tensor '{name}' ({dtype} {tuple(shape)}) takes {bits / 8:g} bytes, but its data_offsets "
+            f"{offsets} span {offsets[1] - offsets[0]}"
+        )
     return offsets[0], offsets[1], name, dtype, tuple(shape)
 
 
@@ -172,8 +202,10 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         if header_len <= 0 or 8 + header_len > size:
             raise CheckpointError("not a safetensors file or truncated (bad header length)", source=src)
         if header_len > MAX_HEADER_BYTES:
-            raise CheckpointError(f"not a safetensors file (a header of {_size(header_len)}, over the "
-                                  f"{_size(MAX_HEADER_BYTES)} limit)", source=src)
+            raise CheckpointError(
+                f"not a safetensors file (a header of {_size(header_len)}, over the {_size(MAX_HEADER_BYTES)} limit)",
+                source=src,
+            )
         raw_header = fh.read(header_len)
     if len(raw_header) < header_len:
         raise CheckpointError("not a safetensors file or truncated (bad header length)", source=src)
@@ -196,20 +228,35 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     end = 0
     for begin, stop, name, _, _ in entries:
         if begin != end:
-            raise bad(f"tensor '{name}' starts at byte {begin} of the data, not at {end} where the previous one ends "
-                      "(tensors lie end to end, without gaps or overlaps)")
+            raise bad(
+                f"tensor '{name}' starts at byte {begin} of the data, not at {end} where the previous one ends "
+                "(tensors lie end to end, without gaps or overlaps)"
+            )
         end = stop
     held = size - 8 - header_len
     if end != held:
         what = "truncated" if end > held else "with data after the last tensor"
-        raise CheckpointError(f"corrupt or {what} safetensors file: the header lists {end} bytes of tensor data, "
-                              f"the file holds {held}", source=src)
-    return SafetensorsHeader(path, {name: (dtype, shape) for _, _, name, dtype, shape in entries}, dict(meta), end, size,
-                             getattr(st, "st_blocks", size // 512 + 1) * 512)
+        raise CheckpointError(
+            f"corrupt or {what} safetensors file: the header lists {end} bytes of tensor data, the file holds {held}",
+            source=src,
+        )
+    return SafetensorsHeader(
+        path,
+        {name: (dtype, shape) for _, _, name, dtype, shape in entries},
+        dict(meta),
+        end,
+        size,
+        getattr(st, "st_blocks", size // 512 + 1) * 512,
+    )
 
 
-def _check_loadable(header: SafetensorsHeader, require: Iterable[str], fmt: str | None, what: str,
-                    check: Callable[[dict[str, tuple[int, ...]], str], None] | None) -> None:
+def _check_loadable(
+    header: SafetensorsHeader,
+    require: Iterable[str],
+    fmt: str | None,
+    what: str,
+    check: Callable[[dict[str, tuple[int, ...]], str], None] | None,
+) -> None:
     """``require``d names, the ``format`` metadata, ``check`` (on the shapes) and the memory the tensors
     take, from the header alone."""
     src = str(header.path)
@@ -218,20 +265,31 @@ def _check_loadable(header: SafetensorsHeader, require: Iterable[str], fmt: str 
     missing = [n for n in require if n not in header.tensors]
     if missing:
         have = ", ".join(sorted(header.tensors)[:5]) or "none"
-        raise CheckpointError(f"the {what} has no tensor {', '.join(repr(n) for n in missing)} (tensors: {have}"
-                              f"{', ...' if len(header.tensors) > 5 else ''})" + header.sparse_note(), source=src)
+        raise CheckpointError(
+            f"the {what} has no tensor {', '.join(repr(n) for n in missing)} (tensors: {have}"
+            f"{', ...' if len(header.tensors) > 5 else ''})" + header.sparse_note(),
+            source=src,
+        )
     if check is not None:
         check({name: shape for name, (_, shape) in header.tensors.items()}, src)
     short = available_memory(header.data_bytes)
     if short is not None:
-        raise CheckpointError(f"its tensors take {_size(header.data_bytes)}, more than the {_size(short[0])} of "
-                              f"{short[1]}; it was not read" + header.sparse_note(), source=src)
+        raise CheckpointError(
+            f"its tensors take {_size(header.data_bytes)}, more than the {_size(short[0])} of "
+            f"{short[1]}; it was not read" + header.sparse_note(),
+            source=src,
+        )
 
 
-def read_safetensors(path: Path, arrays: str = "torch", *, require: Iterable[str] = (), fmt: str | None = None,
-                     what: str = "safetensors file",
-                     check: Callable[[dict[str, tuple[int, ...]], str], None] | None = None,
-                     ) -> tuple[dict[str, Any], dict[str, str]]:
+def read_safetensors(
+    path: Path,
+    arrays: str = "torch",
+    *,
+    require: Iterable[str] = (),
+    fmt: str | None = None,
+    what: str = "safetensors file",
+    check: Callable[[dict[str, tuple[int, ...]], str], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Read a safetensors file: ``(tensors, metadata)``.
 
     ``arrays="torch"`` (default) gives torch tensors; ``arrays="numpy"`` gives
@@ -275,15 +333,21 @@ def read_safetensors(path: Path, arrays: str = "torch", *, require: Iterable[str
         # checks every tensor's offsets against the file again, so a file truncated meanwhile is an error here
         tensors = st_load_file(str(path))
     except MemoryError:
-        raise CheckpointError(f"out of memory loading {_size(header.data_bytes)} of tensors" + header.sparse_note(),
-                              source=str(path)) from None
+        raise CheckpointError(
+            f"out of memory loading {_size(header.data_bytes)} of tensors" + header.sparse_note(), source=str(path)
+        ) from None
     except (SafetensorError, ValueError, RuntimeError, OverflowError, OSError) as exc:
-        raise CheckpointError(f"corrupt or truncated safetensors file ({' '.join(str(exc).split())[:120]})", source=str(path)) from None
+        raise CheckpointError(
+            f"corrupt or truncated safetensors file ({' '.join(str(exc).split())[:120]})", source=str(path)
+        ) from None
     meta = dict(header.metadata)
     stored = meta.pop(CHECKSUM_KEY, None)
     if stored is not None and stored != content_checksum(tensors, meta):
-        raise CheckpointError("content checksum mismatch: the file changed after it was written (a flipped bit, "
-                              "an incomplete copy or an edit); it cannot be trusted", source=str(path))
+        raise CheckpointError(
+            "content checksum mismatch: the file changed after it was written (a flipped bit, "
+            "an incomplete copy or an edit); it cannot be trusted",
+            source=str(path),
+        )
     return tensors, meta
 
 
@@ -304,8 +368,10 @@ def _torch_load_reason(exc: BaseException) -> str:
     text = _ANSI.sub("", str(exc))
     m = re.search(r"GLOBAL ([\w.]+)", text)
     if m:
-        return (f"it pickles a Python object ({m.group(1)}), not only tensors; torch.load(weights_only=True) refuses it, "
-                "and kdtoolkit never unpickles arbitrary objects: save a plain state dict or a .safetensors file")
+        return (
+            f"it pickles a Python object ({m.group(1)}), not only tensors; torch.load(weights_only=True) refuses it, "
+            "and kdtoolkit never unpickles arbitrary objects: save a plain state dict or a .safetensors file"
+        )
     boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
     lines = [l.strip() for l in text.replace("WeightsUnpickler error:", "\n").splitlines() if l.strip()]
     useful = [l for l in lines if not l.startswith(boiler)]
@@ -337,8 +403,11 @@ def load_external_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"not a regular file ({kind})", source=str(path))
     short = available_memory(path.stat().st_size)
     if short is not None:
-        raise CheckpointError(f"the file takes {_size(path.stat().st_size)}, more than the {_size(short[0])} of "
-                              f"{short[1]}; it was not read", source=str(path))
+        raise CheckpointError(
+            f"the file takes {_size(path.stat().st_size)}, more than the {_size(short[0])} of "
+            f"{short[1]}; it was not read",
+            source=str(path),
+        )
     import torch
 
     try:
@@ -346,7 +415,9 @@ def load_external_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except MemoryError:
         raise CheckpointError("out of memory loading the file", source=str(path)) from None
     except Exception as exc:
-        raise CheckpointError(f"refused or unreadable PyTorch file: {_torch_load_reason(exc)}", source=str(path)) from None
+        raise CheckpointError(
+            f"refused or unreadable PyTorch file: {_torch_load_reason(exc)}", source=str(path)
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -367,9 +438,15 @@ def decode_metadata(meta: dict[str, str], source: str) -> dict[str, Any]:
         raise CheckpointError("corrupt metadata (JSON nested too deeply)", source=source) from None
 
 
-def read_kdt_safetensors(path: Path, fmt: str, what: str, arrays: str = "torch", *, require: Iterable[str] = (),
-                         check: Callable[[dict[str, tuple[int, ...]], str], None] | None = None,
-                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_kdt_safetensors(
+    path: Path,
+    fmt: str,
+    what: str,
+    arrays: str = "torch",
+    *,
+    require: Iterable[str] = (),
+    check: Callable[[dict[str, tuple[int, ...]], str], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tensors and JSON-decoded metadata of a kdtoolkit safetensors file of format ``fmt``.
 
     Every kdtoolkit file (model, checkpoint, records) stores ``format`` and

@@ -31,7 +31,8 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -54,8 +55,9 @@ class TinyDataset:
     :param seed: seed of the split's images (the test split adds 1).
     """
 
-    def __init__(self, split: str, augment: bool = False, *, n: int = 32, size: int = 16, num_classes: int = 3,
-                 seed: int = 0):
+    def __init__(
+        self, split: str, augment: bool = False, *, n: int = 32, size: int = 16, num_classes: int = 3, seed: int = 0
+    ):
         import torch
 
         g = torch.Generator().manual_seed(seed + (1 if split == "test" else 0))
@@ -95,8 +97,7 @@ class _KitPlugin:
 def _entry_points_of(module_name: str) -> list[str]:
     from importlib import metadata
 
-    return [ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
-            if ep.value.split(":")[0] == module_name]
+    return [ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.value.split(":")[0] == module_name]
 
 
 def make_manager(*plugins: tuple[Any, str]) -> PluginManager:
@@ -144,8 +145,12 @@ def kdt_plugin() -> Iterator:
     set_manager(previous)
 
 
-def run_recipe(text_or_path: str | os.PathLike, overrides: tuple[str, ...] | list[str] = (),
-               out: str | os.PathLike | None = None, device: str | None = "cpu") -> dict[str, Any]:
+def run_recipe(
+    text_or_path: str | os.PathLike,
+    overrides: tuple[str, ...] | list[str] = (),
+    out: str | os.PathLike | None = None,
+    device: str | None = "cpu",
+) -> dict[str, Any]:
     """Run a recipe in-process and return its results (the content of ``results.json``).
 
     :param text_or_path: TOML text, or the path of a recipe file.
@@ -175,8 +180,9 @@ def run_recipe(text_or_path: str | os.PathLike, overrides: tuple[str, ...] | lis
         return _run(rec, opts, plugins, progress, Dist())
 
 
-def check_component(kind: str, name: str, params: dict[str, Any] | None = None,
-                    plugins: PluginManager | None = None) -> Any:
+def check_component(
+    kind: str, name: str, params: dict[str, Any] | None = None, plugins: PluginManager | None = None
+) -> Any:
     """Check the contract of the registered ``kind`` component ``name``; returns it built.
 
     - its parameters are annotated (the registry reads them) and each is
@@ -256,15 +262,21 @@ def _check_loss(comp, params, label, plugins):
     needs = tuple(comp.attr("requires_outputs", ()) or ()) + tuple(comp.attr("requires_teacher_outputs", ()) or ())
     assert isinstance(comp.attr("requires_outputs", ()), tuple), f"{label}: 'requires_outputs' must be a tuple"
     loss = comp.factory(**params)
-    if (set(needs) - {"logits", "features"} or comp.attr("requires_taps") or comp.attr("requires_teacher_taps")
-            or comp.attr("requires_indices") or hasattr(loss, "setup")):
+    if (
+        set(needs) - {"logits", "features"}
+        or comp.attr("requires_taps")
+        or comp.attr("requires_teacher_taps")
+        or comp.attr("requires_indices")
+        or hasattr(loss, "setup")
+    ):
         return loss  # reads what the tiny model does not provide: built only
     model, teacher = _tiny_model(plugins), _tiny_model(plugins)
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
         t_out = teacher(x) if comp.attr("requires_teacher") else None
-    step = Step(x, y, model(x), model, t_out, teacher if comp.attr("requires_teacher") else None,
-                indices=torch.arange(4))
+    step = Step(
+        x, y, model(x), model, t_out, teacher if comp.attr("requires_teacher") else None, indices=torch.arange(4)
+    )
     value = loss(step)
     assert isinstance(value, torch.Tensor) and value.dim() == 0, f"{label}: must return a scalar tensor"
     assert math.isfinite(float(value.detach())), f"{label}: returned {float(value.detach())} on a fake step"

@@ -15,8 +15,17 @@ from typing import Any
 
 from .engine.device import DEVICE_CHOICES, DEVICE_PATTERN
 from .errors import KdtError, PluginError, RecipeError
-from .params import (MAX_BATCH_SIZE, MAX_INPUT_BATCH_BYTES, MAX_NUM_WORKERS, MAX_SEED, REQUIRED,
-                     ParamTypeError, coerce, describe_value, is_path_annotation)
+from .params import (
+    MAX_BATCH_SIZE,
+    MAX_INPUT_BATCH_BYTES,
+    MAX_NUM_WORKERS,
+    MAX_SEED,
+    REQUIRED,
+    ParamTypeError,
+    coerce,
+    describe_value,
+    is_path_annotation,
+)
 from .paths import NAME_RE, key_name, name_problem, safe_name  # noqa: F401  (NAME_RE: the name rule, kept importable here)
 from .plugins import PluginManager
 from .registry import RESERVED_KEYS, Component, describe_raise, suggest
@@ -25,12 +34,21 @@ from .validate_stage import StageChecks
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 TOP_KEYS = (
-    "extends", "name", "description", "seed", "seeds", "device", "precision", "data",
-    "evaluate", "checkpoint_every", "channels_last", "stages",
+    "extends",
+    "name",
+    "description",
+    "seed",
+    "seeds",
+    "device",
+    "precision",
+    "data",
+    "evaluate",
+    "checkpoint_every",
+    "channels_last",
+    "stages",
 )
 DATA_KEYS = RESERVED_KEYS["dataset"]
 EVAL_KEYS = ("metrics",)
-
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +78,9 @@ class Validator(StageChecks):
 
     DATA_KEYS = DATA_KEYS
 
-    def __init__(self, source: str, plugins: PluginManager, *, base_dir: str | None = None,
-                 origins: dict[str, str] | None = None):
+    def __init__(
+        self, source: str, plugins: PluginManager, *, base_dir: str | None = None, origins: dict[str, str] | None = None
+    ):
         self.source = source
         self.plugins = plugins
         self.base_dir = base_dir
@@ -118,10 +137,14 @@ class Validator(StageChecks):
         v = self.value(d, key, name, str, default)
         if v not in choices:
             where = f"{key}.{name}" if key else name
-            self.fail(where, f"expected one of {', '.join(choices)}, got {describe_value(v)}{suggest(str(v), list(choices))}")
+            self.fail(
+                where, f"expected one of {', '.join(choices)}, got {describe_value(v)}{suggest(str(v), list(choices))}"
+            )
         return v
 
-    def component(self, kind: str, spec: Any, key: str, core_keys: tuple[str, ...] = ("name",)) -> tuple[Component, dict[str, Any]]:
+    def component(
+        self, kind: str, spec: Any, key: str, core_keys: tuple[str, ...] = ("name",)
+    ) -> tuple[Component, dict[str, Any]]:
         """Validate ``{name = "...", <params>}`` against the registered factory."""
         if isinstance(spec, str):
             spec = {"name": spec}
@@ -148,16 +171,24 @@ class Validator(StageChecks):
                 self.fail(key, str(exc))
             except (KdtError, KeyboardInterrupt):
                 raise
-            except BaseException as exc:  # noqa: BLE001 -- a plugin's check that breaks (or exits) is one line naming it
-                raise PluginError(f"plugin '{comp.owner}': {comp.kind} '{comp.name}': check_params "
-                                  f"{describe_raise(exc)}", source=self.source, key=key) from None
+            except BaseException as exc:
+                raise PluginError(
+                    f"plugin '{comp.owner}': {comp.kind} '{comp.name}': check_params {describe_raise(exc)}",
+                    source=self.source,
+                    key=key,
+                ) from None
         return out
 
     def resolve_path(self, value: Any, key: str) -> Any:
         """A relative path made absolute against the folder of the recipe file that set ``key``
         (the working directory for a ``--set`` override); other values are returned as they are."""
-        if (self.base_dir is None or not isinstance(value, str) or not value or value.startswith("~")
-                or os.path.isabs(value)):
+        if (
+            self.base_dir is None
+            or not isinstance(value, str)
+            or not value
+            or value.startswith("~")
+            or os.path.isabs(value)
+        ):
             return value
         return os.path.normpath(os.path.join(self.origin(key), value))
 
@@ -173,7 +204,7 @@ class Validator(StageChecks):
             if not stages:
                 return str(self.base_dir)
             stage = max(stages, key=len)
-            rest = key[len(f"stages.{stage}."):]
+            rest = key[len(f"stages.{stage}.") :]
             if stage in self.stage_base:
                 key = f"stages.{self.stage_base[stage]}.{rest}"
             elif rest.startswith("data."):
@@ -197,14 +228,18 @@ class Validator(StageChecks):
         res["checkpoint_every"] = self.number(raw, "", "checkpoint_every", 1, lo=0, integer=True)
         res["channels_last"] = raw.get("channels_last", "auto")
         if not isinstance(res["channels_last"], bool) and res["channels_last"] != "auto":
-            self.fail("channels_last", f"expected true, false or \"auto\", got {describe_value(res['channels_last'])}")
+            self.fail("channels_last", f'expected true, false or "auto", got {describe_value(res["channels_last"])}')
         top_data = self.table(raw.get("data", {}), "data")
         evaluate = self.table(raw.get("evaluate", {}), "evaluate")
         self.known(evaluate, "evaluate", EVAL_KEYS)
         default_metrics = evaluate.get("metrics", [{"name": "accuracy"}])
         res["evaluate"] = {"metrics": self.metrics(default_metrics, "evaluate.metrics")}
 
-        stages_raw = self.table(raw.get("stages"), "stages") if "stages" in raw else self.fail("stages", "missing required key: a recipe needs at least one stage")
+        stages_raw = (
+            self.table(raw.get("stages"), "stages")
+            if "stages" in raw
+            else self.fail("stages", "missing required key: a recipe needs at least one stage")
+        )
         if not stages_raw:
             self.fail("stages", "a recipe needs at least one stage")
         self.stage_names = list(stages_raw)
@@ -234,8 +269,11 @@ class Validator(StageChecks):
             self.path_name(name, key_of(name))
             other = seen.setdefault(name.casefold(), name)
             if other != name:
-                self.fail(key_of(name), f"{what} names '{other}' and '{name}' differ only in case: one file or folder "
-                          "on a case-insensitive file system")
+                self.fail(
+                    key_of(name),
+                    f"{what} names '{other}' and '{name}' differ only in case: one file or folder "
+                    "on a case-insensitive file system",
+                )
 
     def seeds(self, raw: dict[str, Any]) -> list[int] | None:
         """``seeds``: distinct integers >= 0 (``kdt run`` runs once per seed); ``None`` when absent or empty."""
@@ -244,8 +282,12 @@ class Validator(StageChecks):
             if isinstance(v, bool) or not isinstance(v, int):
                 self.fail(f"seeds[{i}]", f"expected an integer, got {describe_value(v)}")
             if v < 0 or v > MAX_SEED:
-                self.fail(f"seeds[{i}]", f"must be >= 0, got {v}" if v < 0 else
-                          f"must be <= {MAX_SEED} (2^63-1, a 64-bit generator seed), got {describe_value(v)}")
+                self.fail(
+                    f"seeds[{i}]",
+                    f"must be >= 0, got {v}"
+                    if v < 0
+                    else f"must be <= {MAX_SEED} (2^63-1, a 64-bit generator seed), got {describe_value(v)}",
+                )
             if v in out:
                 self.fail(f"seeds[{i}]", f"seed {v} is listed twice")
             out.append(v)
@@ -285,7 +327,7 @@ class Validator(StageChecks):
     def data(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
         raw = self.table(raw, key)
         if "dataset" not in raw:
-            self.fail(f"{key}.dataset", "missing required key: name a dataset (e.g. \"digits\")")
+            self.fail(f"{key}.dataset", 'missing required key: name a dataset (e.g. "digits")')
         name = self.value(raw, key, "dataset", str)
         comp = self.plugins.registry("dataset").get(name, source=self.source, key=f"{key}.dataset")
         params = self.params(comp, raw, key, DATA_KEYS)
@@ -310,9 +352,12 @@ class Validator(StageChecks):
         for name in ("batch_size", "eval_batch_size"):
             need = data[name] * 3 * size * size * 4
             if need > MAX_INPUT_BATCH_BYTES:
-                self.fail(f"{key}.{name}", f"one batch of {data[name]} images of 3x{size}x{size} float32 takes "
-                          f"{need / 2**30:.1f} GiB, over the {MAX_INPUT_BATCH_BYTES // 2**30} GiB limit of an input "
-                          f"batch: lower {name} or image_size")
+                self.fail(
+                    f"{key}.{name}",
+                    f"one batch of {data[name]} images of 3x{size}x{size} float32 takes "
+                    f"{need / 2**30:.1f} GiB, over the {MAX_INPUT_BATCH_BYTES // 2**30} GiB limit of an input "
+                    f"batch: lower {name} or image_size",
+                )
 
     def metrics(self, raw: Any, key: str) -> list[dict[str, Any]]:
         out = []
@@ -332,7 +377,10 @@ class Validator(StageChecks):
                 if other is None:
                     continue
                 if other not in stages:
-                    self.fail(f"stages.{name}.{ref}", f"no stage named '{other}'{suggest(other, list(stages))}; stages: {', '.join(stages)}")
+                    self.fail(
+                        f"stages.{name}.{ref}",
+                        f"no stage named '{other}'{suggest(other, list(stages))}; stages: {', '.join(stages)}",
+                    )
                 if other == name:
                     self.fail(f"stages.{name}.{ref}", "a stage cannot refer to itself")
         order: list[str] = []

@@ -15,16 +15,32 @@ from .params import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEED, REQUIRED, describe_val
 from .registry import RESERVED_KEYS, suggest
 
 STAGE_KEYS = (
-    "base", "description", "teacher", "compare_to", "seed", "data", "model", "losses",
-    "phases", "metrics", "teacher_cache", "teacher_taps",
+    "base",
+    "description",
+    "teacher",
+    "compare_to",
+    "seed",
+    "data",
+    "model",
+    "losses",
+    "phases",
+    "metrics",
+    "teacher_cache",
+    "teacher_taps",
 )
 TEACHER_CACHE = ("off", "memory", "disk")
 MODEL_KEYS = ("backbone", "head", "init_from_teacher", "weights", "strict", "taps")
 LOSS_CORE_KEYS = RESERVED_KEYS["loss"]
 PHASE_CORE_KEYS = RESERVED_KEYS["phase"]
 TRAIN_KEYS = (
-    "epochs", "losses", "optimizer", "groups", "scheduler", "clip_grad_norm",
-    "limit_batches", "accumulate",
+    "epochs",
+    "losses",
+    "optimizer",
+    "groups",
+    "scheduler",
+    "clip_grad_norm",
+    "limit_batches",
+    "accumulate",
 )
 GROUP_KEYS = ("params", "lr", "weight_decay")
 OPTIMIZER_CORE_KEYS = RESERVED_KEYS["optimizer"]
@@ -41,7 +57,9 @@ def _taps_of(comp, attr: str, params: dict[str, Any]) -> tuple[str, ...]:
 class StageChecks:
     """Stage-level checks of the recipe validator."""
 
-    def stage(self, name: str, raw: Any, top: dict[str, Any], top_data: dict[str, Any], evaluate: dict[str, Any]) -> dict[str, Any]:
+    def stage(
+        self, name: str, raw: Any, top: dict[str, Any], top_data: dict[str, Any], evaluate: dict[str, Any]
+    ) -> dict[str, Any]:
         key = f"stages.{name}"
         raw = self.table(raw, key)
         self.known(raw, key, STAGE_KEYS)
@@ -65,13 +83,24 @@ class StageChecks:
         st["losses"], st["_losses_list"] = self.losses(raw, key, st, hd)
         groups_ok += tuple(f"loss.{l['id']}" for l in st["losses"])
         st["phases"] = self.phases(raw, key, {l["id"] for l in st["losses"]}, groups_ok, st["losses"], hd)
-        st["metrics"] = self.metrics(raw["metrics"], f"{key}.metrics") if "metrics" in raw else copy.deepcopy(top["evaluate"]["metrics"])
+        st["metrics"] = (
+            self.metrics(raw["metrics"], f"{key}.metrics")
+            if "metrics" in raw
+            else copy.deepcopy(top["evaluate"]["metrics"])
+        )
         for i, m in enumerate(st["metrics"]):
             comp = self.plugins.registry("metric").get(m["name"])
-            needs = [r for r in comp.attr("requires_records", ()) if r not in set(hd.attr("record_keys", ())) | {"logits", "labels"}]
+            needs = [
+                r
+                for r in comp.attr("requires_records", ())
+                if r not in set(hd.attr("record_keys", ())) | {"logits", "labels"}
+            ]
             if needs:
                 where = f"{key}.metrics[{i}]" if "metrics" in raw else f"evaluate.metrics[{i}]"
-                self.fail(f"{where}.name", f"metric '{comp.name}' needs records {', '.join(needs)}, which head '{hd.name}' of stage '{name}' does not record")
+                self.fail(
+                    f"{where}.name",
+                    f"metric '{comp.name}' needs records {', '.join(needs)}, which head '{hd.name}' of stage '{name}' does not record",
+                )
         st["_head_cls"] = hd  # removed after cross-checks
         return st
 
@@ -80,22 +109,37 @@ class StageChecks:
         taps = self.value({"taps": raw}, "", "taps", dict[str, str]) if raw else {}
         for name, path in taps.items():
             if not name or not path or not all(part for part in path.split(".")):
-                self.fail(f"{key}.{name}", f"expected a dotted module path such as \"backbone.body.layer3\", got {describe_value(path)}")
+                self.fail(
+                    f"{key}.{name}",
+                    f'expected a dotted module path such as "backbone.body.layer3", got {describe_value(path)}',
+                )
         return taps
 
     def model(self, raw: dict[str, Any], key: str, st: dict[str, Any]):
         mkey = f"{key}.model"
         model = self.table(raw.get("model") if "model" in raw else self.fail(mkey, "missing required key"), mkey)
         self.known(model, mkey, MODEL_KEYS)
-        bb, bb_params = self.component("backbone", model.get("backbone") if "backbone" in model else self.fail(f"{mkey}.backbone", "missing required key"), f"{mkey}.backbone")
-        hd, hd_params = self.component("head", model.get("head") if "head" in model else self.fail(f"{mkey}.head", "missing required key"), f"{mkey}.head")
+        bb, bb_params = self.component(
+            "backbone",
+            model.get("backbone") if "backbone" in model else self.fail(f"{mkey}.backbone", "missing required key"),
+            f"{mkey}.backbone",
+        )
+        hd, hd_params = self.component(
+            "head",
+            model.get("head") if "head" in model else self.fail(f"{mkey}.head", "missing required key"),
+            f"{mkey}.head",
+        )
         init = self.value(model, mkey, "init_from_teacher", list[str], [])
         written = self.value(model, mkey, "weights", str | None, None)
         weights = self.resolve_path(written, f"{mkey}.weights")
         if weights is not None and not Path(weights).is_file():
             self.fail(f"{mkey}.weights", f"file not found: {written}" + (f" ({weights})" if weights != written else ""))
-        st["model"] = {"backbone": {"name": bb.name, **bb_params}, "head": {"name": hd.name, **hd_params},
-                       "init_from_teacher": init, "weights": weights}
+        st["model"] = {
+            "backbone": {"name": bb.name, **bb_params},
+            "head": {"name": hd.name, **hd_params},
+            "init_from_teacher": init,
+            "weights": weights,
+        }
         if weights is not None:
             st["model"]["strict"] = self.value(model, mkey, "strict", bool, True)
         taps = self.taps(model.get("taps", {}), f"{mkey}.taps")
@@ -134,26 +178,43 @@ class StageChecks:
                 self.fail(f"{lkey}.weight", "expected a finite number, got inf")
             missing = [o for o in comp.attr("requires_outputs", ()) if o not in head_outputs]
             if missing:
-                self.fail(f"{lkey}.name", f"loss '{comp.name}' needs head outputs {', '.join(missing)}, which head '{hd.name}' does not produce")
+                self.fail(
+                    f"{lkey}.name",
+                    f"loss '{comp.name}' needs head outputs {', '.join(missing)}, which head '{hd.name}' does not produce",
+                )
             self.loss_inputs(comp, params, lkey, st)
             losses.append({"name": comp.name, "id": lid, "weight": weight, **params})
         return losses, not isinstance(losses_raw, dict)
 
     def loss_inputs(self, comp, params: dict[str, Any], lkey: str, st: dict[str, Any]) -> None:
         """The taps, labels and per-sample indices a loss reads exist."""
-        for attr, declared, where in (("requires_taps", st["model"].get("taps") or {}, "model.taps"),
-                                      ("requires_teacher_taps", st.get("teacher_taps") or {}, "teacher_taps")):
+        for attr, declared, where in (
+            ("requires_taps", st["model"].get("taps") or {}, "model.taps"),
+            ("requires_teacher_taps", st.get("teacher_taps") or {}, "teacher_taps"),
+        ):
             for tap in _taps_of(comp, attr, params):
                 if tap not in declared:
                     known = ", ".join(declared) or "none"
-                    self.fail(f"{lkey}.name", f"loss '{comp.name}' reads the tap '{tap}', which the stage's {where} does not "
-                              f"declare (declared: {known}); add {where} = {{ {tap} = \"<module path>\" }}")
+                    self.fail(
+                        f"{lkey}.name",
+                        f"loss '{comp.name}' reads the tap '{tap}', which the stage's {where} does not "
+                        f'declare (declared: {known}); add {where} = {{ {tap} = "<module path>" }}',
+                    )
         dataset = self.plugins.registry("dataset").get(st["data"]["dataset"])
         if comp.attr("requires_labels", True) and not dataset.attr("provides_labels", True):
-            self.fail(f"{lkey}.name", f"loss '{comp.name}' needs labels, which dataset '{dataset.name}' does not provide")
+            self.fail(
+                f"{lkey}.name", f"loss '{comp.name}' needs labels, which dataset '{dataset.name}' does not provide"
+            )
 
-    def phases(self, raw: dict[str, Any], key: str, ids: set[str], groups_ok: tuple[str, ...], losses: list, hd) -> list[dict[str, Any]]:
-        phases_raw = self.array(raw.get("phases") if "phases" in raw else self.fail(f"{key}.phases", "missing required key: a stage needs at least one phase"), f"{key}.phases")
+    def phases(
+        self, raw: dict[str, Any], key: str, ids: set[str], groups_ok: tuple[str, ...], losses: list, hd
+    ) -> list[dict[str, Any]]:
+        phases_raw = self.array(
+            raw.get("phases")
+            if "phases" in raw
+            else self.fail(f"{key}.phases", "missing required key: a stage needs at least one phase"),
+            f"{key}.phases",
+        )
         if not phases_raw:
             self.fail(f"{key}.phases", "a stage needs at least one phase")
         head_outputs = set(hd.attr("outputs", ("logits",)))
@@ -168,27 +229,40 @@ class StageChecks:
             if other == pname:
                 self.fail(f"{pkey}.name", f"phase name '{pname}' is used twice in this stage")
             if other is not None:
-                self.fail(f"{pkey}.name", f"phase names '{other}' and '{pname}' differ only in case: one file on a "
-                          "case-insensitive file system")
+                self.fail(
+                    f"{pkey}.name",
+                    f"phase names '{other}' and '{pname}' differ only in case: one file on a "
+                    "case-insensitive file system",
+                )
             names[pname.casefold()] = pname
             if kind == "train":
                 phases.append(self.train_phase(praw, pkey, pname, ids, groups_ok, losses))
                 continue
             if kind not in self.plugins.registry("phase"):
                 kinds = ["train"] + self.plugins.registry("phase").names()
-                self.fail(f"{pkey}.kind", f"unknown phase {kind!r}{suggest(kind, kinds)}; registered: {', '.join(kinds)}")
+                self.fail(
+                    f"{pkey}.kind", f"unknown phase {kind!r}{suggest(kind, kinds)}; registered: {', '.join(kinds)}"
+                )
             comp = self.plugins.registry("phase").get(kind, source=self.source, key=f"{pkey}.kind")
             trains = bool(comp.attr("trains", False))
             own = {k: v for k, v in praw.items() if k not in PHASE_CORE_KEYS and not (trains and k in TRAIN_KEYS)}
             _, params = self.component("phase", {"name": kind, **own}, pkey, ("name",))
             required_outputs = [o for o in comp.attr("requires_outputs", ()) if o not in head_outputs]
             if required_outputs:
-                self.fail(f"{pkey}.kind", f"phase '{kind}' needs a head producing {', '.join(required_outputs)}; head '{hd.name}' does not")
+                self.fail(
+                    f"{pkey}.kind",
+                    f"phase '{kind}' needs a head producing {', '.join(required_outputs)}; head '{hd.name}' does not",
+                )
             entry = {"name": pname, "kind": kind, **params}
             if trains:
                 train_raw = {k: v for k, v in praw.items() if k in TRAIN_KEYS or k in PHASE_CORE_KEYS}
-                entry.update({k: v for k, v in self.train_phase(train_raw, pkey, pname, ids, groups_ok, losses).items()
-                              if k not in PHASE_CORE_KEYS})
+                entry.update(
+                    {
+                        k: v
+                        for k, v in self.train_phase(train_raw, pkey, pname, ids, groups_ok, losses).items()
+                        if k not in PHASE_CORE_KEYS
+                    }
+                )
             phases.append(entry)
         return phases
 
@@ -197,7 +271,10 @@ class StageChecks:
             return
         if any(sel.startswith(g + ".") for g in groups_ok if g.startswith(("head.", "loss."))):
             return
-        self.fail(where, f"unknown parameter group {sel!r}{suggest(sel, list(groups_ok))}; use one of {', '.join(groups_ok)} (or backbone.<module path>)")
+        self.fail(
+            where,
+            f"unknown parameter group {sel!r}{suggest(sel, list(groups_ok))}; use one of {', '.join(groups_ok)} (or backbone.<module path>)",
+        )
 
     def train_phase(self, raw, key, name, loss_ids, groups_ok, losses) -> dict[str, Any]:
         self.known(raw, key, PHASE_CORE_KEYS + TRAIN_KEYS)
@@ -206,7 +283,10 @@ class StageChecks:
         sel = self.value(raw, key, "losses", list[str], [l["id"] for l in losses])
         for i, lid in enumerate(sel):
             if lid not in loss_ids:
-                self.fail(f"{key}.losses[{i}]", f"no loss with id '{lid}' in this stage{suggest(lid, sorted(loss_ids))}; stage losses: {', '.join(sorted(loss_ids)) or 'none'}")
+                self.fail(
+                    f"{key}.losses[{i}]",
+                    f"no loss with id '{lid}' in this stage{suggest(lid, sorted(loss_ids))}; stage losses: {', '.join(sorted(loss_ids)) or 'none'}",
+                )
         ph["losses"] = sel
         ph["optimizer"] = self.optimizer(raw.get("optimizer", {}), f"{key}.optimizer")
         ph["groups"] = self.groups(raw, key, groups_ok, ph["optimizer"]["weight_decay"])
@@ -233,8 +313,15 @@ class StageChecks:
             self.fail(f"{skey}.warmup_start_factor", "applies only with warmup_epochs > 0")
         return out
 
-    def groups(self, raw: dict[str, Any], key: str, groups_ok: tuple[str, ...], weight_decay: float) -> list[dict[str, Any]]:
-        groups = self.array(raw.get("groups") if "groups" in raw else self.fail(f"{key}.groups", "missing required key: list the parameter groups this phase trains"), f"{key}.groups")
+    def groups(
+        self, raw: dict[str, Any], key: str, groups_ok: tuple[str, ...], weight_decay: float
+    ) -> list[dict[str, Any]]:
+        groups = self.array(
+            raw.get("groups")
+            if "groups" in raw
+            else self.fail(f"{key}.groups", "missing required key: list the parameter groups this phase trains"),
+            f"{key}.groups",
+        )
         if not groups:
             self.fail(f"{key}.groups", "a train phase needs at least one parameter group")
         out = []
@@ -246,11 +333,18 @@ class StageChecks:
             if isinstance(params, str):
                 params = [params]
             if not isinstance(params, list) or not params or not all(isinstance(p, str) for p in params):
-                self.fail(f"{gkey}.params", f"expected a string or a list of strings, got {describe_value(g.get('params'))}")
+                self.fail(
+                    f"{gkey}.params", f"expected a string or a list of strings, got {describe_value(g.get('params'))}"
+                )
             for j, p in enumerate(params):
                 self.selector(p, groups_ok, f"{gkey}.params" + (f"[{j}]" if isinstance(g["params"], list) else ""))
-            out.append({"params": params, "lr": self.number(g, gkey, "lr", REQUIRED, lo=0, lo_open=True),
-                        "weight_decay": self.number(g, gkey, "weight_decay", weight_decay, lo=0)})
+            out.append(
+                {
+                    "params": params,
+                    "lr": self.number(g, gkey, "lr", REQUIRED, lo=0, lo_open=True),
+                    "weight_decay": self.number(g, gkey, "weight_decay", weight_decay, lo=0),
+                }
+            )
         return out
 
     def cross_check(self, name: str, stages: dict[str, Any]) -> None:
@@ -262,16 +356,23 @@ class StageChecks:
         for i, l in enumerate(st["losses"]):
             comp = self.plugins.registry("loss").get(l["name"])
             if comp.attr("requires_teacher", False) and not teacher and l["weight"] != 0:
-                self.fail(f"{key}.losses[{i}].name" if is_list else f"{key}.losses.{l['id']}.name",
-                          f"loss '{l['name']}' needs a teacher: set {key}.teacher to an earlier stage")
+                self.fail(
+                    f"{key}.losses[{i}].name" if is_list else f"{key}.losses.{l['id']}.name",
+                    f"loss '{l['name']}' needs a teacher: set {key}.teacher to an earlier stage",
+                )
         if st["model"]["init_from_teacher"] and not teacher:
             self.fail(f"{key}.model.init_from_teacher", f"needs a teacher: set {key}.teacher")
         if st.get("teacher_taps") and not teacher:
             self.fail(f"{key}.teacher_taps", f"taps a teacher: set {key}.teacher")
         if st["teacher_cache"] != "off":
             if not teacher:
-                self.fail(f"{key}.teacher_cache", f"caches a teacher's outputs: set {key}.teacher, or teacher_cache = \"off\"")
+                self.fail(
+                    f"{key}.teacher_cache", f'caches a teacher\'s outputs: set {key}.teacher, or teacher_cache = "off"'
+                )
             if st["data"]["augment"]:
-                self.fail(f"{key}.teacher_cache", "the teacher's outputs can be cached only for un-augmented training data "
-                          "(augmentation shows the teacher new images every epoch): set data.augment = false, "
-                          "or teacher_cache = \"off\"")
+                self.fail(
+                    f"{key}.teacher_cache",
+                    "the teacher's outputs can be cached only for un-augmented training data "
+                    "(augmentation shows the teacher new images every epoch): set data.augment = false, "
+                    'or teacher_cache = "off"',
+                )

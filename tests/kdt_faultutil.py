@@ -229,8 +229,11 @@ def load_gate_module(root: Path):
 
 def plugin_env(plugin_root: Path, **extra: str) -> dict[str, str]:
     """Environment of a ``kdt`` subprocess that discovers the gate plugin."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("KDT_DISABLE_PLUGIN_AUTOLOAD", "KDT_BLOCK_PLUGINS") and not k.startswith("KDT_GATE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KDT_DISABLE_PLUGIN_AUTOLOAD", "KDT_BLOCK_PLUGINS") and not k.startswith("KDT_GATE")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(plugin_root), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONWARNINGS"] = "ignore"
     env.update(extra)
@@ -247,8 +250,9 @@ def run(args: list[str], env: dict[str, str], timeout: float = 300) -> subproces
 
 
 def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(kdt_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
+    return subprocess.Popen(
+        kdt_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
 
 
 def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 240) -> None:

@@ -18,7 +18,9 @@ batch_size = 32
 eval_batch_size = 128
 """
 
-TINY_CLASSIC = TINY_DATA + """
+TINY_CLASSIC = (
+    TINY_DATA
+    + """
 [stages.teacher]
 model.backbone = { name = "timm", model = "resnet10t", out_index = 2 }
 model.head = { name = "linear" }
@@ -38,6 +40,7 @@ epochs = 2
 limit_batches = 3
 groups = [{ params = ["backbone", "head"], lr = 1e-3 }]
 """
+)
 
 PROTO_STAGE = """
 model.backbone = {{ name = "timm", model = "resnet10t", out_index = 2 }}
@@ -73,26 +76,43 @@ groups = [{{ params = "head.last_layer", lr = 1e-3 }}]
 
 def proto_recipe(ppc_weight: float = 10.0, global_weight: float = 10.0) -> str:
     """teacher (ProtoPNet), baseline (compare_to teacher) and kd (Proto2Proto)."""
-    head = TINY_DATA + """
+    head = (
+        TINY_DATA
+        + """
 [evaluate]
 metrics = [{ name = "accuracy" }, { name = "aap" }, { name = "ajs" }, { name = "pms" }]
 """
-    teacher = "\n[stages.teacher]\n" + PROTO_STAGE.format(name="teacher", extra_losses="", first="warm", first_losses="")
-    baseline = "\n[stages.baseline]\ncompare_to = \"teacher\"\n" + PROTO_STAGE.format(
-        name="baseline", extra_losses="", first="warm", first_losses="")
-    kd_losses = (f"global_explanation = {{ weight = {global_weight} }}\n"
-                 f"patch_prototype_correspondence = {{ weight = {ppc_weight}, tau = 8.0 }}\n")
-    kd = ("\n[stages.kd]\nteacher = \"teacher\"\nmodel.init_from_teacher = [\"head.last_layer\"]\n"
-          + PROTO_STAGE.format(name="kd", extra_losses=kd_losses, first="kd_warm",
-                               first_losses='losses = ["global_explanation", "patch_prototype_correspondence"]'))
+    )
+    teacher = "\n[stages.teacher]\n" + PROTO_STAGE.format(
+        name="teacher", extra_losses="", first="warm", first_losses=""
+    )
+    baseline = '\n[stages.baseline]\ncompare_to = "teacher"\n' + PROTO_STAGE.format(
+        name="baseline", extra_losses="", first="warm", first_losses=""
+    )
+    kd_losses = (
+        f"global_explanation = {{ weight = {global_weight} }}\n"
+        f"patch_prototype_correspondence = {{ weight = {ppc_weight}, tau = 8.0 }}\n"
+    )
+    kd = '\n[stages.kd]\nteacher = "teacher"\nmodel.init_from_teacher = ["head.last_layer"]\n' + PROTO_STAGE.format(
+        name="kd",
+        extra_losses=kd_losses,
+        first="kd_warm",
+        first_losses='losses = ["global_explanation", "patch_prototype_correspondence"]',
+    )
     return head + teacher + baseline + kd
 
 
-def run_kdt(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_kdt(
+    *args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """``python -m kdtoolkit ARGS`` in a subprocess (as a user would run ``kdt``)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "kdtoolkit", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or ROOT, timeout=timeout)
-
-
+    return subprocess.run(
+        [sys.executable, "-m", "kdtoolkit", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )

@@ -240,8 +240,10 @@ def test_prepare_command_and_its_errors(tmp_path, capsys):
 
 
 def test_prepare_help_imports_neither_torch_nor_pillow():
-    code = ("import sys, json\nfrom kdtoolkit.cli import _main\nassert _main(['prepare', '--help']) == 0\n"
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'PIL', 'torchvision'})))")
+    code = (
+        "import sys, json\nfrom kdtoolkit.cli import _main\nassert _main(['prepare', '--help']) == 0\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'PIL', 'torchvision'})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -109,8 +109,9 @@ def _digits_item_one_at_a_time(ds, i):
     import torch.nn.functional as F
 
     j = int(ds.indices[i])
-    img = F.interpolate(ds._images[j].reshape(1, 1, 8, 8), size=(ds.image_size, ds.image_size), mode="bilinear",
-                        align_corners=False).squeeze(0)
+    img = F.interpolate(
+        ds._images[j].reshape(1, 1, 8, 8), size=(ds.image_size, ds.image_size), mode="bilinear", align_corners=False
+    ).squeeze(0)
     if ds.augment:
         img = D._random_affine(img, max_shift_px=2.0 * ds.image_size / 32.0)
     img = img.clamp_(0.0, 1.0).expand(3, -1, -1).contiguous()
@@ -160,13 +161,16 @@ def test_digits_get_batch_equals_collating_its_items(augment):
         assert torch.equal(fx, sx) and torch.equal(fy, sy)
 
 
-@pytest.mark.parametrize("params, key", [
-    ({"image_size": 4}, "image_size"),
-    ({"image_size": 32.0}, "image_size"),
-    ({"test_fraction": 0.0}, "test_fraction"),
-    ({"test_fraction": 1.0}, "test_fraction"),
-    ({"test_fraction": -0.3}, "test_fraction"),
-])
+@pytest.mark.parametrize(
+    "params, key",
+    [
+        ({"image_size": 4}, "image_size"),
+        ({"image_size": 32.0}, "image_size"),
+        ({"test_fraction": 0.0}, "test_fraction"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"test_fraction": -0.3}, "test_fraction"),
+    ],
+)
 def test_digits_param_validation(params, key):
     with pytest.raises(DataError) as info:
         D.digits("train", **params)
@@ -221,8 +225,7 @@ def test_image_folder_items_and_class_order(tmp_path):
 
 def test_image_folder_eval_transform_deterministic_and_normalized(tmp_path):
     root = _make_tree(tmp_path / "data")
-    ds = D.image_folder("test", root=str(root), image_size=12, resize=12, mean=[0.0, 0.0, 0.0],
-                        std=[1.0, 1.0, 1.0])
+    ds = D.image_folder("test", root=str(root), image_size=12, resize=12, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
     torch.manual_seed(0)
     a = ds[4][0]
     torch.manual_seed(99)
@@ -244,8 +247,7 @@ def test_image_folder_augmentation_repeatable(tmp_path):
     assert torch.equal(first, second)
     draws = {tuple(ds[0][0].flatten().tolist()) for _ in range(20)}
     assert len(draws) > 1
-    fixed = D.image_folder("train", True, root=str(root), image_size=12, resize=24, hflip=False,
-                           random_crop=False)
+    fixed = D.image_folder("train", True, root=str(root), image_size=12, resize=24, hflip=False, random_crop=False)
     assert len({tuple(fixed[0][0].flatten().tolist()) for _ in range(5)}) == 1
 
 
@@ -305,12 +307,15 @@ def test_image_folder_corrupt_image_names_file(tmp_path):
         assert len(str(info.value).splitlines()) == 1
 
 
-@pytest.mark.parametrize("params, key", [
-    ({"mean": [0.5, 0.5]}, "mean"),
-    ({"std": [0.2, 0.0, 0.2]}, "std"),
-    ({"resize": 4, "image_size": 8}, "resize"),
-    ({"image_size": 0}, "image_size"),
-])
+@pytest.mark.parametrize(
+    "params, key",
+    [
+        ({"mean": [0.5, 0.5]}, "mean"),
+        ({"std": [0.2, 0.0, 0.2]}, "std"),
+        ({"resize": 4, "image_size": 8}, "resize"),
+        ({"image_size": 0}, "image_size"),
+    ],
+)
 def test_image_folder_param_validation(tmp_path, params, key):
     root = _make_tree(tmp_path / "data")
     with pytest.raises(DataError) as info:

@@ -42,7 +42,8 @@ def test_a_parameter_named_like_a_reserved_key_fails_the_plugin_at_registration(
 
 def test_a_reserved_parameter_behind_a_reference_fails_on_first_use(tmp_path, monkeypatch):
     (tmp_path / "kdt_reserved_ds.py").write_text(
-        "def ds(split, augment, *, batch_size: int = 4):\n    '''A dataset with a clashing key.'''\n")
+        "def ds(split, augment, *, batch_size: int = 4):\n    '''A dataset with a clashing key.'''\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = Registry("dataset").bound("rds")
     reg.add("clash", "kdt_reserved_ds:ds")
@@ -84,8 +85,9 @@ def test_hook_functions_without_hookimpl_are_reported():
     pm = PluginManager(autoload=False, extra=[(_plugin("kdt_plain", kdt_register_losses=kdt_register_losses), "plain")])
     info = pm.infos["plain"]
     assert info.status == "loaded" and info.components == {}
-    assert info.warnings == ["kdt_register_losses not decorated with @hookimpl, so never called "
-                             "(from kdtoolkit.hookspecs import hookimpl)"]
+    assert info.warnings == [
+        "kdt_register_losses not decorated with @hookimpl, so never called (from kdtoolkit.hookspecs import hookimpl)"
+    ]
     assert info.to_json()["warnings"] == info.warnings
 
 

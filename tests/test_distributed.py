@@ -105,8 +105,11 @@ def _close(a: Path, b: Path, stage: str) -> None:
 def _ddp_recipe() -> str:
     # odd batch sizes: the ranks' shards differ in size (16 and 15 images, 50 and 49 ...); the gate loss
     # (always 0) lets a test press Ctrl-C in one rank (KDT_GATE_SIGINT)
-    return (RECIPE.replace("batch_size = 32", "batch_size = 31").replace("eval_batch_size = 100", "eval_batch_size = 99")
-            .replace('losses = [{ name = "cross_entropy" }]', 'losses = [{ name = "cross_entropy" }, { name = "gate" }]'))
+    return (
+        RECIPE.replace("batch_size = 32", "batch_size = 31")
+        .replace("eval_batch_size = 100", "eval_batch_size = 99")
+        .replace('losses = [{ name = "cross_entropy" }]', 'losses = [{ name = "cross_entropy" }, { name = "gate" }]')
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +123,21 @@ def ddp_runs(site, tmp_path_factory):
     proc = run(["run", str(recipe), "--out", str(single), "-q"], env)
     assert proc.returncode == 0, proc.stderr
     ddp = d / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kdtoolkit", "run", str(recipe), "--out", str(ddp), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "kdtoolkit",
+        "run",
+        str(recipe),
+        "--out",
+        str(ddp),
+        "-q",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     return recipe, env, single, ddp, proc
 
@@ -147,16 +163,24 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
         for la, lb in zip(a, b):
             assert la["train_accuracy"] == lb["train_accuracy"]
             assert la["loss/total"] == pytest.approx(lb["loss/total"], rel=1e-5)
-        ra, rb = load_file(str(ddp / stage / "records.safetensors")), load_file(str(single / stage / "records.safetensors"))
+        ra, rb = (
+            load_file(str(ddp / stage / "records.safetensors")),
+            load_file(str(single / stage / "records.safetensors")),
+        )
         assert torch.equal(ra["labels"], rb["labels"])
         torch.testing.assert_close(ra["logits"], rb["logits"], atol=1e-4, rtol=1e-4)
     # the teacher cache computed by two ranks (each half of every batch, gathered back into dataset
     # order, written by rank 0) is the one a single process computes, and trains the same student
     (fa,), (fb,) = list((ddp / "teacher").glob("teacher-cache-*")), list((single / "teacher").glob("teacher-cache-*"))
     ca, cb = load_file(str(fa)), load_file(str(fb))
-    assert set(ca) == set(cb) == {"logits"}  # (file names differ: the key hashes the teacher's weights, equal only within ATOL)
+    assert (
+        set(ca) == set(cb) == {"logits"}
+    )  # (file names differ: the key hashes the teacher's weights, equal only within ATOL)
     torch.testing.assert_close(ca["logits"], cb["logits"], atol=1e-5, rtol=1e-5)
-    ta, tb = load_file(str(single / "kd" / "model.safetensors")), load_file(str(single / "kd_cached" / "model.safetensors"))
+    ta, tb = (
+        load_file(str(single / "kd" / "model.safetensors")),
+        load_file(str(single / "kd_cached" / "model.safetensors")),
+    )
     for k in ta:
         torch.testing.assert_close(tb[k], ta[k], atol=ATOL, rtol=RTOL, msg=k)
     # kd_cached took kd_mem's cache from memory (rank 0 wrote the file, every rank met at the barrier)
@@ -166,7 +190,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
     # a loss with parameters (a connector built from a dry forward pass) trains inside the DDP-wrapped
     # forward: its gradients are averaged like the student's, so its weights match one process too
     _close(ddp, single, "kd_taps")
-    la, lb = load_file(str(ddp / "kd_taps" / "losses.safetensors")), load_file(str(single / "kd_taps" / "losses.safetensors"))
+    la, lb = (
+        load_file(str(ddp / "kd_taps" / "losses.safetensors")),
+        load_file(str(single / "kd_taps" / "losses.safetensors")),
+    )
     for k in ("tap_regress/connector.weight", "tap_regress/connector.bias"):
         torch.testing.assert_close(la[k], lb[k], atol=ATOL, rtol=RTOL, msg=k)
     assert int(la["tap_regress/steps"]) == int(lb["tap_regress/steps"]) == 3
@@ -176,7 +203,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_runs
     leaves = load_file(str(ddp / "tree" / "model.safetensors"))["head.leaves"]
     assert leaves.abs().sum() > 0  # updated from their zero initialisation
     results = json.loads((ddp / "results.json").read_text())
-    assert results["stages"]["kd"]["test_images"] == json.loads((single / "results.json").read_text())["stages"]["kd"]["test_images"]
+    assert (
+        results["stages"]["kd"]["test_images"]
+        == json.loads((single / "results.json").read_text())["stages"]["kd"]["test_images"]
+    )
 
 
 def _free_port() -> int:
@@ -185,15 +215,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_ranks(recipe: Path, out: Path, env: dict[str, str], rank1_env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+def _spawn_ranks(
+    recipe: Path, out: Path, env: dict[str, str], rank1_env: dict[str, str]
+) -> list[subprocess.CompletedProcess]:
     """Two ranks started by hand (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), as torchrun would."""
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        e = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank),
-             "LOCAL_RANK": str(rank), **(rank1_env if rank == 1 else {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q"],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT))
+        e = {
+            **env,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            **(rank1_env if rank == 1 else {}),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=e,
+                cwd=ROOT,
+            )
+        )
     done = []
     try:
         for p in procs:
@@ -264,12 +311,20 @@ def test_gradient_accumulation_matches_a_larger_batch(plugins, tmp_path):
     and end with the same weights (``ATOL``/``RTOL``: summation order only)."""
     teacher_only = RECIPE.split("[stages.kd]")[0]
     big = _train(tmp_path, "big", teacher_only)
-    small = _train(tmp_path, "small", teacher_only.replace("batch_size = 32", "batch_size = 16")
-                   .replace("limit_batches = 3", "limit_batches = 6\naccumulate = 2"))
+    small = _train(
+        tmp_path,
+        "small",
+        teacher_only.replace("batch_size = 32", "batch_size = 16").replace(
+            "limit_batches = 3", "limit_batches = 6\naccumulate = 2"
+        ),
+    )
     _close(small, big, "teacher")
     # and it is not vacuous: without accumulation the same batches of 16 give other weights
-    plain = _train(tmp_path, "plain", teacher_only.replace("batch_size = 32", "batch_size = 16")
-                   .replace("limit_batches = 3", "limit_batches = 6"))
+    plain = _train(
+        tmp_path,
+        "plain",
+        teacher_only.replace("batch_size = 32", "batch_size = 16").replace("limit_batches = 3", "limit_batches = 6"),
+    )
     with pytest.raises(AssertionError):
         _close(plain, big, "teacher")
 

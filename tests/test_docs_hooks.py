@@ -17,7 +17,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
 def hook_names() -> list[str]:
     return sorted(
-        name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        name
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
         if name.startswith("kdt_") and fn.__module__ == hookspecs.__name__
     )
 

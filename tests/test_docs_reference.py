@@ -17,7 +17,14 @@ def test_every_public_function_and_component_key_is_documented():
 
 def test_component_keys_appear_in_components_page():
     text = (docgen.DOCS / "components.md").read_text(encoding="utf-8")
-    for key in ("`prototypes_per_class`", "`mask_source`", "`temperature`", "`image_size`", "`taus`", "`class_specific`"):
+    for key in (
+        "`prototypes_per_class`",
+        "`mask_source`",
+        "`temperature`",
+        "`image_size`",
+        "`taus`",
+        "`class_specific`",
+    ):
         assert key in text
 
 
@@ -31,8 +38,19 @@ def test_every_recipe_key_is_in_the_recipes_page():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
     groups = [(validate, g) for g in ("TOP_KEYS", "DATA_KEYS", "EVAL_KEYS")]
-    groups += [(validate_stage, g) for g in ("STAGE_KEYS", "MODEL_KEYS", "LOSS_CORE_KEYS", "PHASE_CORE_KEYS", "TRAIN_KEYS",
-                                             "GROUP_KEYS", "OPTIMIZER_CORE_KEYS", "SCHEDULER_CORE_KEYS")]
+    groups += [
+        (validate_stage, g)
+        for g in (
+            "STAGE_KEYS",
+            "MODEL_KEYS",
+            "LOSS_CORE_KEYS",
+            "PHASE_CORE_KEYS",
+            "TRAIN_KEYS",
+            "GROUP_KEYS",
+            "OPTIMIZER_CORE_KEYS",
+            "SCHEDULER_CORE_KEYS",
+        )
+    ]
     missing = [f"{g}: {k}" for mod, g in groups for k in getattr(mod, g) if f"`{k}`" not in text]
     assert not missing, missing
     for values in (validate.PRECISIONS, validate_stage.TEACHER_CACHE):

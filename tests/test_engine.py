@@ -13,8 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdt_faultutil import (ROOT, assert_same_weights, gated, kill_hard, load_gate_module, make_gate_plugin,
-                           one_line_error, plugin_env, run)
+from kdt_faultutil import (
+    ROOT,
+    assert_same_weights,
+    gated,
+    kill_hard,
+    load_gate_module,
+    make_gate_plugin,
+    one_line_error,
+    plugin_env,
+    run,
+)
 from kdtoolkit.cli import main
 from kdtoolkit.engine.optim import build_optimizer, build_scheduler
 from kdtoolkit.engine.rundir import RunDir, StageDir
@@ -56,9 +65,13 @@ class Recorder:
 
     def __call__(self, step):
         if step.phase not in RECORDED:
-            RECORDED[step.phase] = {"x": step.inputs.detach().clone(), "features": {k: v.detach().clone() for k, v in step.features.items()},
-                                    "teacher_features": {k: v.detach().clone() for k, v in step.teacher_features.items()},
-                                    "indices": step.indices.clone(), "model": copy.deepcopy(step.model)}
+            RECORDED[step.phase] = {
+                "x": step.inputs.detach().clone(),
+                "features": {k: v.detach().clone() for k, v in step.features.items()},
+                "teacher_features": {k: v.detach().clone() for k, v in step.teacher_features.items()},
+                "indices": step.indices.clone(),
+                "model": copy.deepcopy(step.model),
+            }
         return step.outputs["logits"].float().sum() * 0.0
 
 
@@ -183,12 +196,18 @@ def test_tap_paths_and_declarations_are_checked(plugins, tmp_path):
     recipe.write_text(bad_path)
     from kdtoolkit.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=r"model\.taps\.s: no module 'backbone\.bdy\.1'.*did you mean 'backbone\.body\.1'"):
+    with pytest.raises(
+        RecipeError, match=r"model\.taps\.s: no module 'backbone\.bdy\.1'.*did you mean 'backbone\.body\.1'"
+    ):
         from kdtoolkit.engine.runner import Runner, RunOptions
         from kdtoolkit.progress import Progress
 
-        Runner(load_recipe(recipe, plugins=plugins), RunOptions(out=tmp_path / "o"), plugins, Progress(enabled=False)).preflight()
-    undeclared = tapped(teacher="teacher", cache="off", phase="p").replace('teacher_taps = { t = "backbone.body.3" }', "")
+        Runner(
+            load_recipe(recipe, plugins=plugins), RunOptions(out=tmp_path / "o"), plugins, Progress(enabled=False)
+        ).preflight()
+    undeclared = tapped(teacher="teacher", cache="off", phase="p").replace(
+        'teacher_taps = { t = "backbone.body.3" }', ""
+    )
     recipe.write_text(undeclared)
     with pytest.raises(RecipeError, match=r"losses\[1\]\.name: loss 'recorder' reads the tap 't'.*teacher_taps"):
         load_recipe(recipe, plugins=plugins)
@@ -217,7 +236,9 @@ def test_kdt_inspect_lists_module_paths_and_shapes(site, tmp_path):
 
 def test_per_step_hook_is_called_once_per_optimizer_step_under_accumulation(plugins, tmp_path):
     HOOK_CALLS.clear()
-    text = DATA + """
+    text = (
+        DATA
+        + """
 [stages.s]
 model.backbone = { name = "tinyconv" }
 model.head = { name = "linear" }
@@ -231,6 +252,7 @@ accumulate = 2
 optimizer = { name = "sgd" }
 groups = [{ params = ["backbone", "head"], lr = 0.05 }]
 """
+    )
     code, _ = _run(tmp_path, text)
     assert code == 0
     epoch_calls = [c for c in HOOK_CALLS if c[0] == "epoch"]
@@ -248,15 +270,31 @@ def _params():
     return [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
 
 
-@pytest.mark.parametrize("name, spec, torch_cls, kwargs", [
-    ("adam", {"betas": [0.8, 0.99], "eps": 1e-6, "amsgrad": True}, torch.optim.Adam, {"betas": (0.8, 0.99), "eps": 1e-6, "amsgrad": True}),
-    ("adamw", {"betas": [0.9, 0.999], "eps": 1e-8, "amsgrad": False}, torch.optim.AdamW, {}),
-    ("sgd", {"momentum": 0.9, "nesterov": True, "dampening": 0.0}, torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
-])
+@pytest.mark.parametrize(
+    "name, spec, torch_cls, kwargs",
+    [
+        (
+            "adam",
+            {"betas": [0.8, 0.99], "eps": 1e-6, "amsgrad": True},
+            torch.optim.Adam,
+            {"betas": (0.8, 0.99), "eps": 1e-6, "amsgrad": True},
+        ),
+        ("adamw", {"betas": [0.9, 0.999], "eps": 1e-8, "amsgrad": False}, torch.optim.AdamW, {}),
+        (
+            "sgd",
+            {"momentum": 0.9, "nesterov": True, "dampening": 0.0},
+            torch.optim.SGD,
+            {"momentum": 0.9, "nesterov": True},
+        ),
+    ],
+)
 def test_each_optimizer_matches_torch(name, spec, torch_cls, kwargs):
     pm = get_manager()
     a, b = _params(), _params()
-    groups = lambda ps: [{"params": [ps[0]], "lr": 0.1, "weight_decay": 5e-4}, {"params": [ps[1]], "lr": 0.01, "weight_decay": 0.0}]
+    groups = lambda ps: [
+        {"params": [ps[0]], "lr": 0.1, "weight_decay": 5e-4},
+        {"params": [ps[1]], "lr": 0.01, "weight_decay": 0.0},
+    ]
     ours = build_optimizer({"name": name, **spec, "weight_decay": 0.0}, groups(a), pm)
     ref = torch_cls(groups(b), lr=0.1, **kwargs)
     for i in range(5):
@@ -269,16 +307,32 @@ def test_each_optimizer_matches_torch(name, spec, torch_cls, kwargs):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("spec, make", [
-    ({"name": "step", "step_size": 3, "gamma": 0.5}, lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5)),
-    ({"name": "multistep", "milestones": [2, 5], "gamma": 0.1}, lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5], 0.1)),
-    ({"name": "cosine", "min_lr": 0.001}, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 8, 0.001)),
-    ({"name": "exponential", "gamma": 0.9}, lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9)),
-    ({"name": "cosine", "min_lr": 0.0, "warmup_epochs": 3, "warmup_start_factor": 0.1},
-     lambda o: torch.optim.lr_scheduler.ChainedScheduler([torch.optim.lr_scheduler.LinearLR(o, 0.1, 1.0, 3),
-                                                          torch.optim.lr_scheduler.CosineAnnealingLR(o, 8, 0.0)], optimizer=o)),
-    ({"name": "none", "warmup_epochs": 2, "warmup_start_factor": 0.5}, lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.5, 1.0, 2)),
-])
+@pytest.mark.parametrize(
+    "spec, make",
+    [
+        ({"name": "step", "step_size": 3, "gamma": 0.5}, lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5)),
+        (
+            {"name": "multistep", "milestones": [2, 5], "gamma": 0.1},
+            lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5], 0.1),
+        ),
+        ({"name": "cosine", "min_lr": 0.001}, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 8, 0.001)),
+        ({"name": "exponential", "gamma": 0.9}, lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9)),
+        (
+            {"name": "cosine", "min_lr": 0.0, "warmup_epochs": 3, "warmup_start_factor": 0.1},
+            lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+                [
+                    torch.optim.lr_scheduler.LinearLR(o, 0.1, 1.0, 3),
+                    torch.optim.lr_scheduler.CosineAnnealingLR(o, 8, 0.0),
+                ],
+                optimizer=o,
+            ),
+        ),
+        (
+            {"name": "none", "warmup_epochs": 2, "warmup_start_factor": 0.5},
+            lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.5, 1.0, 2),
+        ),
+    ],
+)
 def test_each_scheduler_matches_torch(spec, make):
     pm = get_manager()
     oa, ob = torch.optim.SGD(_params(), lr=0.1), torch.optim.SGD(_params(), lr=0.1)
@@ -291,7 +345,9 @@ def test_each_scheduler_matches_torch(spec, make):
 
 def test_the_cifar100_kd_protocol_is_expressible(tmp_path):
     recipe = tmp_path / "cifar.toml"
-    recipe.write_text(DATA + """
+    recipe.write_text(
+        DATA
+        + """
 [stages.s]
 model.backbone = { name = "timm", model = "resnet10t", out_index = 2 }
 model.head = { name = "linear" }
@@ -301,9 +357,16 @@ epochs = 240
 optimizer = { name = "sgd", momentum = 0.9, weight_decay = 5e-4 }
 scheduler = { name = "multistep", milestones = [150, 180, 210], gamma = 0.1 }
 groups = [{ params = ["backbone", "head"], lr = 0.05 }]
-""")
+"""
+    )
     ph = load_recipe(recipe).stage("s")["phases"][0]
-    assert ph["optimizer"] == {"name": "sgd", "momentum": 0.9, "nesterov": False, "dampening": 0.0, "weight_decay": 5e-4}
+    assert ph["optimizer"] == {
+        "name": "sgd",
+        "momentum": 0.9,
+        "nesterov": False,
+        "dampening": 0.0,
+        "weight_decay": 5e-4,
+    }
     assert ph["groups"][0]["weight_decay"] == 5e-4
     opt = build_optimizer(ph["optimizer"], [{"params": _params(), "lr": 0.05, "weight_decay": 5e-4}], get_manager())
     sched = build_scheduler(ph["scheduler"], opt, 240, get_manager())
@@ -320,7 +383,9 @@ def test_unknown_optimizer_and_bad_milestones_are_recipe_errors(tmp_path):
     from kdtoolkit.errors import RecipeError
 
     recipe = tmp_path / "r.toml"
-    base = DATA + """
+    base = (
+        DATA
+        + """
 [stages.s]
 model.backbone = { name = "timm", model = "resnet10t", out_index = 2 }
 model.head = { name = "linear" }
@@ -329,8 +394,11 @@ losses = [{ name = "cross_entropy" }]
 epochs = 1
 groups = [{ params = ["backbone", "head"], lr = 0.05 }]
 """
+    )
     recipe.write_text(base.replace("epochs = 1", 'epochs = 1\noptimizer = { name = "sgdd" }'))
-    with pytest.raises(RecipeError, match=r"phases\[0\]\.optimizer\.name: unknown optimizer 'sgdd' \(did you mean 'sgd'\?\)"):
+    with pytest.raises(
+        RecipeError, match=r"phases\[0\]\.optimizer\.name: unknown optimizer 'sgdd' \(did you mean 'sgd'\?\)"
+    ):
         load_recipe(recipe)
     recipe.write_text(base.replace("epochs = 1", 'epochs = 1\nscheduler = { name = "multistep", milestones = [5, 2] }'))
     with pytest.raises(RecipeError, match=r"scheduler\.milestones: expected increasing epochs"):
@@ -350,18 +418,26 @@ def test_model_weights_of_another_architecture_fail_with_one_line(tmp_path):
     bb = TimmBackbone(model="resnet18", out_index=2)
     atomic_save_safetensors(model_state(Model(bb, LinearHead(bb.out_channels, 10))), tmp_path / "r18.safetensors")
     recipe = tmp_path / "r.toml"
-    recipe.write_text(DATA + f"""
+    recipe.write_text(
+        DATA
+        + f"""
 [stages.s]
 model.backbone = {{ name = "timm", model = "resnet10t", out_index = 2 }}
 model.head = {{ name = "linear" }}
-model.weights = "{tmp_path / 'r18.safetensors'}"
+model.weights = "{tmp_path / "r18.safetensors"}"
 losses = [{{ name = "cross_entropy" }}]
 [[stages.s.phases]]
 epochs = 0
 groups = [{{ params = ["backbone", "head"], lr = 0.05 }}]
-""")
-    proc = subprocess.run([sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(tmp_path / "o"), "-q"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+"""
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(tmp_path / "o"), "-q"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     line = one_line_error(proc)
     assert "weights do not match the model" in line and "missing" in line and "unexpected" in line
@@ -370,7 +446,10 @@ groups = [{{ params = ["backbone", "head"], lr = 0.05 }}]
 
 # ---------------------------------------------------------------------------- losses with parameters and state
 
-STATEFUL = DATA + TEACHER + """
+STATEFUL = (
+    DATA
+    + TEACHER
+    + """
 [stages.kd]
 teacher = "teacher"
 model.backbone = { name = "tinyconv" }
@@ -392,6 +471,7 @@ limit_batches = 3
 optimizer = { name = "sgd" }
 groups = [{ params = ["backbone", "head", "loss.tap_regress"], lr = 0.05 }]
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -410,7 +490,12 @@ def test_a_loss_with_parameters_trains_and_is_saved_beside_the_model(stateful):
     _, _, _, ref = stateful
     losses = load_file(str(ref / "kd" / "losses.safetensors"))
     model = load_file(str(ref / "kd" / "model.safetensors"))
-    assert set(losses) == {"tap_regress/connector.weight", "tap_regress/connector.bias", "tap_regress/steps", "tap_regress/seen"}
+    assert set(losses) == {
+        "tap_regress/connector.weight",
+        "tap_regress/connector.bias",
+        "tap_regress/steps",
+        "tap_regress/seen",
+    }
     assert not any("connector" in k for k in model)  # kept out of the student's weights
     assert int(losses["tap_regress/steps"]) == 2 + 6  # one per optimiser step: the per-step hook of a loss
     assert losses["tap_regress/connector.weight"].shape == (16, 8, 1, 1)  # inferred from the dry forward pass
@@ -483,9 +568,10 @@ def test_docgen_ignores_an_installed_third_party_plugin(tmp_path):
     site.mkdir()
     (site / "kdt_thirdparty.py").write_text(
         "from kdtoolkit.hookspecs import hookimpl\n\n"
-        "class Mine:\n    \"\"\"A third-party loss.\"\"\"\n    requires_teacher = False\n"
+        'class Mine:\n    """A third-party loss."""\n    requires_teacher = False\n'
         "    def __call__(self, step):\n        return step.outputs['logits'].sum() * 0\n\n"
-        "@hookimpl\ndef kdt_register_losses(registry):\n    registry.add('third_party_loss', Mine)\n")
+        "@hookimpl\ndef kdt_register_losses(registry):\n    registry.add('third_party_loss', Mine)\n"
+    )
     info = site / "kdt_thirdparty-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kdt-thirdparty\nVersion: 0.1\n")
@@ -493,6 +579,12 @@ def test_docgen_ignores_an_installed_third_party_plugin(tmp_path):
     env = plugin_env(site)
     listed = run(["plugins", "--json"], env)
     assert "third_party_loss" in listed.stdout  # installed and loaded
-    proc = subprocess.run([sys.executable, "-m", "kdtoolkit.docgen", "--check"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdtoolkit.docgen", "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr

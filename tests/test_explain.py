@@ -116,7 +116,7 @@ class _Blobs(torch.utils.data.Dataset):
         for k in range(4):
             img = torch.zeros(3, 32, 32)
             y0, x0 = 10 + k, 12 - k
-            img[:, y0:y0 + 10, x0:x0 + 10] = 0.5 + 0.5 * torch.rand(1, 10, 10, generator=g)
+            img[:, y0 : y0 + 10, x0 : x0 + 10] = 0.5 + 0.5 * torch.rand(1, 10, 10, generator=g)
             self.items.append((img, k % 2))
 
     def __len__(self):
@@ -130,10 +130,12 @@ def _fake_stage(head, tmp_path) -> LoadedStage:
     torch.manual_seed(0)
     model = Model(_stack(), head).eval()
     ds = _Blobs()
-    stage = SimpleNamespace(name="synthetic", path=tmp_path, result={"history": [], "state": {}},
-                            file=lambda n: tmp_path / n)
-    return LoadedStage(stage, model, SimpleNamespace(test=ds, train_eval=ds, spec={"eval_batch_size": 4}),
-                       torch.device("cpu"))
+    stage = SimpleNamespace(
+        name="synthetic", path=tmp_path, result={"history": [], "state": {}}, file=lambda n: tmp_path / n
+    )
+    return LoadedStage(
+        stage, model, SimpleNamespace(test=ds, train_eval=ds, spec={"eval_batch_size": 4}), torch.device("cpu")
+    )
 
 
 @torch.no_grad()
@@ -194,8 +196,9 @@ def test_global_gallery_of_a_pushed_stage(run_copy, tmp_path, capsys):
     assert "explanation:" in printed and "flagged prototypes:" in printed
     assert info["source"] == "projected training patches from push-push.json"
     push = json.loads((run / "teacher" / "push-push.json").read_text())["prototypes"]
-    assert [(p["prototype"], p["image"], p["h"], p["w"]) for p in info["prototypes"]] == \
-        [(p["prototype"], p["image"], p["h"], p["w"]) for p in push]
+    assert [(p["prototype"], p["image"], p["h"], p["w"]) for p in info["prototypes"]] == [
+        (p["prototype"], p["image"], p["h"], p["w"]) for p in push
+    ]
     # 20 prototypes of 16 px digits: tiles enlarged 8x to 128 px, 4 prototypes (3 tiles each) a row, 5 rows
     side = 16 * 8
     assert side >= TILE
@@ -203,8 +206,11 @@ def test_global_gallery_of_a_pushed_stage(run_copy, tmp_path, capsys):
     assert width == 2 * EF.MARGIN + 4 * (3 * side + 6 * GAP) and [width, height] == info["figures"][0]["size"]
     assert height > 5 * (2 * LINE + side)
     for p in info["prototypes"]:
-        flagged = p["patch_std"] < X.MIN_PATCH_STD or p["background_fraction"] >= X.MAX_BACKGROUND_FRACTION \
+        flagged = (
+            p["patch_std"] < X.MIN_PATCH_STD
+            or p["background_fraction"] >= X.MAX_BACKGROUND_FRACTION
             or p["flat_fraction"] > X.MAX_FLAT_FRACTION
+        )
         assert bool(p["flags"]) == flagged and (p["prototype"] in info["flagged"]) == flagged
         assert p["rf_box"] == [0, 0, 15, 15]  # a 2x2 grid at stride 8 sees the whole 16 px image
     ld = load_stage(StageDir.open(run / "teacher"), "cpu")
@@ -239,8 +245,10 @@ def test_local_explanation_of_an_image_file(run_copy, tmp_path, capsys):
     run, _ = run_copy
     img = tmp_path / "seven.png"
     Image.fromarray((np.eye(8)[::-1] * 255).astype("uint8")).resize((32, 32)).save(img)
-    assert main(["explain", str(run / "kd"), "--image", str(img), "--top", "2", "--out", str(tmp_path),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["explain", str(run / "kd"), "--image", str(img), "--top", "2", "--out", str(tmp_path), "--device", "cpu"])
+        == 0
+    )
     info = json.loads((tmp_path / "image-seven.json").read_text())
     assert info["label"] is None and info["recorded_prediction"] is None and len(info["top"]) == 2
     assert (tmp_path / "image-seven.png").is_file()
@@ -248,8 +256,23 @@ def test_local_explanation_of_an_image_file(run_copy, tmp_path, capsys):
 
 def test_compare_and_pairs(run_copy, tmp_path):
     run, _ = run_copy
-    assert main(["explain", str(run), "--compare", "teacher,baseline,kd", "--image", "3", "--out", str(tmp_path),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(run),
+                "--compare",
+                "teacher,baseline,kd",
+                "--image",
+                "3",
+                "--out",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     info = json.loads((tmp_path / "compare-test-3.json").read_text())
     for name in ("teacher", "baseline", "kd"):
         recs = Records.load(run / name / "records.safetensors")
@@ -265,7 +288,9 @@ def test_compare_and_pairs(run_copy, tmp_path):
     caps = matching["caps"]
     for p in pairs["best"] + pairs["worst"]:  # the stored sim is the cap-averaged min(1, I_ij / M)
         assert p["sim"] == pytest.approx(sum(min(1.0, p["colocated"] / m) for m in caps) / len(caps))
-        assert p["teacher_classes"] == [p["teacher_prototype"] // 2] and p["student_classes"] == [p["student_prototype"] // 2]
+        assert p["teacher_classes"] == [p["teacher_prototype"] // 2] and p["student_classes"] == [
+            p["student_prototype"] // 2
+        ]
     assert _size(tmp_path / "pairs-kd.png") == tuple(pairs["size"])
     assert matching["student_stage_hash"] == Records.load(run / "kd" / "records.safetensors").meta["stage_hash"]
     stale = {**matching, "student_stage_hash": "another-training", "score": -1.0}  # as if kd had been trained again
@@ -274,13 +299,16 @@ def test_compare_and_pairs(run_copy, tmp_path):
     assert json.loads((tmp_path / "pairs-kd.json").read_text())["score"] == matching["score"]  # recomputed
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--global", "--pairs", "kd"], "give one of"),
-    (["--compare", "teacher,kd"], "--compare needs --image"),
-    ([], "say what to explain"),
-    (["--image", "100000"], "out of range"),
-    (["--image", "nope.png"], "neither an image file nor a test index"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--global", "--pairs", "kd"], "give one of"),
+        (["--compare", "teacher,kd"], "--compare needs --image"),
+        ([], "say what to explain"),
+        (["--image", "100000"], "out of range"),
+        (["--image", "nope.png"], "neither an image file nor a test index"),
+    ],
+)
 def test_usage_errors_are_one_line(run_copy, capsys, args, message):
     run, _ = run_copy
     path = run if "--compare" in args else run / "kd"
@@ -300,10 +328,26 @@ def test_training_curves_mark_the_phases(run_copy):
     # the run's training.png: the two overview panels, then one panel per stage (two a row): 11 x (4 + 2·3.2) in
     assert _size(run / "training.png") == (1100, 1040)
 
+
 def test_explain_takes_data_changes_and_refuses_bad_ones(run_copy, tmp_path, capsys):
     run, _ = run_copy
-    assert main(["explain", str(run / "kd"), "--image", "3", "--data", "eval_batch_size=7", "--out", str(tmp_path),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(run / "kd"),
+                "--image",
+                "3",
+                "--data",
+                "eval_batch_size=7",
+                "--out",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["explain", str(run / "kd"), "--image", "3", "--data", "nosuch=1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -57,9 +57,15 @@ groups = [{{ params = ["backbone", "head"], lr = 1e-2 }}]
 """
 
 # teacher, then kd with the gate loss (calls 1-4: 2 epochs of 2 batches)
-BASE = DATA + STAGE.format(name="teacher", epochs=1, extra='losses = [{ name = "cross_entropy" }]') + STAGE.format(
-    name="kd", epochs=2,
-    extra='teacher = "teacher"\nlosses = [{ name = "cross_entropy" }, { name = "hinton_kd" }, { name = "gate" }]')
+BASE = (
+    DATA
+    + STAGE.format(name="teacher", epochs=1, extra='losses = [{ name = "cross_entropy" }]')
+    + STAGE.format(
+        name="kd",
+        epochs=2,
+        extra='teacher = "teacher"\nlosses = [{ name = "cross_entropy" }, { name = "hinton_kd" }, { name = "gate" }]',
+    )
+)
 
 
 def solo(extra: str = "", epochs: int = 2, data: str = DATA) -> str:
@@ -74,6 +80,7 @@ def site(tmp_path_factory) -> Path:
 @pytest.fixture
 def plugins(site):
     """Use the gate plugin (and ``extra``) in-process; restores the default manager after."""
+
     def use(*extra):
         set_manager(PluginManager(extra=[(load_gate_module(site), "gate"), *extra]))
 
@@ -125,8 +132,11 @@ class _TurnsNonFinite:
 def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_path, plugins, capsys, value):
     plugins((_TurnsNonFinite(at=4, value=value), "nonfinite"))  # epoch 2, step 2
     recipe = tmp_path / "r.toml"
-    recipe.write_text(solo(extra="", epochs=2).replace('losses = [{ name = "cross_entropy" }]',
-                                                        'losses = [{ name = "cross_entropy" }, { name = "bad" }]'))
+    recipe.write_text(
+        solo(extra="", epochs=2).replace(
+            'losses = [{ name = "cross_entropy" }]', 'losses = [{ name = "cross_entropy" }, { name = "bad" }]'
+        )
+    )
     out = tmp_path / "run"
     code, err = _main(capsys, "run", str(recipe), "--out", str(out), "-q")
     assert code == 2
@@ -144,8 +154,12 @@ def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tm
 
 def test_checkpoint_every_n_epochs_and_resume_after_a_failure(tmp_path, plugins, capsys):
     recipe = tmp_path / "r.toml"
-    recipe.write_text("checkpoint_every = 2\n" + solo(epochs=4).replace(
-        'losses = [{ name = "cross_entropy" }]', 'losses = [{ name = "cross_entropy" }, { name = "bad" }]'))
+    recipe.write_text(
+        "checkpoint_every = 2\n"
+        + solo(epochs=4).replace(
+            'losses = [{ name = "cross_entropy" }]', 'losses = [{ name = "cross_entropy" }, { name = "bad" }]'
+        )
+    )
     out = tmp_path / "run"
     plugins((_TurnsNonFinite(at=7, value=float("inf")), "nonfinite"))  # epoch 4, step 1
     code, err = _main(capsys, "run", str(recipe), "--out", str(out), "-q")
@@ -224,7 +238,10 @@ def test_resuming_the_interrupted_run_matches_an_uninterrupted_one(interrupted, 
     plugins()
     assert _main(capsys, "run", str(recipe), "--out", str(tmp_path / "straight"), "-q")[0] == 0
     for stage in ("teacher", "kd"):
-        a, b = load_file(str(out / stage / "model.safetensors")), load_file(str(tmp_path / "straight" / stage / "model.safetensors"))
+        a, b = (
+            load_file(str(out / stage / "model.safetensors")),
+            load_file(str(tmp_path / "straight" / stage / "model.safetensors")),
+        )
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert metrics_lines(out, "kd") == metrics_lines(tmp_path / "straight", "kd")
 
@@ -310,11 +327,16 @@ def test_unwritable_output_directory_is_refused_before_training(tmp_path, plugin
 def test_plugin_raising_in_a_hook_is_named_on_one_line(site, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(BASE)
-    proc = run(["run", str(recipe), "--out", str(tmp_path / "run"), "-q"],
-               plugin_env(site, OMP_NUM_THREADS="1", KDT_GATE_RAISE="after_epoch"))
+    proc = run(
+        ["run", str(recipe), "--out", str(tmp_path / "run"), "-q"],
+        plugin_env(site, OMP_NUM_THREADS="1", KDT_GATE_RAISE="after_epoch"),
+    )
     assert proc.returncode == 2
     line = one_line_error(proc)
-    assert "plugin 'gate' failed in kdt_after_epoch: RuntimeError: the gate plugin refuses epoch 1 of stage teacher" in line
+    assert (
+        "plugin 'gate' failed in kdt_after_epoch: RuntimeError: the gate plugin refuses epoch 1 of stage teacher"
+        in line
+    )
 
 
 def test_fp16_is_refused_on_the_cpu(tmp_path, plugins, capsys):
@@ -329,7 +351,7 @@ def test_fp16_is_refused_on_the_cpu(tmp_path, plugins, capsys):
 
 # --------------------------------------------------------------------------- fuzz
 
-DRIVER = r'''
+DRIVER = r"""
 import contextlib, io, json, sys, traceback
 from kdtoolkit.cli import main
 for case in json.load(open(sys.argv[1])):
@@ -341,7 +363,7 @@ for case in json.load(open(sys.argv[1])):
             code = "uncaught"
             err.write(traceback.format_exc())
     print(json.dumps({"id": case["id"], "code": code, "stderr": err.getvalue()}), flush=True)
-'''
+"""
 
 TARGETS = ("weights", "weights_pth", "teacher", "records", "checkpoint", "image")
 
@@ -416,8 +438,10 @@ def fuzz_cases(site, interrupted, tmp_path_factory):
                 bad = root / "train" / "b" / f"{j % 4}.png"
                 bad.write_bytes(_corrupt(bad.read_bytes(), kind, rng))
                 expect = 0 if _decodable(bad) else 2
-                data = DATA.replace('dataset = "digits"', f'dataset = "image_folder"\nroot = "{root}"\n'
-                                    f'num_workers = {1 if kind == "random" else 0}').replace("batch_size = 32", "batch_size = 4")
+                data = DATA.replace(
+                    'dataset = "digits"',
+                    f'dataset = "image_folder"\nroot = "{root}"\nnum_workers = {1 if kind == "random" else 0}',
+                ).replace("batch_size = 32", "batch_size = 4")
                 (c / "r.toml").write_text(solo(data=data, epochs=1))
                 argv = ["run", str(c / "r.toml"), "--out", str(c / "run"), "-q"]
             cases.append({"id": cid, "argv": argv, "expect": expect, "file": str(bad)})
@@ -430,8 +454,14 @@ def test_fuzzed_files_give_one_clear_line_and_exit_2(site, fuzz_cases):
     assert len(cases) == 30
     (d / "driver.py").write_text(DRIVER)
     try:
-        proc = subprocess.run([sys.executable, str(d / "driver.py"), str(d / "cases.json")], capture_output=True,
-                              text=True, env=plugin_env(site, OMP_NUM_THREADS="1"), cwd=ROOT, timeout=240)
+        proc = subprocess.run(
+            [sys.executable, str(d / "driver.py"), str(d / "cases.json")],
+            capture_output=True,
+            text=True,
+            env=plugin_env(site, OMP_NUM_THREADS="1"),
+            cwd=ROOT,
+            timeout=240,
+        )
     except subprocess.TimeoutExpired as exc:  # a hang: show the cases that finished
         raise AssertionError(f"fuzz cases hung; finished:\n{exc.stdout}") from None
     results = {r["id"]: r for r in map(json.loads, proc.stdout.splitlines())}

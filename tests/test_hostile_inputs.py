@@ -55,7 +55,8 @@ groups = [{ params = ["backbone", "head"], lr = 1e-2 }]
 """
 
 FOLDER_RECIPE = RECIPE.replace('dataset = "digits"', 'dataset = "image_folder"\nroot = "{root}"').replace(
-    "batch_size = 32", "batch_size = 2")
+    "batch_size = 32", "batch_size = 2"
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +85,14 @@ def _one_line(capsys, argv: list[str]) -> str:
 # --------------------------------------------------------------------------- safetensors headers
 
 
-def _safetensors(path: Path, entries: dict, data_bytes: int, meta: dict | None = None, raw: bytes | None = None) -> Path:
+def _safetensors(
+    path: Path, entries: dict, data_bytes: int, meta: dict | None = None, raw: bytes | None = None
+) -> Path:
     """A safetensors file whose header is ``entries`` (or ``raw``), made ``data_bytes`` long with
     ``truncate``: a sparse file, a few KB on disk whatever its size."""
-    header = raw if raw is not None else json.dumps({"__metadata__": meta or {"format": RECORDS_FORMAT}, **entries}).encode()
+    header = (
+        raw if raw is not None else json.dumps({"__metadata__": meta or {"format": RECORDS_FORMAT}, **entries}).encode()
+    )
     with open(path, "wb") as fh:
         fh.write(len(header).to_bytes(8, "little") + header)
         fh.truncate(8 + len(header) + data_bytes)
@@ -97,8 +102,12 @@ def _safetensors(path: Path, entries: dict, data_bytes: int, meta: dict | None =
 def _records_entries(n: int, p: int = 1) -> tuple[dict, int]:
     """Header entries of a records file of ``n`` images (labels, logits, min_distances, argmin)."""
     out, off = {}, 0
-    for name, dtype, shape, size in (("labels", "I64", [n], 8), ("logits", "F32", [n, 10], 4),
-                                     ("min_distances", "F32", [n, p], 4), ("argmin", "I64", [n, p], 8)):
+    for name, dtype, shape, size in (
+        ("labels", "I64", [n], 8),
+        ("logits", "F32", [n, 10], 4),
+        ("min_distances", "F32", [n, p], 4),
+        ("argmin", "I64", [n, p], 8),
+    ):
         nbytes = size
         for d in shape:
             nbytes *= d
@@ -123,8 +132,9 @@ def no_tensor_read(monkeypatch):
 
 def test_sparse_multi_gb_records_without_the_tensors_are_refused_unread(tmp_path, capsys, no_tensor_read):
     n = 4 * 10**9 // 4
-    bad = _safetensors(tmp_path / "sparse.safetensors",
-                       {"x": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}, 4 * n)
+    bad = _safetensors(
+        tmp_path / "sparse.safetensors", {"x": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}, 4 * n
+    )
     assert bad.stat().st_size > 4 * 10**9
     line = _one_line(capsys, ["metrics", "--teacher", str(bad), "--student", str(bad)])
     assert str(bad) in line and "no tensor 'labels'" in line
@@ -146,10 +156,12 @@ def test_a_20_gb_records_file_under_an_address_space_limit_is_one_line(tmp_path)
     """Under ``ulimit -v`` a 20 GB file was a MemoryError traceback: now it is refused before it is read."""
     entries, size = _records_entries(20 * 10**9 // 32)
     bad = _safetensors(tmp_path / "g20.safetensors", entries, size)
-    code = ("import resource, sys\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, resource.RLIM_INFINITY))\n"
-            "from kdtoolkit.cli import main\n"
-            f"sys.exit(main(['metrics', '--teacher', {str(bad)!r}, '--student', {str(bad)!r}]))\n")
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, resource.RLIM_INFINITY))\n"
+        "from kdtoolkit.cli import main\n"
+        f"sys.exit(main(['metrics', '--teacher', {str(bad)!r}, '--student', {str(bad)!r}]))\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     line = one_line_error(proc)
@@ -239,19 +251,22 @@ def test_deeply_nested_run_files_are_one_line(tmp_path, capsys):
 # --------------------------------------------------------------------------- ranges
 
 
-@pytest.mark.parametrize("assignment, key", [
-    ("seed=99999999999999999999999", "seed"),
-    ("seed=" + "9" * 5000, "seed"),
-    ("seeds=[1, 99999999999999999999]", "seeds[1]"),
-    ("stages.solo.seed=18446744073709551616", "stages.solo.seed"),
-    ("data.image_size=100000", "data.image_size"),
-    ("data.image_size=-16", "data.image_size"),
-    ("data.batch_size=100000000", "data.batch_size"),
-    ("data.eval_batch_size=100000000", "data.eval_batch_size"),
-    ("data.num_workers=1000000", "data.num_workers"),
-    ("stages.solo.phases[0].epochs=10000000000", "stages.solo.phases[0].epochs"),
-    ("stages.solo.phases[0].groups[0].lr=" + "9" * 400, "stages.solo.phases[0].groups[0].lr"),
-])
+@pytest.mark.parametrize(
+    "assignment, key",
+    [
+        ("seed=99999999999999999999999", "seed"),
+        ("seed=" + "9" * 5000, "seed"),
+        ("seeds=[1, 99999999999999999999]", "seeds[1]"),
+        ("stages.solo.seed=18446744073709551616", "stages.solo.seed"),
+        ("data.image_size=100000", "data.image_size"),
+        ("data.image_size=-16", "data.image_size"),
+        ("data.batch_size=100000000", "data.batch_size"),
+        ("data.eval_batch_size=100000000", "data.eval_batch_size"),
+        ("data.num_workers=1000000", "data.num_workers"),
+        ("stages.solo.phases[0].epochs=10000000000", "stages.solo.phases[0].epochs"),
+        ("stages.solo.phases[0].groups[0].lr=" + "9" * 400, "stages.solo.phases[0].groups[0].lr"),
+    ],
+)
 def test_numbers_out_of_range_are_refused_by_validate(tmp_path, capsys, gate, assignment, key):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE)
@@ -270,7 +285,10 @@ def test_a_batch_of_large_images_is_refused_by_the_input_batch_estimate(tmp_path
 def test_the_largest_seeds_validate(tmp_path, capsys, gate):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE)
-    assert main(["validate", str(recipe), "--set", "seed=9223372036854775807", "--set", "seeds=[0, 9223372036854775807]"]) == 0
+    assert (
+        main(["validate", str(recipe), "--set", "seed=9223372036854775807", "--set", "seeds=[0, 9223372036854775807]"])
+        == 0
+    )
     assert "seed = 9223372036854775807" in capsys.readouterr().out
 
 
@@ -287,12 +305,17 @@ def test_a_huge_seeds_option_is_one_line(tmp_path, capsys, gate):
 
 def _png(path: Path, width: int, height: int) -> Path:
     """A PNG whose header declares ``width`` x ``height`` RGB pixels, in a few hundred bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     rows = zlib.compress(b"\0" * (1 + 3 * width) * min(height, 4))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", rows)
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -310,8 +333,14 @@ def _image_folder(root: Path) -> Path:
 def _subprocess(site: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
     """``python -m kdtoolkit ARGS`` with a timeout: a read blocking on a FIFO fails the test, it does not hang."""
     try:
-        return subprocess.run(kdt_cmd(*args), capture_output=True, text=True, cwd=ROOT, timeout=120,
-                              env=plugin_env(site, OMP_NUM_THREADS="1", **env))
+        return subprocess.run(
+            kdt_cmd(*args),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            env=plugin_env(site, OMP_NUM_THREADS="1", **env),
+        )
     except subprocess.TimeoutExpired:  # pragma: no cover - the defect itself
         pytest.fail(f"kdt {' '.join(args)} hung on a special file")
 
@@ -403,8 +432,9 @@ def test_kdt_check_lists_images_over_the_pixel_limit(tmp_path, capsys, gate, mon
     captured = capsys.readouterr()
     assert code == 2 and "Traceback" not in captured.err and "DecompressionBomb" not in captured.err
     assert f"{big}: image of 12000x12000" in captured.err
-    assert captured.err.splitlines()[-1] == (f"kdt: error: {recipe}: 1 of 9 images cannot be read (listed above); "
-                                             "fix or remove them")
+    assert captured.err.splitlines()[-1] == (
+        f"kdt: error: {recipe}: 1 of 9 images cannot be read (listed above); fix or remove them"
+    )
 
 
 def test_the_cgroup_memory_left_counts_reclaimable_page_cache(tmp_path):

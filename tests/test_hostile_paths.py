@@ -55,7 +55,10 @@ def protopnet_recipe(push_name: str = "push", *, name: str | None = None, stage:
     """One ProtoPNet stage: a train phase of one batch, then a push phase named ``push_name``."""
     top = f"name = {json.dumps(name)}\n" if name is not None else ""
     s = json.dumps(stage)
-    return top + DATA + f"""
+    return (
+        top
+        + DATA
+        + f"""
 [stages.{s}]
 {BACKBONE}model.head = {{ name = "protopnet", prototypes_per_class = 1, prototype_depth = 8 }}
 losses = ["cross_entropy"]
@@ -68,11 +71,14 @@ groups = [{{ params = ["backbone", "head"], lr = 1e-3 }}]
 name = {json.dumps(push_name)}
 kind = "push"
 """
+    )
 
 
 def prototree_recipe(project_name: str = "project") -> str:
     """One ProtoTree stage: a train phase of one batch, then a projection phase named ``project_name``."""
-    return DATA + f"""
+    return (
+        DATA
+        + f"""
 [stages.t]
 {BACKBONE}model.head = {{ name = "prototree", depth = 2, prototype_depth = 8 }}
 losses = ["prototree_nll"]
@@ -85,6 +91,7 @@ groups = [{{ params = ["backbone", "head"], lr = 1e-3 }}]
 name = {json.dumps(project_name)}
 kind = "project"
 """
+    )
 
 
 def snapshot(root: Path) -> set[str]:
@@ -121,10 +128,13 @@ ISSUE_NAME = "/../../../../tmp/x/PWNED"
 LOCAL_NAME = "/../../../../escaped/PWNED"
 
 
-@pytest.mark.parametrize("recipe_of, kind, stage", [(protopnet_recipe, "push", "p"), (prototree_recipe, "project", "t")])
+@pytest.mark.parametrize(
+    "recipe_of, kind, stage", [(protopnet_recipe, "push", "p"), (prototree_recipe, "project", "t")]
+)
 @pytest.mark.parametrize("hostile", [ISSUE_NAME, LOCAL_NAME, "../PWNED", "x/../../../PWNED"])
-def test_escaping_phase_name_is_refused_and_nothing_is_written_outside(tmp_path, monkeypatch, capsys, recipe_of, kind,
-                                                                        stage, hostile):
+def test_escaping_phase_name_is_refused_and_nothing_is_written_outside(
+    tmp_path, monkeypatch, capsys, recipe_of, kind, stage, hostile
+):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -175,9 +185,19 @@ def _toy_push_context(stage_dir: Path, phase_name: str) -> tuple[PhaseContext, o
     torch.manual_seed(0)
     model = Model(Backbone(), ProtoPNetHead(4, 3, prototypes_per_class=1, prototype_depth=4))
     data = Toy()
-    ctx = PhaseContext("p", {"name": phase_name, "kind": "push"}, model, None,
-                       StageData(data, data, data, {"eval_batch_size": 5, "num_workers": 0}),
-                       torch.device("cpu"), Progress(enabled=False), 0, Dist(), stage_dir=stage_dir, state=StageState())
+    ctx = PhaseContext(
+        "p",
+        {"name": phase_name, "kind": "push"},
+        model,
+        None,
+        StageData(data, data, data, {"eval_batch_size": 5, "num_workers": 0}),
+        torch.device("cpu"),
+        Progress(enabled=False),
+        0,
+        Dist(),
+        stage_dir=stage_dir,
+        state=StageState(),
+    )
     return ctx, model
 
 
@@ -236,8 +256,11 @@ def test_default_recipe_name_from_an_odd_file_name_stays_inside_runs(tmp_path, m
     """Without ``name`` the file's stem is the run name, made a valid one: ``...toml`` (stem ``..``)
     does not make ``runs/..``."""
     monkeypatch.chdir(tmp_path)
-    for file_name, expected in (("...toml", "_."), ("my recipe (1).toml", "my_recipe__1_"),
-                                ("results.json.toml", "results.json_run")):
+    for file_name, expected in (
+        ("...toml", "_."),
+        ("my recipe (1).toml", "my_recipe__1_"),
+        ("results.json.toml", "results.json_run"),
+    ):
         recipe = tmp_path / file_name
         recipe.write_text(protopnet_recipe())
         code, _ = kdt(capsys, "validate", str(recipe))
@@ -252,9 +275,26 @@ def test_default_recipe_name_from_an_odd_file_name_stays_inside_runs(tmp_path, m
 
 
 BAD_STAGE_NAMES = [
-    "results.json", "recipe.resolved.toml", "RESULTS.JSON", "Recipe.Resolved.Toml", "Results.md", "run.JSON",
-    "seed-0", "Seed-12", "x" * 300, "x" * (MAX_NAME_LENGTH + 1), "kd\n", "kd\r", "kd ", " kd", ".hidden", "-kd",
-    "a/b", "a\\b", "k\u00e9", "kd\x00",
+    "results.json",
+    "recipe.resolved.toml",
+    "RESULTS.JSON",
+    "Recipe.Resolved.Toml",
+    "Results.md",
+    "run.JSON",
+    "seed-0",
+    "Seed-12",
+    "x" * 300,
+    "x" * (MAX_NAME_LENGTH + 1),
+    "kd\n",
+    "kd\r",
+    "kd ",
+    " kd",
+    ".hidden",
+    "-kd",
+    "a/b",
+    "a\\b",
+    "k\u00e9",
+    "kd\x00",
 ]
 
 
@@ -271,13 +311,14 @@ def test_bad_stage_names_are_refused_at_validation_before_anything_runs(tmp_path
     assert snapshot(tmp_path) == before  # no output folder, nothing trained
 
 
-@pytest.mark.parametrize("bad", ["results.json", "RESULT.JSON", "model.safetensors", "seed-3", "x" * 300, "push\n",
-                                 "..", "."])
+@pytest.mark.parametrize(
+    "bad", ["results.json", "RESULT.JSON", "model.safetensors", "seed-3", "x" * 300, "push\n", "..", "."]
+)
 def test_bad_phase_names_are_refused_at_validation(tmp_path, capsys, bad):
     recipe = tmp_path / "r.toml"
     recipe.write_text(protopnet_recipe(bad))
     line = refused(capsys, "validate", str(recipe))
-    assert f"r.toml: stages.p.phases[1].name: " in line and "\n" not in line
+    assert "r.toml: stages.p.phases[1].name: " in line and "\n" not in line
 
 
 def test_names_differing_only_in_case_are_refused(tmp_path, capsys):
@@ -298,11 +339,36 @@ def test_a_name_of_the_length_limit_is_valid(tmp_path, capsys):
 
 
 def test_name_rule():
-    for good in ("kd", "kd_t4", "stage.2", "_x", "9", "A-b.c_d", "x" * MAX_NAME_LENGTH, "seed", "seed-x",
-                 "results", "push-push.json"):
+    for good in (
+        "kd",
+        "kd_t4",
+        "stage.2",
+        "_x",
+        "9",
+        "A-b.c_d",
+        "x" * MAX_NAME_LENGTH,
+        "seed",
+        "seed-x",
+        "results",
+        "push-push.json",
+    ):
         assert name_problem(good) is None, good
-    for bad in ("", "kd\n", "../x", "/abs", "a b", ".x", "-x", "x" * (MAX_NAME_LENGTH + 1), "RUN.json",
-                "seed-7", "explanations", "Metrics.JSONL", 3, None):
+    for bad in (
+        "",
+        "kd\n",
+        "../x",
+        "/abs",
+        "a b",
+        ".x",
+        "-x",
+        "x" * (MAX_NAME_LENGTH + 1),
+        "RUN.json",
+        "seed-7",
+        "explanations",
+        "Metrics.JSONL",
+        3,
+        None,
+    ):
         assert name_problem(bad) is not None, bad
     assert safe_name("..") == "_." and name_problem(safe_name("seed-1")) is None
     assert key_name("kd") == "kd" and key_name("kd\n") == "'kd\\n'"
@@ -311,8 +377,24 @@ def test_name_rule():
 # --------------------------------------------------------------------------- the joined-path API
 
 
-@pytest.mark.parametrize("hostile", ["../x", "push-/../../x.json", "/abs/x", "..", ".", "", "a/b", "a\\b", "x\0y",
-                                     "x" * 256, "pms_matching_vs_x\ny.json", "x\ty", "x\x7f"])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "../x",
+        "push-/../../x.json",
+        "/abs/x",
+        "..",
+        ".",
+        "",
+        "a/b",
+        "a\\b",
+        "x\0y",
+        "x" * 256,
+        "pms_matching_vs_x\ny.json",
+        "x\ty",
+        "x\x7f",
+    ],
+)
 def test_inside_refuses_a_name_that_is_no_plain_file_name(tmp_path, hostile):
     base = tmp_path / "run" / "kd"
     before = snapshot(tmp_path)
@@ -389,8 +471,9 @@ def test_hostile_run_directory_cannot_lead_outside(tmp_path, capsys):
     ``StageDir`` paths, ``StageDir.file`` and ``kdt metrics`` refuse it, and nothing is written."""
     run = tmp_path / "work" / "run"
     run.mkdir(parents=True)
-    (run / "recipe.resolved.json").write_text(json.dumps(
-        {"name": "x", "stages": {"t": {}, "../../escaped": {"teacher": "t"}}}))
+    (run / "recipe.resolved.json").write_text(
+        json.dumps({"name": "x", "stages": {"t": {}, "../../escaped": {"teacher": "t"}}})
+    )
     before = snapshot(tmp_path)
     rd = RunDir(run)
     with pytest.raises(KdtError, match="not a single file name"):
@@ -426,7 +509,9 @@ def test_reserved_names_cover_what_a_run_writes(tmp_path, monkeypatch, capsys):
     not a stage is a reserved name (or a plugin's prefixed file)."""
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(protopnet_recipe(name="tiny", stage="t") + f"""
+    recipe.write_text(
+        protopnet_recipe(name="tiny", stage="t")
+        + f"""
 [stages.s]
 teacher = "t"
 teacher_cache = "disk"
@@ -437,7 +522,8 @@ losses = ["cross_entropy", "hinton_kd"]
 epochs = 1
 limit_batches = 1
 groups = [{{ params = ["backbone", "head"], lr = 1e-3 }}]
-""")
+"""
+    )
     code, err = kdt(capsys, "run", str(recipe), "--seeds", "0", "-q")
     assert code == 0, err
     top = tmp_path / "runs" / "tiny"
@@ -451,8 +537,11 @@ groups = [{{ params = ["backbone", "head"], lr = 1e-3 }}]
             if entry.name.startswith(".") or entry.name in allowed_dirs:
                 continue
             seen.add(entry.name)
-            assert (entry.name.casefold() in RESERVED_NAMES or entry.name.startswith(PLUGIN_PREFIXES)
-                    or re.fullmatch(r"seed-\d+", entry.name)), f"{entry} is not a reserved name"
+            assert (
+                entry.name.casefold() in RESERVED_NAMES
+                or entry.name.startswith(PLUGIN_PREFIXES)
+                or re.fullmatch(r"seed-\d+", entry.name)
+            ), f"{entry} is not a reserved name"
 
     check(top, {"seed-0"})
     check(run, {"t", "s"})

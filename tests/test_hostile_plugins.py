@@ -31,7 +31,8 @@ import sys
 import textwrap
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -83,13 +84,13 @@ def assert_builtins_loaded(infos: dict[str, dict]) -> None:
 # --------------------------------------------------------------------------- defect 6: sys.exit
 
 
-EXITING = '''
+EXITING = """
 import sys
 print("a plugin talking on stdout while it is imported")
 sys.exit(3)
-'''
+"""
 
-EXIT_IN_COMMANDS = '''
+EXIT_IN_COMMANDS = """
 import sys
 from kdtoolkit.hookspecs import hookimpl
 
@@ -98,15 +99,19 @@ from kdtoolkit.hookspecs import hookimpl
 def kdt_add_commands(cli):
     print("a plugin talking on stdout while commands are added")
     sys.exit(5)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def exiting_site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("site") / "exiting"
     make_dist(root, "kdt-exiting", {"exiting": "kdt_exiting_plugin"}, {"kdt_exiting_plugin": EXITING})
-    return make_dist(root, "kdt-exit-commands", {"exit_commands": "kdt_exit_commands_plugin"},
-                     {"kdt_exit_commands_plugin": EXIT_IN_COMMANDS})
+    return make_dist(
+        root,
+        "kdt-exit-commands",
+        {"exit_commands": "kdt_exit_commands_plugin"},
+        {"kdt_exit_commands_plugin": EXIT_IN_COMMANDS},
+    )
 
 
 def test_sys_exit_at_import_marks_the_plugin_failed_and_kdt_plugins_works(exiting_site):
@@ -163,9 +168,13 @@ def test_system_exit_and_generator_exit_in_registration_hooks_fail_only_that_plu
                 raise AttributeError(name)
             raise SystemExit(6)
 
-    pm = PluginManager(extra=[(_module("kdt_exit_hook", kdt_register_losses=kdt_register_losses), "exit_hook"),
-                              (_module("kdt_genexit", kdt_register_heads=kdt_register_heads), "genexit"),
-                              (Haunted("kdt_haunted"), "haunted")])
+    pm = PluginManager(
+        extra=[
+            (_module("kdt_exit_hook", kdt_register_losses=kdt_register_losses), "exit_hook"),
+            (_module("kdt_genexit", kdt_register_heads=kdt_register_heads), "genexit"),
+            (Haunted("kdt_haunted"), "haunted"),
+        ]
+    )
     assert pm.infos["exit_hook"].status == "failed"
     assert pm.infos["exit_hook"].error == "kdt_register_losses called sys.exit(4)"
     assert "exit_loss" not in pm.registry("loss")  # a failed plugin contributes nothing
@@ -183,9 +192,14 @@ def test_system_exit_in_an_observer_hook_is_one_line_naming_the_plugin(kdt_plugi
 
     from kdtoolkit.cli import main
 
-    pm = kdt_plugin(_module("kdt_exit_observer", kdt_after_stage=kdt_after_stage,
-                            kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny))),
-                    "exit_observer")
+    pm = kdt_plugin(
+        _module(
+            "kdt_exit_observer",
+            kdt_after_stage=kdt_after_stage,
+            kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
+        ),
+        "exit_observer",
+    )
     with pytest.raises(PluginError, match=r"^plugin 'exit_observer' failed in kdt_after_stage: called sys.exit\(3\)$"):
         pm.call("kdt_after_stage", stage="s", result={}, stage_dir=tmp_path)
     recipe = tmp_path / "r.toml"
@@ -207,17 +221,23 @@ def test_a_full_disk_in_an_observer_hook_is_the_resource_error_line(kdt_plugin, 
 
     from kdtoolkit.cli import main
 
-    kdt_plugin(_module("kdt_full_observer", kdt_after_stage=kdt_after_stage,
-                       kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny))),
-               "full_observer")
+    kdt_plugin(
+        _module(
+            "kdt_full_observer",
+            kdt_after_stage=kdt_after_stage,
+            kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
+        ),
+        "full_observer",
+    )
     recipe = tmp_path / "r.toml"
     recipe.write_text(DATA + _stage("s", 'losses = [{ name = "cross_entropy" }]'))
     capsys.readouterr()
     assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith(f"kdt: error: {tmp_path / 'run' / 's' / 'gallery.png'}: no space left on device; "
-                             "nothing finished was lost"), err
+    assert err[0].startswith(
+        f"kdt: error: {tmp_path / 'run' / 's' / 'gallery.png'}: no space left on device; nothing finished was lost"
+    ), err
     assert (tmp_path / "run" / "s" / "result.json").exists()
 
 
@@ -280,8 +300,12 @@ def test_entry_point_named_like_a_builtin_bundle_is_refused(clash_site):
     newcomer = infos["classic (kdt-impostor)"]
     assert newcomer["status"] == "failed" and newcomer["module"] == "kdt_impostor_plugin", newcomer
     assert newcomer["distribution"] == "kdt-impostor"
-    for text in ("plugin name 'classic' is already taken by the built-in bundle kdt_classic.plugin",
-                 "distribution kdtoolkit", "distribution kdt-impostor", "refused"):
+    for text in (
+        "plugin name 'classic' is already taken by the built-in bundle kdt_classic.plugin",
+        "distribution kdtoolkit",
+        "distribution kdt-impostor",
+        "refused",
+    ):
         assert text in newcomer["error"], (text, newcomer["error"])
     assert newcomer["hooks"] == [] and newcomer["components"] == {}  # refused before it was imported
     assert "impostor_loss" not in json.dumps(infos)
@@ -291,8 +315,10 @@ def test_component_named_like_a_builtin_one_is_refused(clash_site):
     infos = plugins_json(plugin_env(clash_site))
     bad = infos["clashing"]
     assert bad["status"] == "failed", bad
-    assert ("loss 'cross_entropy' is registered twice: by plugin 'classic' and by plugin 'clashing' "
-            "(the first keeps the name)") in bad["error"]
+    assert (
+        "loss 'cross_entropy' is registered twice: by plugin 'classic' and by plugin 'clashing' "
+        "(the first keeps the name)"
+    ) in bad["error"]
     assert bad["components"] == {}  # its other loss is dropped too
     assert_builtins_loaded(infos)
 
@@ -312,8 +338,13 @@ def test_component_clash_between_two_third_party_plugins_keeps_the_first():
     def second(registry):
         registry.add("shared_loss", _RaisingLoss)
 
-    pm = PluginManager(autoload=False, extra=[(_module("kdt_first", kdt_register_losses=first), "first"),
-                                              (_module("kdt_second", kdt_register_losses=second), "second")])
+    pm = PluginManager(
+        autoload=False,
+        extra=[
+            (_module("kdt_first", kdt_register_losses=first), "first"),
+            (_module("kdt_second", kdt_register_losses=second), "second"),
+        ],
+    )
     assert pm.registry("loss").get("shared_loss").owner == "first"
     assert pm.infos["first"].status == "loaded"
     assert pm.infos["second"].status == "failed"
@@ -394,14 +425,20 @@ groups = [{{ params = ["backbone", "head"], lr = 1e-2 }}]
 
 def _recipe(kd_extra: str, **kd) -> str:
     """A teacher stage, then stage ``kd`` (its losses and other keys from ``kd_extra``)."""
-    return DATA + _stage("s", 'losses = [{ name = "cross_entropy" }]') + _stage(
-        "kd", kd_extra or 'teacher = "s"\nlosses = [{ name = "cross_entropy" }]', **kd)
+    return (
+        DATA
+        + _stage("s", 'losses = [{ name = "cross_entropy" }]')
+        + _stage("kd", kd_extra or 'teacher = "s"\nlosses = [{ name = "cross_entropy" }]', **kd)
+    )
 
 
 def _hostile_module(kind: str | None) -> types.ModuleType:
     """The tiny backbone, and a raising component of ``kind`` named ``boom`` (or ``boom_<kind>``)."""
-    hooks = {"kdt_register_backbones": hookimpl(lambda registry: (registry.add("tiny", _Tiny),
-                                                                   kind == "backbone" and registry.add("boom", _raising(kind))))}
+    hooks = {
+        "kdt_register_backbones": hookimpl(
+            lambda registry: (registry.add("tiny", _Tiny), kind == "backbone" and registry.add("boom", _raising(kind)))
+        )
+    }
     if kind is not None and kind != "backbone":
         from kdtoolkit.registry import HOOKS
 
@@ -412,14 +449,23 @@ def _hostile_module(kind: str | None) -> types.ModuleType:
 
 #: per kind: the stage ``kd`` using the raising component ``boom``, the recipe key named
 KD_USING = {
-    "loss": ('teacher = "s"\nlosses = [{ name = "cross_entropy" }, { name = "boom", weight = 0.5 }]', {},
-             "stages.kd.losses[1]"),
+    "loss": (
+        'teacher = "s"\nlosses = [{ name = "cross_entropy" }, { name = "boom", weight = 0.5 }]',
+        {},
+        "stages.kd.losses[1]",
+    ),
     "backbone": ('losses = [{ name = "cross_entropy" }]', {"backbone": "boom"}, "stages.kd.model.backbone"),
     "head": ('losses = [{ name = "cross_entropy" }]', {"head": "boom"}, "stages.kd.model.head"),
-    "metric": ('losses = [{ name = "cross_entropy" }]\nmetrics = [{ name = "accuracy" }, { name = "boom" }]', {},
-               "stages.kd.metrics[1]"),
-    "phase": ('losses = [{ name = "cross_entropy" }]\n[[stages.kd.phases]]\nname = "p"\nkind = "boom"\n', {},
-              "stages.kd.phases[0]"),
+    "metric": (
+        'losses = [{ name = "cross_entropy" }]\nmetrics = [{ name = "accuracy" }, { name = "boom" }]',
+        {},
+        "stages.kd.metrics[1]",
+    ),
+    "phase": (
+        'losses = [{ name = "cross_entropy" }]\n[[stages.kd.phases]]\nname = "p"\nkind = "boom"\n',
+        {},
+        "stages.kd.phases[0]",
+    ),
 }
 
 
@@ -439,8 +485,11 @@ def test_a_raising_factory_stops_the_run_in_preflight_naming_plugin_and_componen
 def test_a_raising_dataset_factory_stops_the_run_in_preflight(kdt_plugin, tmp_path):
     kdt_plugin(_hostile_module("dataset"), "hostile")
     out = tmp_path / "run"
-    with pytest.raises(PluginError, match=r"stages.s.data: plugin 'hostile': dataset 'boom': cannot be built: "
-                                          r"ValueError: kaboom in the dataset factory"):
+    with pytest.raises(
+        PluginError,
+        match=r"stages.s.data: plugin 'hostile': dataset 'boom': cannot be built: "
+        r"ValueError: kaboom in the dataset factory",
+    ):
         run_recipe(_recipe("").replace('dataset = "digits"\nimage_size = 16', 'dataset = "boom"'), out=out)
     assert not (out / "s").exists()
 
@@ -509,8 +558,10 @@ def test_kdt_run_with_a_raising_loss_factory_is_one_line_and_trains_nothing(boom
     proc = run(["run", str(recipe), "--out", str(out), "-q"], plugin_env(boom_site), timeout=240)
     assert proc.returncode == 2, proc.stderr
     line = one_line_error(proc)
-    assert line == (f"kdt: error: {recipe}: stages.kd.losses[1]: plugin 'boomer': loss 'boom': cannot be built: "
-                    "RuntimeError: kaboom in the loss factory"), line
+    assert line == (
+        f"kdt: error: {recipe}: stages.kd.losses[1]: plugin 'boomer': loss 'boom': cannot be built: "
+        "RuntimeError: kaboom in the loss factory"
+    ), line
     assert not (out / "s" / "model.safetensors").exists()  # the teacher was not trained
     assert not (out / "s").exists()
 
@@ -523,8 +574,10 @@ def test_a_loss_factory_raising_only_at_the_real_build_is_one_line_too(boom_site
     proc = run(["run", str(recipe), "--out", str(out), "-q"], plugin_env(boom_site, KDT_BOOM_FROM="2"), timeout=240)
     assert proc.returncode == 2, proc.stderr
     line = one_line_error(proc)
-    assert line == (f"kdt: error: {recipe}: stages.kd.losses[1]: plugin 'boomer': loss 'boom': cannot be built: "
-                    "RuntimeError: kaboom in the loss factory"), line
+    assert line == (
+        f"kdt: error: {recipe}: stages.kd.losses[1]: plugin 'boomer': loss 'boom': cannot be built: "
+        "RuntimeError: kaboom in the loss factory"
+    ), line
     assert (out / "s" / "model.safetensors").exists()  # the stage before is kept
     assert not (out / "kd" / "model.safetensors").exists()
 
@@ -534,9 +587,17 @@ def test_sys_exit_in_a_factory_is_one_line(kdt_plugin, tmp_path):
         def __init__(self, *, scale: float = 1.0):
             sys.exit(7)
 
-    kdt_plugin(_module("kdt_exit_factory", kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
-                       kdt_register_losses=hookimpl(lambda registry: registry.add("boom", Exiting))), "exit_factory")
-    with pytest.raises(PluginError, match=r"plugin 'exit_factory': loss 'boom': cannot be built: called sys.exit\(7\)$"):
+    kdt_plugin(
+        _module(
+            "kdt_exit_factory",
+            kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
+            kdt_register_losses=hookimpl(lambda registry: registry.add("boom", Exiting)),
+        ),
+        "exit_factory",
+    )
+    with pytest.raises(
+        PluginError, match=r"plugin 'exit_factory': loss 'boom': cannot be built: called sys.exit\(7\)$"
+    ):
         run_recipe(_recipe('teacher = "s"\nlosses = [{ name = "boom" }]'), out=tmp_path / "run")
 
 
@@ -550,8 +611,14 @@ def test_a_resource_error_in_a_factory_keeps_its_own_line(kdt_plugin, tmp_path):
         def __init__(self, *, scale: float = 1.0):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "cache.bin"))
 
-    kdt_plugin(_module("kdt_full_factory", kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
-                       kdt_register_losses=hookimpl(lambda registry: registry.add("full", Full))), "full_factory")
+    kdt_plugin(
+        _module(
+            "kdt_full_factory",
+            kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
+            kdt_register_losses=hookimpl(lambda registry: registry.add("full", Full)),
+        ),
+        "full_factory",
+    )
     with pytest.raises(OSError) as info:
         run_recipe(_recipe('teacher = "s"\nlosses = [{ name = "full" }]'), out=tmp_path / "run")
     assert info.value.errno == errno.ENOSPC and not isinstance(info.value, PluginError)
@@ -581,8 +648,14 @@ class _Drawing(nn.Module):
 def test_the_dry_build_leaves_every_random_stream_as_it_was(kdt_plugin, tmp_path, monkeypatch):
     from kdtoolkit.engine.preflight import Preflight
 
-    kdt_plugin(_module("kdt_drawing", kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
-                       kdt_register_losses=hookimpl(lambda registry: registry.add("drawing", _Drawing))), "drawing")
+    kdt_plugin(
+        _module(
+            "kdt_drawing",
+            kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
+            kdt_register_losses=hookimpl(lambda registry: registry.add("drawing", _Drawing)),
+        ),
+        "drawing",
+    )
     text = _recipe('teacher = "s"\nlosses = [{ name = "cross_entropy" }, { name = "drawing", weight = 0.5 }]')
     random.seed(5)
     run_recipe(text, out=tmp_path / "with")
@@ -613,10 +686,20 @@ def test_a_check_params_that_breaks_or_exits_is_one_line_at_validate(kdt_plugin,
     class Exiting(_RaisingLoss):
         check_params = staticmethod(exiting)
 
-    kdt_plugin(_module("kdt_checks", kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
-                       kdt_register_losses=hookimpl(lambda registry: (registry.add("broken", Broken),
-                                                                      registry.add("exiting", Exiting)))), "checks")
-    for loss, text in (("broken", "check_params raised KeyError: 'tau'"), ("exiting", "check_params called sys.exit(9)")):
+    kdt_plugin(
+        _module(
+            "kdt_checks",
+            kdt_register_backbones=hookimpl(lambda registry: registry.add("tiny", _Tiny)),
+            kdt_register_losses=hookimpl(
+                lambda registry: (registry.add("broken", Broken), registry.add("exiting", Exiting))
+            ),
+        ),
+        "checks",
+    )
+    for loss, text in (
+        ("broken", "check_params raised KeyError: 'tau'"),
+        ("exiting", "check_params called sys.exit(9)"),
+    ):
         recipe = tmp_path / f"{loss}.toml"
         recipe.write_text(DATA + _stage("s", f'losses = [{{ name = "{loss}" }}]'))
         capsys.readouterr()

@@ -108,6 +108,7 @@ def gate(tmp_path_factory):
 @pytest.fixture
 def plugins(gate):
     """Use the gate plugin (and ``extra`` plugins) in-process; restores the default manager after."""
+
     def use(*extra):
         set_manager(PluginManager(extra=[(gate, "gate"), *extra]))
 
@@ -242,14 +243,18 @@ def test_every_file_of_a_run_is_written_through_the_one_atomic_writer(clean):
     _, out, writes = clean
     written = {str(Path(w).relative_to(out)) for w in writes}
     assert _files(out) <= written  # nothing of the run bypassed the writer
-    assert written - _files(out) == {"teacher/checkpoint.safetensors", "kd/checkpoint.safetensors"}  # removed at the end
+    assert written - _files(out) == {
+        "teacher/checkpoint.safetensors",
+        "kd/checkpoint.safetensors",
+    }  # removed at the end
     for name in ("training.png", "teacher/prototypes-push.png", "teacher/metrics.jsonl", "kd/checkpoint.safetensors"):
         assert str(out / name) in writes  # figures and the appended log included
     assert not _temps(out)
 
 
-def test_a_full_disk_at_each_writer_is_one_line_exit_2_and_the_rerun_is_identical(clean, plugins, capsys, monkeypatch,
-                                                                                  tmp_path):
+def test_a_full_disk_at_each_writer_is_one_line_exit_2_and_the_rerun_is_identical(
+    clean, plugins, capsys, monkeypatch, tmp_path
+):
     recipe, reference, writes = clean
     assert len(writes) >= 20
     png = (reference / "training.png").read_bytes()
@@ -279,12 +284,15 @@ def test_a_full_disk_at_each_writer_is_one_line_exit_2_and_the_rerun_is_identica
         assert not _temps(out), where
 
 
-@pytest.mark.parametrize("err, words", [
-    (errno.EDQUOT, "disk quota exceeded"),
-    (errno.EROFS, "read-only file system"),
-    (errno.ENAMETOOLONG, "file name too long"),
-    (errno.EFBIG, "file too large"),
-])
+@pytest.mark.parametrize(
+    "err, words",
+    [
+        (errno.EDQUOT, "disk quota exceeded"),
+        (errno.EROFS, "read-only file system"),
+        (errno.ENAMETOOLONG, "file name too long"),
+        (errno.EFBIG, "file too large"),
+    ],
+)
 def test_other_resource_errors_name_the_file_and_the_remedy(clean, plugins, capsys, monkeypatch, tmp_path, err, words):
     recipe, reference, writes = clean
     n = writes.index(str(reference / "kd" / "checkpoint.safetensors")) + 1
@@ -299,8 +307,9 @@ def test_other_resource_errors_name_the_file_and_the_remedy(clean, plugins, caps
     assert (out / "teacher" / "result.json").is_file() and not _temps(out)
 
 
-def test_a_full_disk_in_kdt_metrics_is_one_line_and_keeps_the_earlier_files(clean, plugins, capsys, monkeypatch,
-                                                                           tmp_path):
+def test_a_full_disk_in_kdt_metrics_is_one_line_and_keeps_the_earlier_files(
+    clean, plugins, capsys, monkeypatch, tmp_path
+):
     _, reference, _ = clean
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -359,13 +368,19 @@ class _RunsOutOfMemory:
         registry.add("oom", Oom)
 
 
-@pytest.mark.parametrize("error, words", [(MemoryError, "out of memory (MemoryError)"),
-                                          (torch.OutOfMemoryError, "out of GPU memory")])
-def test_running_out_of_memory_is_one_line_exit_2_and_the_run_resumes(plugins, capsys, monkeypatch, tmp_path, error,
-                                                                      words):
+@pytest.mark.parametrize(
+    "error, words", [(MemoryError, "out of memory (MemoryError)"), (torch.OutOfMemoryError, "out of GPU memory")]
+)
+def test_running_out_of_memory_is_one_line_exit_2_and_the_run_resumes(
+    plugins, capsys, monkeypatch, tmp_path, error, words
+):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(RECIPE.replace('losses = [{ name = "cross_entropy" }, { name = "hinton_kd" }]',
-                                     'losses = [{ name = "cross_entropy" }, { name = "hinton_kd" }, { name = "oom" }]'))
+    recipe.write_text(
+        RECIPE.replace(
+            'losses = [{ name = "cross_entropy" }, { name = "hinton_kd" }]',
+            'losses = [{ name = "cross_entropy" }, { name = "hinton_kd" }, { name = "oom" }]',
+        )
+    )
     out = tmp_path / "run"
     plugins((_RunsOutOfMemory(at=3, error=error), "oom"))  # kd, epoch 2, batch 1
     code, err = _main(capsys, "run", str(recipe), "--out", str(out), "-q", "--set", "stages.kd.phases[0].epochs=2")
@@ -388,7 +403,7 @@ def test_other_os_errors_are_not_reported_as_resource_errors():
 
 # --------------------------------------------------------------------------- a writer killed mid-figure
 
-KILLED_WRITER = textwrap.dedent('''
+KILLED_WRITER = textwrap.dedent("""
     import os, sys, threading
     import matplotlib
     matplotlib.use("Agg")
@@ -410,7 +425,7 @@ KILLED_WRITER = textwrap.dedent('''
     fig = plt.figure(figsize=(3, 2))
     fig.text(0.1, 0.5, "the new figure")
     io.atomic_savefig(fig, target, dpi=80)
-''')
+""")
 
 
 def _png(path: Path, text: str) -> bytes:
@@ -431,8 +446,12 @@ def test_a_writer_killed_mid_figure_leaves_the_old_figure_and_the_next_write_rem
     folder.mkdir()
     target, mark = folder / "training.png", tmp_path / "mark"
     old = _png(target, "the old figure")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target), str(mark)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(target), str(mark)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not mark.exists():
@@ -476,8 +495,9 @@ def _temp(folder: Path, name: str, pid: int, tag: str, age: float = 0.0) -> Path
     return p
 
 
-def test_stale_temps_of_dead_writers_are_removed_by_the_next_command_and_live_ones_kept(clean, plugins, capsys,
-                                                                                      monkeypatch, tmp_path):
+def test_stale_temps_of_dead_writers_are_removed_by_the_next_command_and_live_ones_kept(
+    clean, plugins, capsys, monkeypatch, tmp_path
+):
     _, reference, _ = clean
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -545,13 +565,18 @@ ALLOWED = {
     ("kdtoolkit/engine/export.py", "torch.jit.save(traced, buf, _extra_files=extra)"),  # into memory
     ("kdtoolkit/engine/export.py", "save(program, buf, extra_files=extra)"),  # into memory
     # kdt run's writability probe: an empty file, removed at once
-    ("kdtoolkit/engine/preflight.py", 'fd, probe = tempfile.mkstemp(prefix=".kdt-write-probe.", suffix=".tmp", dir=out)'),
+    (
+        "kdtoolkit/engine/preflight.py",
+        'fd, probe = tempfile.mkstemp(prefix=".kdt-write-probe.", suffix=".tmp", dir=out)',
+    ),
     # open_regular_file: a file opened for reading ("rb"), never written
     ("kdtoolkit/limits.py", 'return os.fdopen(fd, "rb")'),
 }
-WRITE_CALLS = re.compile(r"\.savefig\(|\.write_text\(|\.write_bytes\(|json\.dump\(|torch\.save\(|np\.save[z]?\(|"
-                         r"\bsave\(program|torch\.jit\.save\(|\.to_csv\(|\bopen\([^)]*[\"'][wax]b?\+?[\"']|"
-                         r"\.open\([\"'][wax]|os\.fdopen\(|mkstemp\(|os\.replace\(|os\.rename\(")
+WRITE_CALLS = re.compile(
+    r"\.savefig\(|\.write_text\(|\.write_bytes\(|json\.dump\(|torch\.save\(|np\.save[z]?\(|"
+    r"\bsave\(program|torch\.jit\.save\(|\.to_csv\(|\bopen\([^)]*[\"'][wax]b?\+?[\"']|"
+    r"\.open\([\"'][wax]|os\.fdopen\(|mkstemp\(|os\.replace\(|os\.rename\("
+)
 
 
 def test_no_writer_bypasses_the_atomic_helpers():
@@ -700,11 +725,20 @@ def test_a_full_disk_on_rank_0_of_a_distributed_run_ends_every_rank_with_one_lin
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = plugin_env(site, OMP_NUM_THREADS="1", KDT_DISKFULL="teacher:1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                     WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
+    env = plugin_env(
+        site, OMP_NUM_THREADS="1", KDT_DISKFULL="teacher:1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kdtoolkit", "run", str(recipe), "--out", str(out), "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
+        for rank in (0, 1)
+    ]
     results = []
     try:
         for p in procs:
@@ -714,8 +748,10 @@ def test_a_full_disk_on_rank_0_of_a_distributed_run_ends_every_rank_with_one_lin
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    expected = [f"kdt: error: {out / 'teacher' / 'checkpoint.safetensors'}: no space left on device; nothing finished "
-                "was lost", "another process of the distributed run"]
+    expected = [
+        f"kdt: error: {out / 'teacher' / 'checkpoint.safetensors'}: no space left on device; nothing finished was lost",
+        "another process of the distributed run",
+    ]
     for ((stdout, stderr), code), words in zip(results, expected):
         assert code == 2, stderr
         assert "Traceback" not in stderr
@@ -743,7 +779,10 @@ def test_a_resume_never_writes_through_a_metrics_log_linked_outside(clean, plugi
     log.symlink_to(victim)
     code, err = _main(capsys, "run", str(recipe), "--out", str(out), "-q")
     assert code == 2
-    assert _line(err) == f"kdt: error: {log}: refusing to write through a symbolic link (a run directory's files are its own)"
+    assert (
+        _line(err)
+        == f"kdt: error: {log}: refusing to write through a symbolic link (a run directory's files are its own)"
+    )
     assert victim.read_bytes() == b"x" * 100_000
 
 

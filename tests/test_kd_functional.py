@@ -109,7 +109,9 @@ def _block_mean(f: torch.Tensor, k: int) -> torch.Tensor:
         for ch in range(c):
             for y in range(h // k):
                 for x in range(w // k):
-                    out[i, ch, y, x] = sum(f[i, ch, y * k + dy, x * k + dx].item() for dy in range(k) for dx in range(k)) / (k * k)
+                    out[i, ch, y, x] = sum(
+                        f[i, ch, y * k + dy, x * k + dx].item() for dy in range(k) for dx in range(k)
+                    ) / (k * k)
     return out
 
 
@@ -605,7 +607,11 @@ def test_crd_state_dict_round_trip():
     b = _small_crd(99)  # different initialisation, no Z yet
     b.load_state_dict(state)
     assert b.z_is_set
-    fs, ft, idx = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64), torch.tensor([1, 4, 6])
+    fs, ft, idx = (
+        torch.randn(3, 5, dtype=torch.float64),
+        torch.randn(3, 3, dtype=torch.float64),
+        torch.tensor([1, 4, 6]),
+    )
     torch.manual_seed(21)
     la = a(fs, ft, idx)
     torch.manual_seed(21)

@@ -20,8 +20,17 @@ from safetensors.torch import load_file
 
 from kdt_classic import functional as KF
 from kdt_classic.crd import CRD
-from kdt_classic.losses import (AttentionLoss, CRDLoss, DISTLoss, DKDLoss, FitNetLoss, HintonKDLoss, PKTLoss, RKDLoss,
-                                SimilarityPreservingLoss)
+from kdt_classic.losses import (
+    AttentionLoss,
+    CRDLoss,
+    DISTLoss,
+    DKDLoss,
+    FitNetLoss,
+    HintonKDLoss,
+    PKTLoss,
+    RKDLoss,
+    SimilarityPreservingLoss,
+)
 from kdtoolkit.checkpoint import load_checkpoint
 from kdtoolkit.cli import main
 from kdtoolkit.components import Step
@@ -43,10 +52,19 @@ def _step(seed: int = 0, epoch: int = 1, grad: bool = True) -> Step:
 
     feats = {"f": leaf(B, 16, 8, 8), "g": leaf(B, 32, 4, 4), "emb": leaf(B, 16)}
     tfeats = {"f": leaf(B, 24, 4, 4), "g": leaf(B, 48, 4, 4), "emb": leaf(B, 24)}
-    return Step(inputs=torch.zeros(B, 3, 16, 16), targets=torch.randint(0, K, (B,), generator=g),
-                outputs={"logits": leaf(B, K)}, model=None, teacher_outputs={"logits": leaf(B, K)}, teacher=None,
-                features=feats, teacher_features=tfeats, indices=torch.randperm(40, generator=g)[:B], epoch=epoch,
-                phase="train")
+    return Step(
+        inputs=torch.zeros(B, 3, 16, 16),
+        targets=torch.randint(0, K, (B,), generator=g),
+        outputs={"logits": leaf(B, K)},
+        model=None,
+        teacher_outputs={"logits": leaf(B, K)},
+        teacher=None,
+        features=feats,
+        teacher_features=tfeats,
+        indices=torch.randperm(40, generator=g)[:B],
+        epoch=epoch,
+        phase="train",
+    )
 
 
 def _teacher_tensors(step: Step) -> list[torch.Tensor]:
@@ -58,9 +76,16 @@ def _student_tensors(step: Step) -> list[torch.Tensor]:
 
 
 def _probe(step: Step, num_train: int | None = 40) -> Step:
-    probe = Step(step.inputs, step.targets, {k: v.detach() for k, v in step.outputs.items()}, None,
-                 teacher_features={k: v.detach() for k, v in step.teacher_features.items()},
-                 features={k: v.detach() for k, v in step.features.items()}, indices=torch.arange(B), phase="setup")
+    probe = Step(
+        step.inputs,
+        step.targets,
+        {k: v.detach() for k, v in step.outputs.items()},
+        None,
+        teacher_features={k: v.detach() for k, v in step.teacher_features.items()},
+        features={k: v.detach() for k, v in step.features.items()},
+        indices=torch.arange(B),
+        phase="setup",
+    )
     if num_train is not None:
         probe.num_train = num_train
     return probe
@@ -123,11 +148,14 @@ def test_attention_equals_at_loss_over_the_pairs():
     assert declared_taps(AttentionLoss, "requires_teacher_taps", params) == ("a", "b")
 
 
-@pytest.mark.parametrize("cls,fn,kw", [
-    (SimilarityPreservingLoss, KF.sp_loss, {}),
-    (PKTLoss, KF.pkt_loss, {}),
-    (RKDLoss, KF.rkd_loss, {"distance_weight": 10.0, "angle_weight": 20.0}),
-])
+@pytest.mark.parametrize(
+    "cls,fn,kw",
+    [
+        (SimilarityPreservingLoss, KF.sp_loss, {}),
+        (PKTLoss, KF.pkt_loss, {}),
+        (RKDLoss, KF.rkd_loss, {"distance_weight": 10.0, "angle_weight": 20.0}),
+    ],
+)
 def test_relational_losses_equal_their_functions(cls, fn, kw):
     s = _step()
     for st, tt in (("emb", "emb"), ("g", "f")):
@@ -137,7 +165,10 @@ def test_relational_losses_equal_their_functions(cls, fn, kw):
 
 
 def test_rkd_defaults():
-    assert (RKDLoss(student_tap="a", teacher_tap="b").distance_weight, RKDLoss(student_tap="a", teacher_tap="b").angle_weight) == (25.0, 50.0)
+    assert (
+        RKDLoss(student_tap="a", teacher_tap="b").distance_weight,
+        RKDLoss(student_tap="a", teacher_tap="b").angle_weight,
+    ) == (25.0, 50.0)
 
 
 def test_crd_builds_from_the_probe_and_equals_the_crd_module():
@@ -202,19 +233,34 @@ def test_gradients_reach_the_student_and_never_the_teacher(name):
         assert trained, "the connector gets no gradient"
 
 
-@pytest.mark.parametrize("cls,params,key", [
-    (HintonKDLoss, {"temperature": 0.0, "standardize": False}, "temperature"),
-    (DKDLoss, {"alpha": 1.0, "beta": -1.0, "temperature": 4.0, "warmup_epochs": 20}, "beta"),
-    (DKDLoss, {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": -1}, "warmup_epochs"),
-    (DISTLoss, {"beta": 1.0, "gamma": 1.0, "temperature": -2.0}, "temperature"),
-    (FitNetLoss, {"student_tap": "", "teacher_tap": "t"}, "student_tap"),
-    (AttentionLoss, {"taps": ["a", "b"], "teacher_taps": ["a"], "p": 2.0}, "teacher_taps"),
-    (AttentionLoss, {"taps": [], "teacher_taps": [], "p": 2.0}, "taps"),
-    (AttentionLoss, {"taps": ["a"], "teacher_taps": ["a"], "p": 0.0}, "p"),
-    (RKDLoss, {"student_tap": "a", "teacher_tap": "b", "distance_weight": -1.0, "angle_weight": 50.0}, "distance_weight"),
-    (CRDLoss, {"student_tap": "a", "teacher_tap": "b", "feat_dim": 128, "nce_k": 0, "nce_t": 0.07, "nce_m": 0.5}, "nce_k"),
-    (CRDLoss, {"student_tap": "a", "teacher_tap": "b", "feat_dim": 128, "nce_k": 8, "nce_t": 0.07, "nce_m": 1.5}, "nce_m"),
-])
+@pytest.mark.parametrize(
+    "cls,params,key",
+    [
+        (HintonKDLoss, {"temperature": 0.0, "standardize": False}, "temperature"),
+        (DKDLoss, {"alpha": 1.0, "beta": -1.0, "temperature": 4.0, "warmup_epochs": 20}, "beta"),
+        (DKDLoss, {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": -1}, "warmup_epochs"),
+        (DISTLoss, {"beta": 1.0, "gamma": 1.0, "temperature": -2.0}, "temperature"),
+        (FitNetLoss, {"student_tap": "", "teacher_tap": "t"}, "student_tap"),
+        (AttentionLoss, {"taps": ["a", "b"], "teacher_taps": ["a"], "p": 2.0}, "teacher_taps"),
+        (AttentionLoss, {"taps": [], "teacher_taps": [], "p": 2.0}, "taps"),
+        (AttentionLoss, {"taps": ["a"], "teacher_taps": ["a"], "p": 0.0}, "p"),
+        (
+            RKDLoss,
+            {"student_tap": "a", "teacher_tap": "b", "distance_weight": -1.0, "angle_weight": 50.0},
+            "distance_weight",
+        ),
+        (
+            CRDLoss,
+            {"student_tap": "a", "teacher_tap": "b", "feat_dim": 128, "nce_k": 0, "nce_t": 0.07, "nce_m": 0.5},
+            "nce_k",
+        ),
+        (
+            CRDLoss,
+            {"student_tap": "a", "teacher_tap": "b", "feat_dim": 128, "nce_k": 8, "nce_t": 0.07, "nce_m": 1.5},
+            "nce_m",
+        ),
+    ],
+)
 def test_check_params_names_the_bad_key(cls, params, key):
     with pytest.raises(ValueError) as info:
         cls.check_params(params)
@@ -232,7 +278,10 @@ model.taps = { f = "backbone.body.layer1", g = "backbone.body.layer2", emb = "he
 teacher_taps = { f = "backbone.body.layer1", g = "backbone.body.layer2", emb = "head.dropout" }
 """
 
-RECIPE = "seed = 1\n" + TINY_DATA + """
+RECIPE = (
+    "seed = 1\n"
+    + TINY_DATA
+    + """
 [stages.teacher]
 model.backbone = { name = "timm", model = "resnet10t", out_index = 2 }
 model.head = { name = "linear" }
@@ -244,7 +293,9 @@ groups = [{ params = ["backbone", "head"], lr = 1e-3 }]
 
 [stages.fitnet]
 teacher = "teacher"
-""" + TAPS + """
+"""
+    + TAPS
+    + """
 losses = [{ name = "cross_entropy" }, { name = "fitnet", weight = 10.0, student_tap = "f", teacher_tap = "g" }]
 [[stages.fitnet.phases]]
 epochs = 1
@@ -253,7 +304,9 @@ groups = [{ params = ["backbone", "head", "loss.fitnet"], lr = 1e-3 }]
 
 [stages.at]
 teacher = "teacher"
-""" + TAPS + """
+"""
+    + TAPS
+    + """
 losses = [{ name = "cross_entropy" }, { name = "attention", weight = 100.0, taps = ["f", "g"], teacher_taps = ["f", "g"] }]
 [[stages.at.phases]]
 epochs = 1
@@ -262,7 +315,9 @@ groups = [{ params = ["backbone", "head"], lr = 1e-3 }]
 
 [stages.crd]
 teacher = "teacher"
-""" + TAPS + """
+"""
+    + TAPS
+    + """
 losses = [{ name = "cross_entropy" }, { name = "crd", weight = 0.8, student_tap = "emb", teacher_tap = "emb", nce_k = 64 },
           { name = "interrupter" }]
 [[stages.crd.phases]]
@@ -270,6 +325,7 @@ epochs = 2
 limit_batches = 2
 groups = [{ params = ["backbone", "head", "loss.crd"], lr = 1e-3 }]
 """
+)
 
 _INTERRUPT = {"at": None, "calls": 0}
 
@@ -314,7 +370,9 @@ def reference(tmp_path_factory):
 def test_fitnet_regressor_is_trained_and_saved(reference):
     _, out = reference
     state = load_file(str(out / "fitnet" / "losses.safetensors"))
-    assert {"fitnet/regressor.conv.weight", "fitnet/regressor.bn.weight", "fitnet/regressor.bn.running_mean"} <= set(state)
+    assert {"fitnet/regressor.conv.weight", "fitnet/regressor.bn.weight", "fitnet/regressor.bn.running_mean"} <= set(
+        state
+    )
     # 4x4 student layer1 (64 channels) onto the 2x2 teacher layer2 (128 channels): stride-2 3x3 convolution
     assert state["fitnet/regressor.conv.weight"].shape == (128, 64, 3, 3)
     assert int(state["fitnet/regressor.bn.num_batches_tracked"]) == 2  # two training steps

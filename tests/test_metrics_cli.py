@@ -44,8 +44,22 @@ def test_stage_dirs_without_records_are_evaluated_once(proto_run, tmp_path, caps
     (run / "teacher" / "records.safetensors").unlink()
     (run / "kd" / "records.safetensors").unlink()
     js = tmp_path / "m.json"
-    assert main(["metrics", "--teacher", str(run / "teacher"), "--student", str(run / "kd"),
-                 "--tau", "0.1,1,inf", "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "metrics",
+                "--teacher",
+                str(run / "teacher"),
+                "--student",
+                str(run / "kd"),
+                "--tau",
+                "0.1,1,inf",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     assert (run / "kd" / "records.safetensors").is_file()  # saved for next time
     data = json.loads(js.read_text())
     assert set(data["kd"]["ajs"]) == {"0.1", "1", "inf"}

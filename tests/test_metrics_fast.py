@@ -18,7 +18,6 @@ import math
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -225,7 +224,9 @@ def test_images_without_active_prototypes_and_tau_zero():
     td[:] = 1.0
     # tau = 0: no prototype active anywhere -> AAP 0, AJS 0 (not NaN, not 1)
     assert M.aap_by_tau(td, ta, 4, (0.0,)) == {"0": 0.0}
-    assert M.ajs_by_tau(td, ta, sd, sa, 4, (0.0, 0.5))["0.5"] == pytest.approx(_prev_ajs(td, ta, sd, sa, 4, 0.5), rel=1e-14)
+    assert M.ajs_by_tau(td, ta, sd, sa, 4, (0.0, 0.5))["0.5"] == pytest.approx(
+        _prev_ajs(td, ta, sd, sa, 4, 0.5), rel=1e-14
+    )
     assert M.ajs_by_tau(td, ta, td, ta, 4, (0.0, 1.0, math.inf)) == {"0": 0.0, "1": 1.0, "inf": 1.0}
 
 
@@ -234,12 +235,17 @@ def test_other_distance_dtypes_compare_like_before(dtype):
     # float16 rounds tau = 0.1 differently from float64: the minima keep the
     # record's dtype, so the comparison rounds it the same way as before.
     g = torch.Generator().manual_seed(11)
-    d = (torch.rand(30, 8, generator=g) * 0.3).to(dtype) if dtype.is_floating_point else torch.randint(0, 4, (30, 8), generator=g)
+    d = (
+        (torch.rand(30, 8, generator=g) * 0.3).to(dtype)
+        if dtype.is_floating_point
+        else torch.randint(0, 4, (30, 8), generator=g)
+    )
     a = torch.randint(0, 5, (30, 8), generator=g)
     taus = (0.0, 0.1, 0.1 + 1e-9, 0.2, 1.0, 2.5, math.inf)
     assert M.aap_by_tau(d, a, 5, taus) == _prev_aap_by_tau(d, a, 5, taus)
     assert M.ajs_by_tau(d, a, d.flip(0), a.flip(0), 5, taus) == pytest.approx(
-        _prev_ajs_by_tau(d, a, d.flip(0), a.flip(0), 5, taus), rel=1e-14, abs=1e-15)
+        _prev_ajs_by_tau(d, a, d.flip(0), a.flip(0), 5, taus), rel=1e-14, abs=1e-15
+    )
 
 
 def test_numpy_records_and_errors():

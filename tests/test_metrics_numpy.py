@@ -46,8 +46,11 @@ def test_numpy_records_give_numpy_results_equal_to_torch_ones():
     assert isinstance(mask, np.ndarray) and mask.dtype == np.bool_
     assert M.aap_by_tau(td, ta, 6, TAUS) == M.aap_by_tau(torch.from_numpy(td), torch.from_numpy(ta), 6, TAUS)
     assert M.ajs_by_tau(td, ta, sd, sa, 6, TAUS) == M.ajs_by_tau(
-        torch.from_numpy(td), torch.from_numpy(ta), torch.from_numpy(sd), torch.from_numpy(sa), 6, TAUS)
-    np.testing.assert_array_equal(M.colocation_matrix(ta, sa, 6), M.colocation_matrix(torch.from_numpy(ta), torch.from_numpy(sa), 6))
+        torch.from_numpy(td), torch.from_numpy(ta), torch.from_numpy(sd), torch.from_numpy(sa), 6, TAUS
+    )
+    np.testing.assert_array_equal(
+        M.colocation_matrix(ta, sa, 6), M.colocation_matrix(torch.from_numpy(ta), torch.from_numpy(sa), 6)
+    )
 
 
 def test_location_minima_by_definition_with_nan_and_inf():
@@ -55,7 +58,9 @@ def test_location_minima_by_definition_with_nan_and_inf():
     a = np.array([[0, 0, 1, 3], [2, 2, 2, 0]])
     got = M.location_minima(d, a, 4)
     # location without prototypes: NaN; only NaN/inf prototypes: +inf; else the smallest distance
-    np.testing.assert_array_equal(got, np.array([[1.0, np.inf, np.nan, 0.5], [3.0, np.nan, 2.0, np.nan]], dtype=np.float32))
+    np.testing.assert_array_equal(
+        got, np.array([[1.0, np.inf, np.nan, 0.5], [3.0, np.nan, 2.0, np.nan]], dtype=np.float32)
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 256])
@@ -96,10 +101,15 @@ def test_pms_solves_on_threads_equal_one_thread(monkeypatch):
 
 def _write_records(path, n=30, p=5, dtype=torch.float32):
     g = torch.Generator().manual_seed(6)
-    recs = Records({"logits": torch.randn(n, 3, generator=g), "labels": torch.arange(n) % 3,
-                    "min_distances": (torch.rand(n, p, generator=g) * 2).to(dtype),
-                    "argmin": torch.randint(0, 4, (n, p), generator=g)},
-                   {"stage": path.stem, "H": 2, "W": 2, "dataset": "synthetic"})
+    recs = Records(
+        {
+            "logits": torch.randn(n, 3, generator=g),
+            "labels": torch.arange(n) % 3,
+            "min_distances": (torch.rand(n, p, generator=g) * 2).to(dtype),
+            "argmin": torch.randint(0, 4, (n, p), generator=g),
+        },
+        {"stage": path.stem, "H": 2, "W": 2, "dataset": "synthetic"},
+    )
     recs.save(path)
     return recs
 
@@ -142,11 +152,13 @@ def test_kdt_metrics_on_records_files_imports_no_torch(tmp_path):
     _write_records(teacher)
     _write_records(student, p=4)
     out = tmp_path / "m.json"
-    code = ("import sys\nfrom kdtoolkit.cli import _main\n"
-            f"code = _main(['metrics', '--teacher', {str(teacher)!r}, '--student', {str(student)!r}, '--pms', "
-            f"'--json', {str(out)!r}])\n"
-            "assert code == 0, code\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    code = (
+        "import sys\nfrom kdtoolkit.cli import _main\n"
+        f"code = _main(['metrics', '--teacher', {str(teacher)!r}, '--student', {str(student)!r}, '--pms', "
+        f"'--json', {str(out)!r}])\n"
+        "assert code == 0, code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     got = json.loads(out.read_text())

@@ -25,8 +25,12 @@ RECIPES = Path(__file__).resolve().parents[1] / "kdtoolkit" / "recipes" / "paper
 
 #: model (with the pretrained tag the paper recipes use) -> channels of the last stage (out_index -1).
 PAPER_BACKBONES = {
-    "resnet18.tv_in1k": 512, "resnet34.tv_in1k": 512, "resnet50.tv_in1k": 2048,
-    "vgg11.tv_in1k": 512, "vgg16.tv_in1k": 512, "vgg19.tv_in1k": 512,
+    "resnet18.tv_in1k": 512,
+    "resnet34.tv_in1k": 512,
+    "resnet50.tv_in1k": 2048,
+    "vgg11.tv_in1k": 512,
+    "vgg16.tv_in1k": 512,
+    "vgg19.tv_in1k": 512,
     "densenet121.tv_in1k": 1024,
 }
 
@@ -79,8 +83,10 @@ def test_legacy_densenet_names_convert_to_timms():
     with torch.device("meta"):
         shapes = _meta_shapes(timm.create_model("densenet121"))
         assert _meta_shapes(torchvision.models.densenet121()) == shapes  # today's torchvision names
-    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): torch.empty(s, device="meta")
-              for k, s in shapes.items()}
+    legacy = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): torch.empty(s, device="meta")
+        for k, s in shapes.items()
+    }
     assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
     converted, n = convert_torchvision(legacy, shapes)
     assert set(converted) == set(shapes) and n > 0
@@ -99,8 +105,7 @@ def test_vgg_features_file_of_torchvision_names_loads_strictly(tmp_path):
     gen = torch.Generator().manual_seed(0)
     state = {k.replace("features_", "features.", 1): torch.randn(s, generator=gen) for k, s in shapes.items()}
     torch.save(state, tmp_path / "vgg11_features.pth")
-    loaded = TimmBackbone(model="vgg11", out_index=-1, weights=str(tmp_path / "vgg11_features.pth"),
-                          model_kwargs=small)
+    loaded = TimmBackbone(model="vgg11", out_index=-1, weights=str(tmp_path / "vgg11_features.pth"), model_kwargs=small)
     assert torch.equal(loaded.body.features_18.weight, state["features.18.weight"])
     assert loaded.weights_report["missing"] == loaded.weights_report["unexpected"] == 0
 
@@ -122,11 +127,16 @@ def bbn_state() -> dict[str, torch.Tensor]:
     for key, shape in shapes.items():
         if key.startswith("fc."):
             continue
-        value = (torch.randn(shape, generator=gen) if key.endswith(("weight", "bias", "running_mean"))
-                 else torch.ones(shape) if key.endswith("running_var") else torch.zeros(shape, dtype=torch.int64))
+        value = (
+            torch.randn(shape, generator=gen)
+            if key.endswith(("weight", "bias", "running_mean"))
+            else torch.ones(shape)
+            if key.endswith("running_var")
+            else torch.zeros(shape, dtype=torch.int64)
+        )
         if key.startswith("layer4.2."):
-            state["module.backbone.cb_block." + key[len("layer4.2."):]] = value
-            state["module.backbone.rb_block." + key[len("layer4.2."):]] = value + 1  # unlike cb_block
+            state["module.backbone.cb_block." + key[len("layer4.2.") :]] = value
+            state["module.backbone.rb_block." + key[len("layer4.2.") :]] = value + 1  # unlike cb_block
         else:
             state["module.backbone." + key] = value
     state["module.classifier.weight"] = torch.randn(5089, 4096, generator=gen)
@@ -177,8 +187,16 @@ def test_mapping_keys_need_a_weights_file():
 
 
 def test_rename_uses_the_longest_prefix_and_ignore_sees_the_stored_names():
-    state = {"module.backbone.cb_block.conv1.weight": torch.zeros(1), "module.backbone.conv1.weight": torch.zeros(1),
-             "module.backbone.rb_block.conv1.weight": torch.zeros(1), "module.classifier.bias": torch.zeros(1)}
-    out, counts = to_timm_layout(state, {}, rename={"module.backbone.": "", "module.backbone.cb_block.": "layer4.2."},
-                                 ignore=["module.backbone.rb_block.", "module.classifier."])
+    state = {
+        "module.backbone.cb_block.conv1.weight": torch.zeros(1),
+        "module.backbone.conv1.weight": torch.zeros(1),
+        "module.backbone.rb_block.conv1.weight": torch.zeros(1),
+        "module.classifier.bias": torch.zeros(1),
+    }
+    out, counts = to_timm_layout(
+        state,
+        {},
+        rename={"module.backbone.": "", "module.backbone.cb_block.": "layer4.2."},
+        ignore=["module.backbone.rb_block.", "module.classifier."],
+    )
     assert sorted(out) == ["conv1.weight", "layer4.2.conv1.weight"] and counts["dropped"] == 2

@@ -21,8 +21,14 @@ BG = (40, 40, 40)
 COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
 IDENTITY = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 # (class 1-based, train?, 0-based box left, top, right, bottom): boxes on the 8-pixel JPEG grid
-CUB_IMAGES = [(1, 1, (8, 8, 24, 24)), (1, 0, (16, 8, 32, 16)), (2, 1, (0, 0, 16, 16)),
-              (2, 0, (8, 16, 40, 32)), (3, 1, (24, 8, 40, 24)), (3, 0, (8, 8, 16, 16))]
+CUB_IMAGES = [
+    (1, 1, (8, 8, 24, 24)),
+    (1, 0, (16, 8, 32, 16)),
+    (2, 1, (0, 0, 16, 16)),
+    (2, 0, (8, 16, 40, 32)),
+    (3, 1, (24, 8, 40, 24)),
+    (3, 0, (8, 8, 16, 16)),
+]
 
 
 def _jpeg(path: Path, box, color, size=(40, 32)):
@@ -44,8 +50,12 @@ def make_cub(base: Path) -> Path:
         lines["split"].append(f"{i} {train}")
         left, top, right, bottom = box
         lines["boxes"].append(f"{i} {left}.0 {top}.0 {right - left}.0 {bottom - top}.0")
-    files = {"images.txt": "images", "image_class_labels.txt": "labels", "train_test_split.txt": "split",
-             "bounding_boxes.txt": "boxes"}
+    files = {
+        "images.txt": "images",
+        "image_class_labels.txt": "labels",
+        "train_test_split.txt": "split",
+        "bounding_boxes.txt": "boxes",
+    }
     for fname, k in files.items():
         (root / fname).write_text("\n".join(lines[k]) + "\n")
     (root / "classes.txt").write_text("".join(f"{i} {n}\n" for i, n in enumerate(names, 1)))
@@ -54,8 +64,10 @@ def make_cub(base: Path) -> Path:
 
 CARS_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012"]
 # (file, class 1-based, 0-based box) per split
-CARS = {"train": [("00001.jpg", 1, (8, 8, 24, 24)), ("00002.jpg", 3, (16, 0, 40, 16))],
-        "test": [("00001.jpg", 2, (0, 8, 16, 32)), ("00002.jpg", 3, (24, 16, 40, 32)), ("00003.jpg", 1, (8, 8, 16, 16))]}
+CARS = {
+    "train": [("00001.jpg", 1, (8, 8, 24, 24)), ("00002.jpg", 3, (16, 0, 40, 16))],
+    "test": [("00001.jpg", 2, (0, 8, 16, 32)), ("00002.jpg", 3, (24, 16, 40, 32)), ("00003.jpg", 1, (8, 8, 16, 16))],
+}
 
 
 def _annotations(rows, with_class=True):
@@ -105,7 +117,9 @@ def test_cub_splits_labels_classes(cub):
     assert train.classes == test.classes and train.classes[0] == "001.Black_footed_Albatross"
     assert train.num_classes == 3 and train.targets == [0, 1, 2] and test.targets == [0, 1, 2]
     assert train.name == f"cub200:{cub.resolve()}" and train.image_size == 8
-    assert Path(train.samples[0][0]) == cub / "images" / "001.Black_footed_Albatross" / "Black_footed_Albatross_0001.jpg"
+    assert (
+        Path(train.samples[0][0]) == cub / "images" / "001.Black_footed_Albatross" / "Black_footed_Albatross_0001.jpg"
+    )
     img, label = test[1]
     assert img.shape == (3, 8, 8) and img.dtype == torch.float32 and type(label) is int
 
@@ -154,8 +168,9 @@ def test_push_set_is_the_unaugmented_bounding_box_crops(cub):
         _assert_color(img, COLORS[label])
 
 
-@pytest.mark.parametrize("fname", ["images.txt", "image_class_labels.txt", "train_test_split.txt",
-                                   "bounding_boxes.txt", "classes.txt"])
+@pytest.mark.parametrize(
+    "fname", ["images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "classes.txt"]
+)
 def test_cub_missing_annotation_file(cub, fname):
     (cub / fname).unlink()
     with pytest.raises(DataError) as info:
@@ -170,13 +185,16 @@ def test_cub_bounding_boxes_needed_only_for_the_crop(cub):
     assert len(P.cub200("test", root=str(cub), bbox_crop=False)) == 3
 
 
-@pytest.mark.parametrize("fname, line, fragment", [
-    ("bounding_boxes.txt", "2 8.0 eight 16.0 8.0", "line 2: expected '<id> <x> <y> <width> <height>'"),
-    ("bounding_boxes.txt", "2 8.0 8.0 0.0 8.0", "image id 2: expected x, y >= 0 and width, height > 0"),
-    ("image_class_labels.txt", "2 7", "image id 2: class id must be 1..3"),
-    ("train_test_split.txt", "2 2", "is_training_image must be 0 or 1"),
-    ("train_test_split.txt", "1 1", "line 2: id 1 appears twice"),
-])
+@pytest.mark.parametrize(
+    "fname, line, fragment",
+    [
+        ("bounding_boxes.txt", "2 8.0 eight 16.0 8.0", "line 2: expected '<id> <x> <y> <width> <height>'"),
+        ("bounding_boxes.txt", "2 8.0 8.0 0.0 8.0", "image id 2: expected x, y >= 0 and width, height > 0"),
+        ("image_class_labels.txt", "2 7", "image id 2: class id must be 1..3"),
+        ("train_test_split.txt", "2 2", "is_training_image must be 0 or 1"),
+        ("train_test_split.txt", "1 1", "line 2: id 1 appears twice"),
+    ],
+)
 def test_cub_malformed_lines(cub, fname, line, fragment):
     path = cub / fname
     rows = path.read_text().splitlines()
@@ -330,8 +348,12 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch,
     cub = make_cub(tmp_path / "data")
     (tmp_path / "recipes" / "w").mkdir(parents=True)
     (tmp_path / "recipes" / "w" / "backbone.safetensors").write_bytes(b"")
-    _recipe(tmp_path / "recipes" / "base.toml", "cub200", "../data/CUB_200_2011",
-            '[stages.t]\nbase = "s"\nmodel.backbone = { name = "timm", model = "resnet10t", weights = "w/backbone.safetensors" }\n')
+    _recipe(
+        tmp_path / "recipes" / "base.toml",
+        "cub200",
+        "../data/CUB_200_2011",
+        '[stages.t]\nbase = "s"\nmodel.backbone = { name = "timm", model = "resnet10t", weights = "w/backbone.safetensors" }\n',
+    )
     child = tmp_path / "recipes" / "sub" / "child.toml"
     child.parent.mkdir()
     child.write_text('extends = "../base.toml"\n[stages.u]\nbase = "s"\ndata.image_size = 8\n')
@@ -361,8 +383,12 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 
 def test_kdt_check_lists_every_unreadable_image(tmp_path, capsys):
     cub = make_cub(tmp_path)
-    recipe = _recipe(tmp_path / "r.toml", "cub200", str(cub),
-                     '[stages.k]\nbase = "s"\ndata.batch_size = 3\n[stages.d]\nbase = "s"\ndata.dataset = "digits"\n')
+    recipe = _recipe(
+        tmp_path / "r.toml",
+        "cub200",
+        str(cub),
+        '[stages.k]\nbase = "s"\ndata.batch_size = 3\n[stages.d]\nbase = "s"\ndata.dataset = "digits"\n',
+    )
     code, out, err = _cli(["check", str(recipe), "-q"], capsys)
     assert code == 0, err
     assert "| cub200:" in out and "| s, k |" in out and "| digits | test | d |" in out

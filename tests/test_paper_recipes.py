@@ -43,8 +43,13 @@ def _raw(path: Path) -> dict:
 
 def _shrink(raw: dict, root: Path, weights: Path | None) -> list[str]:
     """--set overrides: fixture data at 32 px, small backbones and trees, 1 batch x 1 epoch per train phase."""
-    out = [f"data.root={root}", "data.image_size=32", "data.batch_size=2", "data.eval_batch_size=8",
-           "data.num_workers=0"]
+    out = [
+        f"data.root={root}",
+        "data.image_size=32",
+        "data.batch_size=2",
+        "data.eval_batch_size=8",
+        "data.num_workers=0",
+    ]
     for name, stage in raw["stages"].items():
         backbone = stage.get("model", {}).get("backbone")
         if backbone is not None and "weights" in backbone:  # the teacher of ProtoTree: the recipe's own mapping
@@ -112,5 +117,9 @@ def test_missing_data_is_one_line_naming_the_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert str(PAPER / "data" / "stanford_cars") in err and "Traceback" not in err
-    assert "put the Stanford Cars folder (https://ai.stanford.edu/" in err and "--set data.root=PATH" in err and "--data root=PATH" in err
+    assert (
+        "put the Stanford Cars folder (https://ai.stanford.edu/" in err
+        and "--set data.root=PATH" in err
+        and "--data root=PATH" in err
+    )
     assert not (tmp_path / "run").exists()  # the preflight stops before anything is written

@@ -38,7 +38,7 @@ def test_tables_and_metrics_in_results(proto_run):
     assert stages["baseline"]["reference"] == "teacher" and stages["kd"]["reference"] == "teacher"
     md = (out / "results.md").read_text()
     assert "Table 1" in md and "Table 2" in md and "PMS" in md
-    t2 = md[md.index("Table 2"):]
+    t2 = md[md.index("Table 2") :]
     # kd uses both KD losses, baseline none
     kd_row = next(l for l in t2.splitlines() if l.startswith("| kd |"))
     base_row = next(l for l in t2.splitlines() if l.startswith("| baseline |"))
@@ -67,8 +67,10 @@ def test_records_reproduce_run_metrics(proto_run):
     for tau in M.DEFAULT_TAUS:
         k = M.tau_key(tau)
         assert M.average_active_patches(s["min_distances"], s["argmin"], L, tau) == results["stages"]["kd"]["aap"][k]
-        assert M.average_jaccard_similarity(t["min_distances"], t["argmin"], s["min_distances"], s["argmin"], L, tau) \
+        assert (
+            M.average_jaccard_similarity(t["min_distances"], t["argmin"], s["min_distances"], s["argmin"], L, tau)
             == results["stages"]["kd"]["ajs"][k]
+        )
 
 
 def test_both_kd_losses_ablated_skips_stage_one(proto_run, tmp_path, capsys):
@@ -93,7 +95,7 @@ def test_prototype_count_mismatch_is_refused_before_training(tmp_path):
     # the kd student gets 3 prototypes per class: the global explanation loss cannot pair them
     head = 'model.head = { name = "protopnet", prototypes_per_class = 2, prototype_depth = 16 }'
     last = text.rindex(head)
-    text = text[:last] + head.replace("= 2", "= 3") + text[last + len(head):]
+    text = text[:last] + head.replace("= 2", "= 3") + text[last + len(head) :]
     text = text.replace('model.init_from_teacher = ["head.last_layer"]\n', "")
     recipe.write_text(text)
     r = run_kdt("run", str(recipe), "--out", str(tmp_path / "run"), "-q")
@@ -131,9 +133,18 @@ def test_push_phase_equals_brute_force_nearest_patch_of_own_class():
     head = ProtoPNetHead(4, 3, prototypes_per_class=2, prototype_depth=5)
     model = Model(_Backbone(), head)
     data = _Data()
-    ctx = PhaseContext("s", {"name": "push", "kind": "push"}, model, None,
-                       StageData(data, data, data, {"eval_batch_size": 5, "num_workers": 0}),
-                       torch.device("cpu"), Progress(enabled=False), 0, Dist(), state=StageState())
+    ctx = PhaseContext(
+        "s",
+        {"name": "push", "kind": "push"},
+        model,
+        None,
+        StageData(data, data, data, {"eval_batch_size": 5, "num_workers": 0}),
+        torch.device("cpu"),
+        Progress(enabled=False),
+        0,
+        Dist(),
+        state=StageState(),
+    )
     with torch.no_grad():
         z_all = head.latent(data.x)  # [N, D, H, W]
         old = head.prototypes.detach().clone()

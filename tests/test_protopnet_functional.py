@@ -131,9 +131,7 @@ def test_distance_to_similarity():
     d = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
     s = F.distance_to_similarity(d, "log")
     # log((0+1)/(0+1e-4)) = log(1e4); log(2/1.0001); log(4/3.0001)
-    expected = torch.tensor(
-        [math.log(1e4), math.log(2 / 1.0001), math.log(4 / 3.0001)], dtype=torch.float64
-    )
+    expected = torch.tensor([math.log(1e4), math.log(2 / 1.0001), math.log(4 / 3.0001)], dtype=torch.float64)
     torch.testing.assert_close(s, expected)
     torch.testing.assert_close(
         F.distance_to_similarity(d, "log", eps=0.5),
@@ -294,7 +292,9 @@ def test_ppc_mask_with_all_ties_equals_the_original_and_differs_from_first_on_fl
         first = F.active_patch_mask(dmin, argm, 4, 4, tau)
         assert torch.equal(all_ties | first, all_ties)  # the first location is one of the tied ones
     assert F.active_patch_mask_all_ties(d, dmin, 1.0)[0].all()  # the flat map masks every location
-    assert int(F.active_patch_mask(dmin, argm, 4, 4, 1.0)[1].sum()) < int(F.active_patch_mask_all_ties(d, dmin, 1.0)[1].sum())
+    assert int(F.active_patch_mask(dmin, argm, 4, 4, 1.0)[1].sum()) < int(
+        F.active_patch_mask_all_ties(d, dmin, 1.0)[1].sum()
+    )
     d2 = torch.rand(2, 3, 3, 3, generator=g)  # no ties: both masks agree
     m2, a2 = _protopnet.min_pool_distances(d2)
     assert torch.equal(F.active_patch_mask_all_ties(d2, m2, 0.5), F.active_patch_mask(m2, a2, 3, 3, 0.5))

@@ -41,7 +41,7 @@ def _path_of_leaf(leaf: int, depth: int) -> list[tuple[int, bool]]:
 def _brute_pi(d: list[float], depth: int) -> list[float]:
     """π_l = Π over the path of s (right) or 1 − s (left), s = exp(−d)."""
     out = []
-    for leaf in range(2 ** depth):
+    for leaf in range(2**depth):
         p = 1.0
         for node, right in _path_of_leaf(leaf, depth):
             s = math.exp(-d[node])
@@ -153,8 +153,9 @@ def test_no_nan_at_depth_9_with_saturated_similarities():
         targets = torch.tensor([0, 1, 2])
         (-log_y.gather(1, targets.unsqueeze(1))).sum().backward()
         assert torch.isfinite(dd.grad).all()
-        new = F.derivative_free_leaf_update(theta.to(dtype), theta.to(dtype), 5, log_pi.detach(),
-                                            log_y.detach(), targets)
+        new = F.derivative_free_leaf_update(
+            theta.to(dtype), theta.to(dtype), 5, log_pi.detach(), log_y.detach(), targets
+        )
         assert torch.isfinite(new).all()
 
 
@@ -236,7 +237,7 @@ def _authors_pruned_tree(leaf_max: list[float], depth: int, threshold: float) ->
     from the list the nodes below a marked non-root node; for each remaining
     node whose parent is not the root, put its sibling in the parent's place.
     """
-    n = 2 ** depth - 1
+    n = 2**depth - 1
     nodes = [_Node(h, n) for h in range(2 * n + 1)]
     parent = {0: None}
     for i in range(n):
@@ -367,8 +368,7 @@ def test_projection_equals_brute_force_over_all_patches():
     for leaf, c in enumerate((0, 1, 2, 2)):
         theta[leaf, c] = 3.0
     allowed = F.projection_allowed_classes(torch.softmax(theta, 1))
-    assert allowed.tolist() == [[True, True, True, False], [True, True, False, False],
-                                [False, False, True, False]]
+    assert allowed.tolist() == [[True, True, True, False], [True, True, False, False], [False, False, True, False]]
     protos = torch.rand(3, 5, generator=g, dtype=torch.float64)
     batches = []
     for i in range(3):
@@ -437,8 +437,9 @@ def test_head_shapes_init_and_params():
     torch.testing.assert_close(out["logits"].exp().sum(1), torch.ones(3))
     # cross-entropy on the logits is the NLL of log y_hat
     y = torch.tensor([0, 1, 3])
-    torch.testing.assert_close(torch.nn.functional.cross_entropy(out["logits"], y),
-                               torch.nn.functional.nll_loss(out["log_probabilities"], y))
+    torch.testing.assert_close(
+        torch.nn.functional.cross_entropy(out["logits"], y), torch.nn.functional.nll_loss(out["log_probabilities"], y)
+    )
     assert head.record_meta(out) == {"H": 2, "W": 3, "tree_depth": 3, "soft_path_length": 3}
     conv = head.add_on[0]
     assert conv.bias is None and isinstance(head.add_on[1], torch.nn.Sigmoid)
@@ -553,8 +554,9 @@ def test_head_hooks_apply_the_update_once_per_call():
     grad_head = _head(15, leaves="gradient").train()
     before = grad_head.leaves.detach().clone()
     out = grad_head(torch.randn(2, 6, 2, 3))
-    grad_head.on_optimizer_step(SimpleNamespace(steps=[SimpleNamespace(outputs=out, targets=torch.tensor([0, 1]))],
-                                                num_batches=3))
+    grad_head.on_optimizer_step(
+        SimpleNamespace(steps=[SimpleNamespace(outputs=out, targets=torch.tensor([0, 1]))], num_batches=3)
+    )
     assert torch.equal(grad_head.leaves, before)
 
 

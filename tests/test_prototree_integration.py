@@ -38,10 +38,14 @@ batch_size = 32
 eval_batch_size = 128
 """
 
-TREE_GROUPS = ('[{ params = "head.prototypes", lr = 1e-3 }, { params = ["head.add_on", "backbone.body.layer2"], lr = 1e-3 }, '
-               '{ params = "backbone", lr = 1e-3 }]')
+TREE_GROUPS = (
+    '[{ params = "head.prototypes", lr = 1e-3 }, { params = ["head.add_on", "backbone.body.layer2"], lr = 1e-3 }, '
+    '{ params = "backbone", lr = 1e-3 }]'
+)
 
-RECIPE = DATA + f"""
+RECIPE = (
+    DATA
+    + f"""
 [evaluate]
 metrics = [{{ name = "accuracy" }}, {{ name = "tree_modes" }}, {{ name = "aap" }}, {{ name = "ajs" }}, {{ name = "pms" }}]
 
@@ -94,6 +98,7 @@ name = "project"
 kind = "project"
 figure = false
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +115,16 @@ def tree_run(tmp_path_factory):
     def counting(self, state):
         before = self.leaves.detach().clone()
         original(self, state)
-        calls.append({"stage": state.stage, "phase": state.phase, "epoch": state.epoch, "micro": len(state.steps),
-                      "optimizer_steps": state.optimizer_steps, "changed": not torch.equal(before, self.leaves)})
+        calls.append(
+            {
+                "stage": state.stage,
+                "phase": state.phase,
+                "epoch": state.epoch,
+                "micro": len(state.steps),
+                "optimizer_steps": state.optimizer_steps,
+                "changed": not torch.equal(before, self.leaves),
+            }
+        )
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ProtoTreeHead, "on_optimizer_step", counting)
@@ -123,7 +136,12 @@ def test_leaf_update_runs_once_per_optimizer_step_in_a_real_run(tree_run):
     *_, out, _, calls = tree_run
     teacher = [c for c in calls if c["stage"] == "teacher"]
     # 2 epochs x 4 batches, accumulate = 2: 2 optimiser steps per epoch, each over 2 micro-batches
-    assert [(c["epoch"], c["micro"], c["optimizer_steps"]) for c in teacher] == [(1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)]
+    assert [(c["epoch"], c["micro"], c["optimizer_steps"]) for c in teacher] == [
+        (1, 2, 2),
+        (1, 2, 2),
+        (2, 2, 2),
+        (2, 2, 2),
+    ]
     assert all(c["changed"] for c in calls)
     # kd: 2 steps in kd_warm, 2 in joint (accumulate = 1)
     assert [(c["phase"], c["micro"]) for c in calls if c["stage"] == "kd"] == [("kd_warm", 1)] * 2 + [("joint", 1)] * 2
@@ -170,12 +188,15 @@ def test_unsupported_pairings_are_refused_with_one_line(tree_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(out, run_dir)  # the teacher is reused: only the refused stage is built
     recipe = tmp_path / "bad.toml"
-    recipe.write_text(RECIPE + """
+    recipe.write_text(
+        RECIPE
+        + """
 [stages.shallow]
 base = "kd"
 model.head.depth = 2
 model.init_from_teacher = []
-""")
+"""
+    )
     proc = run_kdt("run", str(recipe), "--out", str(run_dir), "-q", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     line = one_line_error(proc)
@@ -214,7 +235,8 @@ def test_hungarian_pairing_matches_brute_force():
         assert len(si) == m and len(set(si.tolist())) == m and len(set(ti.tolist())) == m
         best = min(
             (sum(cost[i, j].item() for i, j in zip(rows, cols)), rows, cols)
-            for rows in itertools.combinations(range(ps), m) for cols in itertools.permutations(range(pt), m)
+            for rows in itertools.combinations(range(ps), m)
+            for cols in itertools.permutations(range(pt), m)
         )
         assert cost[si, ti].sum().item() == pytest.approx(best[0], abs=1e-12)
         expect = sum(((s[i] - t[j]) ** 2).sum().sqrt() for i, j in zip(si.tolist(), ti.tolist())) / m
@@ -249,7 +271,10 @@ def test_fixed_matching_is_recomputed_in_the_first_phase_only():
         assert set(loss.state_dict()) == {"student_index", "teacher_index"}  # saved in checkpoints
 
 
-RESUME = "checkpoint_every = 1\n" + DATA + """
+RESUME = (
+    "checkpoint_every = 1\n"
+    + DATA
+    + """
 [evaluate]
 metrics = [{ name = "accuracy" }, { name = "tree_modes" }]
 
@@ -294,6 +319,7 @@ name = "project"
 kind = "project"
 figure = false
 """
+)
 # Gate-loss calls in a fresh process: teacher 1-4, kd_warm 5-6, kd joint 7-14.
 
 
@@ -311,7 +337,10 @@ def test_interrupt_mid_epoch_then_resume_is_bit_exact(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_same_weights(out, ref, ["teacher", "kd"])
     for stage in ("teacher", "kd"):
-        ra, rb = load_file(str(out / stage / "records.safetensors")), load_file(str(ref / stage / "records.safetensors"))
+        ra, rb = (
+            load_file(str(out / stage / "records.safetensors")),
+            load_file(str(ref / stage / "records.safetensors")),
+        )
         assert all(torch.equal(ra[k], rb[k]) for k in ra), stage
     la, lb = load_file(str(out / "kd" / "losses.safetensors")), load_file(str(ref / "kd" / "losses.safetensors"))
     assert set(la) == {"global_explanation/student_index", "global_explanation/teacher_index"}
@@ -332,7 +361,13 @@ def test_shipped_prototree_recipe_validates_and_round_trips(tmp_path, capsys):
     ge = {s: next(l for l in st[s]["losses"] if l["id"] == "global_explanation") for s in ("kd", "kd_no_global")}
     assert ge["kd"]["pairing"] == "index" and ge["kd"]["weight"] == 1.0 and ge["kd_no_global"]["weight"] == 0.0
     joint = st["teacher"]["phases"][1]
-    assert joint["optimizer"] == {"name": "adamw", "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-7, "amsgrad": False}
+    assert joint["optimizer"] == {
+        "name": "adamw",
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "eps": 1e-7,
+        "amsgrad": False,
+    }
     assert joint["scheduler"]["name"] == "multistep" and joint["scheduler"]["gamma"] == 0.5
     assert [p["kind"] for p in st["kd"]["phases"]] == ["train", "train", "prune", "project"]
     again = tmp_path / "resolved.toml"

@@ -108,7 +108,10 @@ def _assert_same_as_reference(out: Path, ref: Path) -> None:
     assert_same_weights(out, ref, STAGES)
     for stage in STAGES:
         assert metrics_lines(out, stage) == metrics_lines(ref, stage), f"{stage}/metrics.jsonl differs"
-        ra, rb = load_file(str(out / stage / "records.safetensors")), load_file(str(ref / stage / "records.safetensors"))
+        ra, rb = (
+            load_file(str(out / stage / "records.safetensors")),
+            load_file(str(ref / stage / "records.safetensors")),
+        )
         assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra), stage
         assert not (out / stage / "checkpoint.safetensors").exists()
         assert not [f.name for f in (out / stage).iterdir() if f.name.endswith(".tmp")]
@@ -156,8 +159,12 @@ def test_sigkill_as_files_appear_then_resume_is_bit_identical(setup):
     d, recipe, env, ref = setup
     out = d / "polled"
     args = _args(recipe, out)
-    for f in ("teacher/checkpoint.safetensors", "teacher/push-push.json", "teacher/result.json",
-              "kd/checkpoint.safetensors"):
+    for f in (
+        "teacher/checkpoint.safetensors",
+        "teacher/push-push.json",
+        "teacher/result.json",
+        "kd/checkpoint.safetensors",
+    ):
         proc = start(args, env)
         deadline = time.monotonic() + 240
         while not (out / f).exists() and proc.poll() is None and time.monotonic() < deadline:

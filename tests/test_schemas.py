@@ -111,8 +111,10 @@ def test_a_kept_schema_is_used_until_its_module_changes(cache_dir, tmp_path, mon
     reg.add("probe", "kdt_schema_probe:Probe")
     comp = reg.get("probe")
     params = comp.params  # imports the module and keeps the schema
-    assert json.loads((cache_dir / schemas.CACHE_FILE).read_text())["components"]["kdt_schema_probe:Probe"]["check"] \
+    assert (
+        json.loads((cache_dir / schemas.CACHE_FILE).read_text())["components"]["kdt_schema_probe:Probe"]["check"]
         == "kdt_schema_probe:check"
+    )
     monkeypatch.delitem(sys.modules, "kdt_schema_probe")
     again = Registry("loss").bound("probe")
     again.add("probe", "kdt_schema_probe:Probe")
@@ -134,7 +136,9 @@ def test_a_kept_schema_is_used_until_its_module_changes(cache_dir, tmp_path, mon
 
 def test_an_unkeepable_schema_is_not_kept_and_another_environment_is_ignored(cache_dir, tmp_path, monkeypatch):
     folder = tmp_path / "site"
-    _write_module(folder, PROBE + "\n    Probe.requires_outputs = staticmethod(lambda params: ())\n", "kdt_schema_probe2")
+    _write_module(
+        folder, PROBE + "\n    Probe.requires_outputs = staticmethod(lambda params: ())\n", "kdt_schema_probe2"
+    )
     monkeypatch.syspath_prepend(str(folder))
     _started_now(monkeypatch)
     reg = Registry("loss").bound("probe")

@@ -29,13 +29,19 @@ kind = "push"
 figure = false
 """
 KD_LOSSES = "global_explanation = { weight = 1.0 }\npatch_prototype_correspondence = { weight = 1.0, tau = 4.0 }"
-RECIPE = (TINY_DATA + """
+RECIPE = (
+    TINY_DATA
+    + """
 [evaluate]
 metrics = [{ name = "accuracy" }, { name = "aap", taus = [0.1, 1.0, inf] }, { name = "ajs", taus = [0.1, 1.0, inf] }]
 [stages.teacher]
-""" + STAGE.format(name="teacher", extra="") + "\n[stages.baseline]\ncompare_to = \"teacher\"\nseed = 3\n"
-          + STAGE.format(name="baseline", extra="") + "\n[stages.kd]\nteacher = \"teacher\"\n"
-          + STAGE.format(name="kd", extra=KD_LOSSES))
+"""
+    + STAGE.format(name="teacher", extra="")
+    + '\n[stages.baseline]\ncompare_to = "teacher"\nseed = 3\n'
+    + STAGE.format(name="baseline", extra="")
+    + '\n[stages.kd]\nteacher = "teacher"\n'
+    + STAGE.format(name="kd", extra=KD_LOSSES)
+)
 
 
 def _json(path):
@@ -69,8 +75,9 @@ def test_each_seed_is_a_complete_run_with_its_own_seeds(seeds_run):
         for name, st in resolved["stages"].items():
             s = original["stages"][name]["seed"]
             assert st["seed"] == stage_seed(s, n) == derive_seed(s, n, 3)
-    seeds0, seeds1 = ({k: v["seed"] for k, v in _json(run / f"seed-{n}" / "recipe.resolved.json")["stages"].items()}
-                      for n in (0, 1))
+    seeds0, seeds1 = (
+        {k: v["seed"] for k, v in _json(run / f"seed-{n}" / "recipe.resolved.json")["stages"].items()} for n in (0, 1)
+    )
     assert all(seeds0[k] != seeds1[k] for k in seeds0)
     assert seeds0["teacher"] == seeds0["kd"] != seeds0["baseline"]  # the recipe's sharing is kept
     w0, w1 = (load_file(str(run / f"seed-{n}" / "teacher" / "model.safetensors")) for n in (0, 1))
@@ -162,13 +169,16 @@ def test_report_of_run_directories_and_refused_mixtures(seeds_run, tmp_path, cap
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
-    (["--seeds", "1,1"], "--seeds: seed 1 is listed twice"),
-    (["--set", "seeds=[0, -1]"], "seeds[1]: must be >= 0"),
-    (["--set", "seeds=[2, 2]"], "seeds[1]: seed 2 is listed twice"),
-    (["--set", "seeds=3"], "seeds: expected a list"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+        (["--seeds", "1,1"], "--seeds: seed 1 is listed twice"),
+        (["--set", "seeds=[0, -1]"], "seeds[1]: must be >= 0"),
+        (["--set", "seeds=[2, 2]"], "seeds[1]: seed 2 is listed twice"),
+        (["--set", "seeds=3"], "seeds: expected a list"),
+    ],
+)
 def test_bad_seeds_are_one_line_errors(tmp_path, capsys, args, fragment):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(RECIPE)

@@ -26,12 +26,14 @@ HEAVY = ("torch", "scipy", "timm", "torchvision", "numpy", "matplotlib", "PIL")
 
 def _imported_after(code: str, env_extra: dict | None = None) -> dict:
     """Run ``code`` in a fresh interpreter; return which heavy packages it imported."""
-    probe = "\n".join([
-        "import json, sys",
-        code,
-        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))",
-        "sys.__stdout__.write('\\nIMPORTED=' + json.dumps(heavy) + '\\n')",
-    ])
+    probe = "\n".join(
+        [
+            "import json, sys",
+            code,
+            f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))",
+            "sys.__stdout__.write('\\nIMPORTED=' + json.dumps(heavy) + '\\n')",
+        ]
+    )
     import os
 
     env = dict(os.environ, **(env_extra or {}))
@@ -41,8 +43,19 @@ def _imported_after(code: str, env_extra: dict | None = None) -> dict:
     return {"heavy": json.loads(line.split("=", 1)[1]), "stdout": proc.stdout}
 
 
-@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], ["metrics", "--help"],
-                                  ["run", "--help"], ["check", "--help"], ["report", "--help"], ["explain", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["plugins"],
+        ["plugins", "--json"],
+        ["metrics", "--help"],
+        ["run", "--help"],
+        ["check", "--help"],
+        ["report", "--help"],
+        ["explain", "--help"],
+    ],
+)
 def test_listing_commands_import_no_torch(args):
     got = _imported_after(f"from kdtoolkit.cli import _main\ncode = _main({args!r})\nassert code == 0, code")
     assert got["heavy"] == [], f"kdt {' '.join(args)} imported {got['heavy']}"
@@ -78,14 +91,16 @@ def test_reference_is_imported_only_when_used(tmp_path, monkeypatch):
     pkg = tmp_path / "kdt_lazy_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "losses.py").write_text(textwrap.dedent('''
+    (pkg / "losses.py").write_text(
+        textwrap.dedent('''
         class Toy:
             """A toy loss."""
             requires_outputs = ("logits",)
 
             def __init__(self, *, scale: float = 2.0):
                 self.scale = scale
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
 
     @hookimpl
@@ -109,8 +124,11 @@ def test_broken_reference_names_plugin_component_and_reference():
     pm = PluginManager(autoload=False, extra=[(_plugin(kdt_register_losses=kdt_register_losses), "haunted")])
     assert pm.infos["haunted"].status == "loaded"  # nothing is imported at registration
     comp = pm.registry("loss").get("ghost")
-    with pytest.raises(PluginError, match=r"plugin 'haunted': loss 'ghost': cannot import "
-                                          r"kdt_no_such_module.losses:Ghost \(ModuleNotFoundError"):
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'haunted': loss 'ghost': cannot import "
+        r"kdt_no_such_module.losses:Ghost \(ModuleNotFoundError",
+    ):
         comp.factory
     with pytest.raises(PluginError, match="cannot import"):  # and again: never half-resolved
         comp.params
@@ -189,7 +207,9 @@ def test_timm_name_check_and_suggestions(tmp_path, monkeypatch):
     import timm
 
     assert names.is_model("resnet50.a1_in1k") and timm.is_model("resnet50.a1_in1k")
-    assert names.is_model("convnext_tiny_in22ft1k") and timm.is_model("convnext_tiny_in22ft1k")  # deprecated, still built
+    assert names.is_model("convnext_tiny_in22ft1k") and timm.is_model(
+        "convnext_tiny_in22ft1k"
+    )  # deprecated, still built
     assert not names.is_model("resnet181") and not timm.is_model("resnet181")
     assert names.similar("resnet181")[0] == "resnet18"  # no '_' in the name: still a suggestion
     assert "resnet18" in names.similar("resnt18")

@@ -39,7 +39,10 @@ def _cached_recipe() -> str:
     start = r.index("\n[stages.baseline]")
     end = r.index("\n[stages.kd]")
     r = r[:start] + r[end:]  # teacher and kd only
-    return r + '\n[stages.kd_disk]\nbase = "kd"\nteacher_cache = "disk"\n\n[stages.kd_mem]\nbase = "kd"\nteacher_cache = "memory"\n'
+    return (
+        r
+        + '\n[stages.kd_disk]\nbase = "kd"\nteacher_cache = "disk"\n\n[stages.kd_mem]\nbase = "kd"\nteacher_cache = "memory"\n'
+    )
 
 
 def _run(recipe: Path, out: Path, *extra: str) -> int:
@@ -152,7 +155,11 @@ def test_an_unusable_cache_file_is_computed_again(cached, tmp_path, damage, caps
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "random_bytes":
-        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+        path.write_bytes(
+            torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+            .numpy()
+            .tobytes()
+        )
     else:
         teachercache.save(path, teachercache.TeacherCache(good, "0" * 16), {"teacher": "teacher"})
     capsys.readouterr()
@@ -160,7 +167,9 @@ def test_an_unusable_cache_file_is_computed_again(cached, tmp_path, damage, caps
     err = "".join(capsys.readouterr().err.split())
     assert "computingitagain" in err, err
     again = load_file(str(path))  # written again, identically
-    assert _meta(path) == good_meta and again.keys() == good.keys() and all(torch.equal(again[k], good[k]) for k in good)
+    assert (
+        _meta(path) == good_meta and again.keys() == good.keys() and all(torch.equal(again[k], good[k]) for k in good)
+    )
     assert_same_weights(copy, out, ["kd_disk"])
 
 
@@ -183,8 +192,11 @@ def test_stage_hash_ignores_the_default_and_the_cache_location(tmp_path):
 
     def kd_hash(mode: str) -> str:
         p = tmp_path / f"{mode}.toml"
-        p.write_text(_cached_recipe().replace('[stages.kd]\nteacher = "teacher"\n',
-                                              f'[stages.kd]\nteacher = "teacher"\nteacher_cache = "{mode}"\n'))
+        p.write_text(
+            _cached_recipe().replace(
+                '[stages.kd]\nteacher = "teacher"\n', f'[stages.kd]\nteacher = "teacher"\nteacher_cache = "{mode}"\n'
+            )
+        )
         return load_recipe(p).stage_hash("kd")
 
     assert kd_hash("off") == r.stage_hash("kd")
@@ -224,9 +236,15 @@ def test_needed_outputs_follow_the_losses_declarations():
 
     assert teachercache.needed_outputs([PatchPrototypeCorrespondenceLoss()]) == {"features"}
     assert teachercache.needed_outputs([PatchPrototypeCorrespondenceLoss(mask_source="either")]) == {
-        "features", "min_distances", "distances"}
+        "features",
+        "min_distances",
+        "distances",
+    }
     assert teachercache.needed_outputs([PatchPrototypeCorrespondenceLoss(mask_source="either", mask_ties="first")]) == {
-        "features", "min_distances", "argmin"}
+        "features",
+        "min_distances",
+        "argmin",
+    }
 
 
 # --------------------------------------------------------------------------- what losses are given
@@ -286,9 +304,16 @@ class _Probes:
                     return next(p for p in m.parameters() if p.dim() == 4)
 
                 cl = torch.channels_last
-                _SEEN.append(("layout", (step.inputs.is_contiguous(memory_format=cl),
-                                         conv(step.model).is_contiguous(memory_format=cl),
-                                         conv(step.teacher).is_contiguous(memory_format=cl))))
+                _SEEN.append(
+                    (
+                        "layout",
+                        (
+                            step.inputs.is_contiguous(memory_format=cl),
+                            conv(step.model).is_contiguous(memory_format=cl),
+                            conv(step.teacher).is_contiguous(memory_format=cl),
+                        ),
+                    )
+                )
                 return step.outputs["logits"].float().sum() * 0.0
 
         registry.add("undeclared_probe", Undeclared)
@@ -309,7 +334,9 @@ def probes():
 def _probe_recipe(losses: str, cache: str = "off") -> str:
     r = TINY_CLASSIC.replace("eval_batch_size = 128\n", "eval_batch_size = 128\naugment = false\n")
     r = r.replace('teacher = "teacher"\n', f'teacher = "teacher"\nteacher_cache = "{cache}"\n')
-    return r.replace('losses = [{ name = "cross_entropy", weight = 0.5 }, { name = "hinton_kd", weight = 0.5 }]', losses)
+    return r.replace(
+        'losses = [{ name = "cross_entropy", weight = 0.5 }, { name = "hinton_kd", weight = 0.5 }]', losses
+    )
 
 
 def test_no_teacher_pass_when_the_losses_read_no_teacher_output(probes, tmp_path):
@@ -331,10 +358,19 @@ def test_a_loss_reading_outputs_it_did_not_declare_gets_a_hint(probes, tmp_path,
 
 
 def test_cache_key_covers_what_changes_the_numbers():
-    data = {"dataset": "digits", "batch_size": 32, "eval_batch_size": 128, "num_workers": 0, "drop_last": False,
-            "augment": False, "image_size": 16}
+    data = {
+        "dataset": "digits",
+        "batch_size": 32,
+        "eval_batch_size": 128,
+        "num_workers": 0,
+        "drop_last": False,
+        "augment": False,
+        "image_size": 16,
+    }
     key = teachercache.cache_key("t", data, "fp32", {"features"})
-    assert key == teachercache.cache_key("t", {**data, "batch_size": 8, "num_workers": 2, "drop_last": True}, "fp32", {"features"})
+    assert key == teachercache.cache_key(
+        "t", {**data, "batch_size": 8, "num_workers": 2, "drop_last": True}, "fp32", {"features"}
+    )
     others = [
         teachercache.cache_key("t2", data, "fp32", {"features"}),
         teachercache.cache_key("t", {**data, "eval_batch_size": 64}, "fp32", {"features"}),
@@ -428,7 +464,9 @@ def test_killed_cached_run_resumes_bit_identical(tmp_path, keep_file):
 
 
 def test_channels_last_trains_the_same_model(probes, tmp_path):
-    text = TINY_CLASSIC.replace('{ name = "hinton_kd", weight = 0.5 }', '{ name = "hinton_kd", weight = 0.5 }, { name = "layout_probe" }')
+    text = TINY_CLASSIC.replace(
+        '{ name = "hinton_kd", weight = 0.5 }', '{ name = "hinton_kd", weight = 0.5 }, { name = "layout_probe" }'
+    )
     recipe = tmp_path / "r.toml"
     recipe.write_text("channels_last = false\n" + text)
     assert _run(recipe, tmp_path / "plain") == 0
@@ -458,8 +496,9 @@ def test_channels_last_auto_is_for_models_with_convolutions():
     from kdtoolkit.engine.context import RunContext
 
     def ctx(value):
-        return RunContext(device=torch.device("cpu"), precision="fp32", channels_last=value, dist=None,
-                          progress=None, plugins=None)
+        return RunContext(
+            device=torch.device("cpu"), precision="fp32", channels_last=value, dist=None, progress=None, plugins=None
+        )
 
     conv, mlp = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), torch.nn.Linear(8, 2)
     assert ctx("auto").channels_last_for(conv) and not ctx("auto").channels_last_for(mlp)

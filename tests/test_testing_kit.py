@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
@@ -129,8 +128,11 @@ def test_check_component_passes_good_components_and_names_the_fault(kdt_plugin):
     kdt_plugin(_module(), "example")
     loss = check_component("loss", "logit_norm", {"scale": 3.0})
     assert loss.scale == 3.0
-    with pytest.raises(AssertionError, match=r"loss 'undocumented' \(plugin 'example'\): parameters not documented "
-                                             r"in the docstring: gain"):
+    with pytest.raises(
+        AssertionError,
+        match=r"loss 'undocumented' \(plugin 'example'\): parameters not documented "
+        r"in the docstring: gain",
+    ):
         check_component("loss", "undocumented")
 
 
@@ -144,8 +146,10 @@ def test_tiny_dataset_is_seeded_and_learnable():
 
 BUILT_IN_PARAMS = {
     ("loss", "attention"): {"taps": ["s"], "teacher_taps": ["t"]},
-    **{("loss", n): {"student_tap": "s", "teacher_tap": "t"}
-       for n in ("crd", "fitnet", "pkt", "rkd", "similarity_preserving")},
+    **{
+        ("loss", n): {"student_tap": "s", "teacher_tap": "t"}
+        for n in ("crd", "fitnet", "pkt", "rkd", "similarity_preserving")
+    },
 }
 
 

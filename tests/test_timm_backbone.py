@@ -76,7 +76,9 @@ def test_model_kwargs_may_not_override_own_keys():
 
 def test_model_kwargs_recipe_validation(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(TINY_DATA + """
+    recipe.write_text(
+        TINY_DATA
+        + """
 [stages.s]
 model.backbone = { name = "timm", model = "resnet10t", out_index = 2, model_kwargs = { features_only = true } }
 model.head = { name = "linear" }
@@ -84,7 +86,8 @@ losses = [{ name = "cross_entropy" }]
 [[stages.s.phases]]
 epochs = 1
 groups = [{ params = ["backbone", "head"], lr = 1e-3 }]
-""")
+"""
+    )
     r = run_kdt("validate", str(recipe))
     assert r.returncode == 2
     assert r.stderr.startswith("kdt: error:") and "model.backbone.model_kwargs" in r.stderr, r.stderr
@@ -125,14 +128,19 @@ def test_core_passes_num_classes_to_backbones_that_accept_it():
         factory = Probe if kind == "backbone" else (lambda c, n: nn.Identity())
         return types.SimpleNamespace(get=lambda name: types.SimpleNamespace(factory=factory, build=factory))
 
-    build_model({"model": {"backbone": {"name": "p"}, "head": {"name": "h"}, "weights": None}}, 7,
-                types.SimpleNamespace(registry=registry))
+    build_model(
+        {"model": {"backbone": {"name": "p"}, "head": {"name": "h"}, "weights": None}},
+        7,
+        types.SimpleNamespace(registry=registry),
+    )
     assert seen["n"] == 7
 
 
 def test_classifier_mode_trains_with_identity_head(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(TINY_DATA + """
+    recipe.write_text(
+        TINY_DATA
+        + """
 [stages.s]
 model.backbone = { name = "timm", model = "resnet10t", classifier = true }
 model.head = { name = "identity" }
@@ -141,7 +149,8 @@ losses = [{ name = "cross_entropy" }]
 epochs = 1
 limit_batches = 3
 groups = [{ params = ["backbone"], lr = 1e-3 }]
-""")
+"""
+    )
     assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "-q"]) == 0
 
 
@@ -210,7 +219,9 @@ def test_classifier_mode_keeps_its_own_classifier_for_other_class_counts(tmp_pat
 def test_wrong_depth_via_cli_is_one_line_exit_2(tmp_path):
     path = _save(timm.create_model("resnet18"), tmp_path / "r18.safetensors")
     recipe = tmp_path / "r.toml"
-    recipe.write_text(TINY_DATA + """
+    recipe.write_text(
+        TINY_DATA
+        + """
 [stages.s]
 model.backbone = { name = "timm", model = "resnet10t", out_index = 2 }
 model.head = { name = "linear" }
@@ -219,9 +230,11 @@ losses = [{ name = "cross_entropy" }]
 epochs = 1
 limit_batches = 1
 groups = [{ params = ["backbone", "head"], lr = 1e-3 }]
-""")
-    r = run_kdt("run", str(recipe), "--out", str(tmp_path / "run"), "-q",
-                "--set", f'stages.s.model.backbone.weights="{path}"')
+"""
+    )
+    r = run_kdt(
+        "run", str(recipe), "--out", str(tmp_path / "run"), "-q", "--set", f'stages.s.model.backbone.weights="{path}"'
+    )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdt: error:"), r.stderr

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from kdtoolkit.cli import main
 from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, get_manager, set_manager
+from kdtoolkit.plugins import PluginManager, set_manager
 
 from kdt_testutil import TINY_CLASSIC, run_kdt
 
@@ -32,9 +32,18 @@ def classic(tmp_path_factory):
 
 def test_run_directory_layout(classic):
     recipe, out = classic
-    for rel in ("recipe.resolved.toml", "run.json", "results.json", "results.md",
-                "teacher/model.safetensors", "teacher/metrics.jsonl", "teacher/result.json", "teacher/records.safetensors",
-                "kd/model.safetensors", "kd/metrics.jsonl"):
+    for rel in (
+        "recipe.resolved.toml",
+        "run.json",
+        "results.json",
+        "results.md",
+        "teacher/model.safetensors",
+        "teacher/metrics.jsonl",
+        "teacher/result.json",
+        "teacher/records.safetensors",
+        "kd/model.safetensors",
+        "kd/metrics.jsonl",
+    ):
         assert (out / rel).is_file(), rel
     assert not (out / "teacher" / "checkpoint.safetensors").exists()  # removed once the stage is complete
     run = json.loads((out / "run.json").read_text())
@@ -121,8 +130,12 @@ def test_teacher_is_frozen_and_gets_no_gradient(tmp_path):
     set_manager(PluginManager(extra=[(_TeacherProbe(), "probe")]))
     try:
         recipe = tmp_path / "r.toml"
-        recipe.write_text(TINY_CLASSIC.replace('{ name = "hinton_kd", weight = 0.5 }',
-                                               '{ name = "hinton_kd", weight = 0.5 }, { name = "teacher_probe" }'))
+        recipe.write_text(
+            TINY_CLASSIC.replace(
+                '{ name = "hinton_kd", weight = 0.5 }',
+                '{ name = "hinton_kd", weight = 0.5 }, { name = "teacher_probe" }',
+            )
+        )
         assert _run(recipe, tmp_path / "run") == 0
     finally:
         set_manager(None)

@@ -35,8 +35,12 @@ def test_predict_prepares_images_as_the_test_split_and_lists_prototypes(proto_ru
     _, out, _ = proto_run
     stage = StageDir.open(out / "kd")
     test, paths = _digit_pngs(tmp_path / "imgs", stage, range(6))
-    assert main(["predict", str(out / "kd"), str(tmp_path / "imgs"), "--top", "3", "--json", str(tmp_path / "p.json"),
-                 "-q"]) == 0
+    assert (
+        main(
+            ["predict", str(out / "kd"), str(tmp_path / "imgs"), "--top", "3", "--json", str(tmp_path / "p.json"), "-q"]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "p.json").read_text())
     assert [r["image"] for r in rows] == [str(p) for p in sorted(paths)]  # folders are searched recursively, sorted
     model = stage.model("cpu")
@@ -74,8 +78,11 @@ def test_predict_refuses_missing_and_unreadable_images_with_one_line(proto_run, 
     bad.write_bytes(b"not an image")
     empty = tmp_path / "empty"
     empty.mkdir()
-    for arg, expect in ((tmp_path / "nope.png", "no such file or folder"), (bad, "cannot read image"),
-                        (empty, "folder has no images")):
+    for arg, expect in (
+        (tmp_path / "nope.png", "no such file or folder"),
+        (bad, "cannot read image"),
+        (empty, "folder has no images"),
+    ):
         assert main(["predict", str(out / "kd"), str(arg), "-q"]) == 2
         err = capsys.readouterr().err
         assert expect in err and str(arg) in err and err.count("\n") == 1
@@ -110,11 +117,14 @@ def test_evaluate_another_split_and_changed_data(proto_run, capsys):
     assert "| ajs τ=inf |" in printed  # per-τ metrics are one row each
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--data", "nosuch=1"], "--data: data.nosuch: unknown key"),
-    (["--data", "image_size"], "expected KEY=VALUE"),
-    (["--data", "dataset=image_folder"], "data.root: missing required key"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--data", "nosuch=1"], "--data: data.nosuch: unknown key"),
+        (["--data", "image_size"], "expected KEY=VALUE"),
+        (["--data", "dataset=image_folder"], "data.root: missing required key"),
+    ],
+)
 def test_evaluate_refuses_bad_data_with_one_line(proto_run, capsys, args, expect):
     _, out, _ = proto_run
     assert main(["evaluate", str(out / "kd"), *args, "-q"]) == 2
@@ -128,8 +138,22 @@ def test_evaluate_refuses_data_with_another_class_count(proto_run, tmp_path, cap
         for cls in ("a", "b", "c"):
             (tmp_path / "f" / split / cls).mkdir(parents=True)
             Image.new("RGB", (20, 20), (10, 20, 30)).save(tmp_path / "f" / split / cls / "x.png")
-    assert main(["evaluate", str(out / "kd"), "--data", "dataset=image_folder", "--data", f"root={tmp_path / 'f'}",
-                 "--data", "image_size=16", "-q"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out / "kd"),
+                "--data",
+                "dataset=image_folder",
+                "--data",
+                f"root={tmp_path / 'f'}",
+                "--data",
+                "image_size=16",
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert "the data has 3 classes, stage 'kd' was trained on 10" in capsys.readouterr().err
 
 
@@ -140,8 +164,22 @@ def test_evaluate_refuses_classes_in_another_order(proto_run, tmp_path, capsys):
         for cls in names:
             (tmp_path / "f" / split / cls).mkdir(parents=True)
             Image.new("RGB", (20, 20), (10, 20, 30)).save(tmp_path / "f" / split / cls / "x.png")
-    assert main(["evaluate", str(out / "kd"), "--data", "dataset=image_folder", "--data", f"root={tmp_path / 'f'}",
-                 "--data", "image_size=16", "-q"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out / "kd"),
+                "--data",
+                "dataset=image_folder",
+                "--data",
+                f"root={tmp_path / 'f'}",
+                "--data",
+                "image_size=16",
+                "-q",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "classes differ from those stage 'kd' was trained on (label 0: 'digit_0' here, '0' in training)" in err
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -51,8 +52,16 @@ def build_data(stage: dict[str, Any], plugins: PluginManager) -> StageData:
     return StageData(train, train_eval, test, spec)
 
 
-def batch_plan(n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool = False,
-               limit: int | None = None, world: int = 1) -> list[list[int]]:
+def batch_plan(
+    n: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = False,
+    limit: int | None = None,
+    world: int = 1,
+) -> list[list[int]]:
     """The global batches (dataset indices) of one pass over ``n`` items.
 
     The order is a permutation drawn from a generator seeded with ``seed``
@@ -105,9 +114,19 @@ def _collate_carrying(items: list[Any]) -> Any:
     return torch.utils.data.default_collate(items)
 
 
-def batches(dataset: Any, batch_size: int, *, shuffle: bool, seed: int, start: int = 0,
-            drop_last: bool = False, num_workers: int = 0, dist: Dist | None = None,
-            limit: int | None = None, plan: list[list[int]] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    dataset: Any,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    start: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    dist: Dist | None = None,
+    limit: int | None = None,
+    plan: list[list[int]] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of ``dataset`` in a seeded order, from batch ``start`` on.
 
     ``plan`` (from :func:`batch_plan`) gives the global batches directly
@@ -143,8 +162,13 @@ def batches(dataset: Any, batch_size: int, *, shuffle: bool, seed: int, start: i
         dataset, collate = _Carrying(dataset), _collate_carrying
     else:
         collate = None
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=plan,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     for batch in loader:
         if isinstance(batch, _Failed):
             batch.reraise()

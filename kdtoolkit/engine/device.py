@@ -35,7 +35,7 @@ def check_device_spec(spec: str, source: str, key: str | None = None) -> str:
     return spec
 
 
-def resolve_device(spec: str) -> "torch.device":
+def resolve_device(spec: str) -> torch.device:
     """``auto`` → CUDA if available, else CPU; otherwise the named device.
 
     :raises KdtError: when the named device is not available.
@@ -72,7 +72,7 @@ def full_precision(device_type: str):
     return contextlib.nullcontext()
 
 
-def autocast(device: "torch.device", precision: str):
+def autocast(device: torch.device, precision: str):
     """Autocast context for ``bf16``/``fp16``; a no-op for ``fp32``."""
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -82,6 +82,6 @@ def autocast(device: "torch.device", precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def collective_device(device: "torch.device") -> "torch.device | None":
+def collective_device(device: torch.device) -> torch.device | None:
     """Where small collective tensors live: the GPU for CUDA runs (nccl), else the CPU (gloo)."""
     return device if device.type == "cuda" else None

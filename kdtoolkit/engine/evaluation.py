@@ -22,15 +22,29 @@ from .device import autocast
 
 
 @torch.inference_mode()
-def evaluate(model: Model, dataset: Any, *, batch_size: int, device: torch.device, record_keys: tuple[str, ...],
-             meta: dict[str, Any], progress: Progress | None = None, dist: Dist | None = None,
-             precision: str = "fp32", num_workers: int = 0) -> Records:
+def evaluate(
+    model: Model,
+    dataset: Any,
+    *,
+    batch_size: int,
+    device: torch.device,
+    record_keys: tuple[str, ...],
+    meta: dict[str, Any],
+    progress: Progress | None = None,
+    dist: Dist | None = None,
+    precision: str = "fp32",
+    num_workers: int = 0,
+) -> Records:
     """One forward pass over ``dataset``: the model's evaluation records."""
     model.eval()
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "labels", *record_keys)}
     head_meta: dict[str, Any] | None = None
     n = len(dataset)
-    task = progress.add(f"evaluate {meta.get('stage', '')}", total=num_batches(n, batch_size, False, None)) if progress else None
+    task = (
+        progress.add(f"evaluate {meta.get('stage', '')}", total=num_batches(n, batch_size, False, None))
+        if progress
+        else None
+    )
     record_meta = getattr(model.head, "record_meta", None)
     for x, y in batches(dataset, batch_size, shuffle=False, seed=0, dist=dist, num_workers=num_workers):
         with autocast(device, precision):
@@ -53,7 +67,9 @@ def evaluate(model: Model, dataset: Any, *, batch_size: int, device: torch.devic
     return Records(tensors, meta)
 
 
-def compute_metrics(stage: dict[str, Any], records: Records, reference: Records | None, plugins: PluginManager) -> dict[str, Any]:
+def compute_metrics(
+    stage: dict[str, Any], records: Records, reference: Records | None, plugins: PluginManager
+) -> dict[str, Any]:
     """All of the stage's metrics from records (one forward pass, any thresholds)."""
     result: dict[str, Any] = {}
     for spec in stage["metrics"]:

@@ -54,8 +54,9 @@ def _example(stage: StageDir, test: Any) -> torch.Tensor:
     return torch.zeros(2, 3, size, size)
 
 
-def export_stage(stage: StageDir, fmt: str, out: Path | None = None,
-                 data: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+def export_stage(
+    stage: StageDir, fmt: str, out: Path | None = None, data: tuple[str, ...] | list[str] = ()
+) -> dict[str, Any]:
     """Export ``stage``'s trained model (CPU, eval mode, float32).
 
     :param stage: a finished stage.
@@ -75,24 +76,32 @@ def export_stage(stage: StageDir, fmt: str, out: Path | None = None,
         raise KdtError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", source="--format")
     out = Path(out) if out is not None else stage.path / f"model{FORMATS[fmt]}"
     if out.suffix == ".safetensors" or out.name in ("result.json", "recipe.resolved.json", "evaluation.json"):
-        raise KdtError(f"refusing to write an exported model over {out.name}; use a {FORMATS[fmt]} file name",
-                       source=str(out))
+        raise KdtError(
+            f"refusing to write an exported model over {out.name}; use a {FORMATS[fmt]} file name", source=str(out)
+        )
     model = stage.model("cpu")
     test = stage_test_split(stage, data)
     head = stage.run.plugins.registry("head").get(stage.spec["model"]["head"]["name"])
     keys = ("logits", *[k for k in head.attr("record_keys", ()) if k != "logits"])
     wrapped = ExportedOutputs(model, keys).eval()
     example = _example(stage, test)
-    info = {"stage": stage.name, "run": str(stage.run.path), "format": fmt, "outputs": list(keys),
-            "input_shape": [None, *example.shape[1:]],
-            "classes": stage.classes() or [str(c) for c in getattr(test, "classes", []) or []],
-            "data": stage.spec["data"]}
+    info = {
+        "stage": stage.name,
+        "run": str(stage.run.path),
+        "format": fmt,
+        "outputs": list(keys),
+        "input_shape": [None, *example.shape[1:]],
+        "classes": stage.classes() or [str(c) for c in getattr(test, "classes", []) or []],
+        "data": stage.spec["data"],
+    }
     extra = {"kdtoolkit.json": json.dumps(info, default=str)}
     try:
         blob = _export_bytes(wrapped, example, fmt, extra)
     except Exception as exc:  # the exporters raise many types; the message is what the user needs
-        raise KdtError(f"{fmt} export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                       source=str(stage.path)) from None
+        raise KdtError(
+            f"{fmt} export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            source=str(stage.path),
+        ) from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, blob)

@@ -83,11 +83,21 @@ class Forward(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, info: dict[str, Any]):
         losses, taps = self._extra
-        with (taps.capture() if taps else contextlib.nullcontext({})) as feats:
+        with taps.capture() if taps else contextlib.nullcontext({}) as feats:
             outputs = self.model(x)
-        step = Step(x, y, outputs, self.model, info["teacher_outputs"], info["teacher"], features=dict(feats),
-                    teacher_features=info["teacher_features"], indices=info["indices"], epoch=info["epoch"],
-                    phase=info["phase"])
+        step = Step(
+            x,
+            y,
+            outputs,
+            self.model,
+            info["teacher_outputs"],
+            info["teacher"],
+            features=dict(feats),
+            teacher_features=info["teacher_features"],
+            indices=info["indices"],
+            epoch=info["epoch"],
+            phase=info["phase"],
+        )
         return outputs, losses.terms(step, info["active"], info["phase"], info["cached"]), step
 
 
@@ -104,7 +114,7 @@ class Running:
         return {"sums": self.sums, "count": self.count, "correct": self.correct, "seen": self.seen}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any] | None) -> "Running":
+    def from_json(cls, d: dict[str, Any] | None) -> Running:
         d = d or {}
         return cls(dict(d.get("sums") or {}), int(d.get("count", 0)), int(d.get("correct", 0)), int(d.get("seen", 0)))
 
@@ -112,7 +122,7 @@ class Running:
 class TrainPhase:
     """Runs one ``train`` phase (or a phase kind that trains) of a stage."""
 
-    def __init__(self, stage: "StageTrainer", index: int, ph: dict[str, Any], resume, hook_owner: Any = None):
+    def __init__(self, stage: StageTrainer, index: int, ph: dict[str, Any], resume, hook_owner: Any = None):
         self.s = stage
         self.ctx = stage.ctx
         self.i = index
@@ -134,8 +144,9 @@ class TrainPhase:
         self.channels_last = self.ctx.channels_last_for(s.model)
         start_epoch, start_batch = self._restore()
         nb = len(self.plan(start_epoch))
-        self.task = self.ctx.progress.add(f"{s.name} · {ph['name']}", total=ph["epochs"] * nb,
-                                          completed=start_epoch * nb + start_batch)
+        self.task = self.ctx.progress.add(
+            f"{s.name} · {ph['name']}", total=ph["epochs"] * nb, completed=start_epoch * nb + start_batch
+        )
         for epoch in range(start_epoch, ph["epochs"]):
             self.epoch(epoch, start_batch if epoch == start_epoch and self.resume is not None else 0)
         self.ctx.progress.finish(self.task)
@@ -143,7 +154,13 @@ class TrainPhase:
             self.source.taps.remove()
         for _, p in self.named:
             p.requires_grad_(True)
-        return {"name": ph["name"], "kind": ph["kind"], "epochs": ph["epochs"], "trained": selectors, "losses": self.active}
+        return {
+            "name": ph["name"],
+            "kind": ph["kind"],
+            "epochs": ph["epochs"],
+            "trained": selectors,
+            "losses": self.active,
+        }
 
     def _setup(self) -> None:
         s, ph, ctx = self.s, self.ph, self.ctx
@@ -196,9 +213,15 @@ class TrainPhase:
     def plan(self, epoch: int) -> list[list[int]]:
         """The global batches (dataset indices) of ``epoch``."""
         spec = self.s.data.spec
-        return batch_plan(len(self.s.data.train), spec["batch_size"], shuffle=True,
-                          seed=derive_seed(self.s.st["seed"], self.i, epoch, 2), drop_last=spec["drop_last"],
-                          limit=self.ph["limit_batches"], world=self.ctx.dist.world)
+        return batch_plan(
+            len(self.s.data.train),
+            spec["batch_size"],
+            shuffle=True,
+            seed=derive_seed(self.s.st["seed"], self.i, epoch, 2),
+            drop_last=spec["drop_last"],
+            limit=self.ph["limit_batches"],
+            world=self.ctx.dist.world,
+        )
 
     # -- one epoch ----------------------------------------------------------
     def epoch(self, epoch: int, start: int) -> None:
@@ -209,8 +232,16 @@ class TrainPhase:
         self.wrapped.train()
         plan = self.plan(epoch)
         self.pending: list[Step] = []
-        it = batches(s.data.train, s.data.spec["batch_size"], shuffle=True, seed=derive_seed(s.st["seed"], self.i, epoch, 2),
-                     start=start, num_workers=s.data.spec["num_workers"], dist=ctx.dist, plan=plan)
+        it = batches(
+            s.data.train,
+            s.data.spec["batch_size"],
+            shuffle=True,
+            seed=derive_seed(s.st["seed"], self.i, epoch, 2),
+            start=start,
+            num_workers=s.data.spec["num_workers"],
+            dist=ctx.dist,
+            plan=plan,
+        )
         self.opt.zero_grad(set_to_none=True)
         if start == 0:
             self._call(self.on_epoch, epoch, 0, len(plan))
@@ -222,11 +253,16 @@ class TrainPhase:
         if self.sched is not None:
             self.sched.step()
         seconds = time.perf_counter() - self.clock[0]
-        line = {"stage": s.name, "phase": ph["name"], "epoch": epoch + 1,
-                **{f"loss/{k}": v / max(running.count, 1) for k, v in running.sums.items()},
-                "train_accuracy": running.correct / max(running.seen, 1),
-                "lr": [g["lr"] for g in self.opt.param_groups],
-                "seconds": round(seconds, 3), "images_per_s": round(self.clock[1] / max(seconds, 1e-9), 1)}
+        line = {
+            "stage": s.name,
+            "phase": ph["name"],
+            "epoch": epoch + 1,
+            **{f"loss/{k}": v / max(running.count, 1) for k, v in running.sums.items()},
+            "train_accuracy": running.correct / max(running.seen, 1),
+            "lr": [g["lr"] for g in self.opt.param_groups],
+            "seconds": round(seconds, 3),
+            "images_per_s": round(self.clock[1] / max(seconds, 1e-9), 1),
+        }
         s.metrics_line(line)
         if ctx.dist.is_main:  # observers run where files are written
             ctx.plugins.call("kdt_after_epoch", stage=s.name, phase=ph["name"], epoch=epoch + 1, metrics=line)
@@ -250,13 +286,25 @@ class TrainPhase:
         if not hooks:
             return
         acc = self.ph["accumulate"]
-        state = TrainState(self.s.name, self.ph["name"], epoch + 1, batch, nb, -(-nb // acc),
-                           list(self.pending), self.s.model, self.s.state, self.ctx.dist)
+        state = TrainState(
+            self.s.name,
+            self.ph["name"],
+            epoch + 1,
+            batch,
+            nb,
+            -(-nb // acc),
+            list(self.pending),
+            self.s.model,
+            self.s.state,
+            self.ctx.dist,
+        )
         for hook in hooks:
             hook(state)
 
     # -- one step -------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, b: int, plan: list[list[int]], running: Running) -> None:
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, epoch: int, b: int, plan: list[list[int]], running: Running
+    ) -> None:
         s, ctx = self.s, self.ctx
         dist = ctx.dist
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
@@ -266,9 +314,16 @@ class TrainPhase:
         n_global, n_local = len(plan[b]), int(y.shape[0])
         with ctx.autocast():
             t_out, t_feats = self.source.batch(x, local, ctx.device) if self.source else (None, {})
-            info = {"teacher_outputs": t_out, "teacher": s.teacher, "teacher_features": t_feats, "active": self.active,
-                    "indices": torch.as_tensor(local, dtype=torch.long, device=ctx.device), "epoch": epoch + 1,
-                    "phase": self.ph["name"], "cached": self.cached}
+            info = {
+                "teacher_outputs": t_out,
+                "teacher": s.teacher,
+                "teacher_features": t_feats,
+                "active": self.active,
+                "indices": torch.as_tensor(local, dtype=torch.long, device=ctx.device),
+                "epoch": epoch + 1,
+                "phase": self.ph["name"],
+                "cached": self.cached,
+            }
             outputs, terms, step = self.wrapped(x, y, info)
             total = sum(s.losses.weight(lid) * v.float() for lid, v in terms.items())
         values = {lid: float(v.detach()) for lid, v in terms.items()}
@@ -291,16 +346,22 @@ class TrainPhase:
         ctx.progress.advance(self.task, loss=tval, epoch=f"{epoch + 1}/{self.ph['epochs']}", images_per_s=ips)
         if stop and stepped:  # never with gradients half accumulated
             s.save(self.i, epoch, b + 1, self.opt, self.sched, self.scaler, rng=True, running=running.to_json())
-            raise Interrupted(f"interrupted: checkpoint saved in {s.ckpt_path} (phase '{self.ph['name']}', "
-                              f"epoch {epoch + 1}, batch {b + 1}); run the same command again to resume")
+            raise Interrupted(
+                f"interrupted: checkpoint saved in {s.ckpt_path} (phase '{self.ph['name']}', "
+                f"epoch {epoch + 1}, batch {b + 1}); run the same command again to resume"
+            )
 
-    def reduce(self, tval: float, values: dict[str, float], correct: int, stop: bool, n_local: int,
-               n_global: int) -> tuple[float, dict[str, float], int, bool]:
+    def reduce(
+        self, tval: float, values: dict[str, float], correct: int, stop: bool, n_local: int, n_global: int
+    ) -> tuple[float, dict[str, float], int, bool]:
         """One small all-reduce per step: every rank logs the global batch's loss values and
         accuracy, sees a non-finite loss on any rank and stops at the same step after a Ctrl-C."""
         dev = self.ctx.device if self.ctx.device.type == "cuda" else "cpu"
-        shared = torch.tensor([tval * n_local, *(v * n_local for v in values.values()), correct, 1.0 if stop else 0.0],
-                              dtype=torch.float64, device=dev)
+        shared = torch.tensor(
+            [tval * n_local, *(v * n_local for v in values.values()), correct, 1.0 if stop else 0.0],
+            dtype=torch.float64,
+            device=dev,
+        )
         self.ctx.dist.all_reduce_sum(shared)
         values = {k: shared[1 + j].item() / n_global for j, k in enumerate(values)}
         return shared[0].item() / n_global, values, int(shared[-2].item()), shared[-1].item() > 0
@@ -311,10 +372,13 @@ class TrainPhase:
             raise TrainingError(
                 f"non-finite loss in stage '{s.name}', phase '{ph['name']}', epoch {epoch + 1}, step {b + 1}: total {tval}; "
                 + ", ".join(f"{k} = {v}" for k, v in values.items())
-                + f" (last good checkpoint kept: {s.ckpt_path if s.ckpt_path.exists() else 'none yet'})")
+                + f" (last good checkpoint kept: {s.ckpt_path if s.ckpt_path.exists() else 'none yet'})"
+            )
         if not total.requires_grad:
-            raise TrainingError(f"stage '{s.name}', phase '{ph['name']}': the losses {', '.join(self.active)} "
-                                "do not depend on the trained parameters")
+            raise TrainingError(
+                f"stage '{s.name}', phase '{ph['name']}': the losses {', '.join(self.active)} "
+                "do not depend on the trained parameters"
+            )
 
     def backward_and_step(self, total: torch.Tensor, n_local: int, n_global: int, b: int, nb: int, step: Step) -> bool:
         """Backward pass (scaled for DDP shares, accumulation and fp16); an optimiser step when due. Returns whether it stepped."""

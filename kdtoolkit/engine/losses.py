@@ -70,8 +70,9 @@ class LossSet:
             try:
                 self.fns[lid] = plugins.registry("loss").get(s["name"]).build(**self.params[lid])
             except PluginError as exc:
-                raise PluginError(exc.message, source=exc.source or source,
-                                  key=exc.key or f"stages.{stage}.losses[{i}]") from None
+                raise PluginError(
+                    exc.message, source=exc.source or source, key=exc.key or f"stages.{stage}.losses[{i}]"
+                ) from None
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -108,21 +109,26 @@ class LossSet:
     # -- state ------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """``<id>/<name>`` → tensor for every loss module's state (CPU, contiguous)."""
-        return {f"{lid}/{k}": v.detach().cpu().contiguous() for lid, m in self.modules.items()
-                for k, v in m.state_dict().items()}
+        return {
+            f"{lid}/{k}": v.detach().cpu().contiguous()
+            for lid, m in self.modules.items()
+            for k, v in m.state_dict().items()
+        }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Restore what :meth:`state_tensors` gave; a missing or extra entry is a :class:`CheckpointError`."""
         from .models import load_state_strict
 
         for lid, m in self.modules.items():
-            own = {k[len(lid) + 1:]: v for k, v in tensors.items() if k.startswith(lid + "/")}
+            own = {k[len(lid) + 1 :]: v for k, v in tensors.items() if k.startswith(lid + "/")}
             if not own and not m.state_dict():
                 continue
             load_state_strict(m, own, f"{source} (loss '{lid}')")
         extra = {k.split("/", 1)[0] for k in tensors} - set(self.modules)
         if extra:
-            raise CheckpointError(f"holds state of losses this stage does not have: {', '.join(sorted(extra))}", source=source)
+            raise CheckpointError(
+                f"holds state of losses this stage does not have: {', '.join(sorted(extra))}", source=source
+            )
 
     # -- training ---------------------------------------------------------
     def terms(self, step: Step, active: list[str], phase: str, cached: bool) -> dict[str, torch.Tensor]:
@@ -134,12 +140,21 @@ class LossSet:
             except (ValueError, TypeError) as exc:
                 hint = ""
                 if isinstance(exc, TypeError) and step.teacher_outputs is None and step.teacher is not None:
-                    hint = ("; the teacher was not run in this phase because no loss declares teacher outputs it reads "
-                            "(requires_teacher_outputs)")
-                raise TrainingError(f"stage '{self.stage}', phase '{phase}': loss '{lid}' cannot be computed: {exc}{hint}") from None
+                    hint = (
+                        "; the teacher was not run in this phase because no loss declares teacher outputs it reads "
+                        "(requires_teacher_outputs)"
+                    )
+                raise TrainingError(
+                    f"stage '{self.stage}', phase '{phase}': loss '{lid}' cannot be computed: {exc}{hint}"
+                ) from None
             except KeyError as exc:
-                hint = (" (the teacher cache holds only the outputs the losses declare in requires_teacher_outputs)"
-                        if cached else "")
-                raise TrainingError(f"stage '{self.stage}', phase '{phase}': loss '{lid}' reads output {exc} "
-                                    f"that the model does not produce (or a tap the stage does not declare){hint}") from None
+                hint = (
+                    " (the teacher cache holds only the outputs the losses declare in requires_teacher_outputs)"
+                    if cached
+                    else ""
+                )
+                raise TrainingError(
+                    f"stage '{self.stage}', phase '{phase}': loss '{lid}' reads output {exc} "
+                    f"that the model does not produce (or a tap the stage does not declare){hint}"
+                ) from None
         return terms

@@ -61,11 +61,14 @@ def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def save_model_file(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write ``model``'s weights atomically with JSON metadata (``format`` is added)."""
-    atomic_save_safetensors(model_state(model), path,
-                            {"format": MODEL_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}})
+    atomic_save_safetensors(
+        model_state(model), path, {"format": MODEL_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+    )
 
 
-def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+def state_mismatch(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
     """``(missing, unexpected, wrong shape)`` key lists of ``state`` against a module's ``own`` state."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -82,11 +85,17 @@ def describe_mismatch(missing: list[str], unexpected: list[str], wrong: list[str
         parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
     if wrong:
         k = wrong[0]
-        parts.append(f"{len(wrong)} with another shape (first: {k} {tuple(state[k].shape)} in the file, "
-                     f"{tuple(own[k].shape)} in the model)")
-    cause = ("likely another architecture, depth or width" if (missing and unexpected) or wrong
-             else "likely a file of a smaller model or of part of one" if missing
-             else "likely a file of a larger model")
+        parts.append(
+            f"{len(wrong)} with another shape (first: {k} {tuple(state[k].shape)} in the file, "
+            f"{tuple(own[k].shape)} in the model)"
+        )
+    cause = (
+        "likely another architecture, depth or width"
+        if (missing and unexpected) or wrong
+        else "likely a file of a smaller model or of part of one"
+        if missing
+        else "likely a file of a larger model"
+    )
     return f"weights do not match the model: {'; '.join(parts)} — {cause}"
 
 
@@ -122,8 +131,11 @@ def init_from_teacher(model: nn.Module, teacher: nn.Module, selectors: list[str]
         if any(selector_matches(k, s) for s in selectors):
             if k not in tstate or tstate[k].shape != sstate[k].shape:
                 got = tuple(tstate[k].shape) if k in tstate else "absent"
-                raise RecipeError(f"cannot copy '{k}' from the teacher: shapes {got} vs {tuple(sstate[k].shape)}",
-                                  source=source, key=key)
+                raise RecipeError(
+                    f"cannot copy '{k}' from the teacher: shapes {got} vs {tuple(sstate[k].shape)}",
+                    source=source,
+                    key=key,
+                )
             sstate[k] = tstate[k].detach().clone()
             copied += 1
     if not copied:
@@ -145,7 +157,9 @@ def select(named: list[tuple[str, nn.Parameter]], selectors: list[str]) -> list[
     return [(n, p) for n, p in named if any(selector_matches(n, s) for s in selectors)]
 
 
-def check_phase_selectors(named: list[tuple[str, nn.Parameter]], stage: dict[str, Any], stage_name: str, source: str) -> None:
+def check_phase_selectors(
+    named: list[tuple[str, nn.Parameter]], stage: dict[str, Any], stage_name: str, source: str
+) -> None:
     """Every train phase's groups select at least one parameter of the built model and losses.
 
     :raises RecipeError: naming the group's ``params`` key otherwise.
@@ -153,5 +167,8 @@ def check_phase_selectors(named: list[tuple[str, nn.Parameter]], stage: dict[str
     for i, ph in enumerate(stage["phases"]):
         for g, grp in enumerate(ph.get("groups") or []):
             if not select(named, grp["params"]):
-                raise RecipeError(f"selects no parameter of this model ({', '.join(grp['params'])})",
-                                  source=source, key=f"stages.{stage_name}.phases[{i}].groups[{g}].params")
+                raise RecipeError(
+                    f"selects no parameter of this model ({', '.join(grp['params'])})",
+                    source=source,
+                    key=f"stages.{stage_name}.phases[{i}].groups[{g}].params",
+                )

@@ -25,8 +25,9 @@ from ..registry import RESERVED_KEYS
 from .optim_checks import _check_adam, _check_cosine, _check_gamma, _check_multistep, _check_sgd
 
 
-def adam(params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], eps: float = 1e-8,
-         amsgrad: bool = False) -> torch.optim.Optimizer:
+def adam(
+    params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], eps: float = 1e-8, amsgrad: bool = False
+) -> torch.optim.Optimizer:
     """Adam (``torch.optim.Adam``); weight decay per group, added to the gradient (L2).
 
     :param betas: the two running-average coefficients, each in [0, 1).
@@ -36,8 +37,9 @@ def adam(params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], eps
     return torch.optim.Adam(params, betas=tuple(betas), eps=eps, amsgrad=amsgrad)
 
 
-def adamw(params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], eps: float = 1e-8,
-          amsgrad: bool = False) -> torch.optim.Optimizer:
+def adamw(
+    params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], eps: float = 1e-8, amsgrad: bool = False
+) -> torch.optim.Optimizer:
     """AdamW (``torch.optim.AdamW``): decoupled weight decay per group.
 
     :param betas: the two running-average coefficients, each in [0, 1).
@@ -47,8 +49,9 @@ def adamw(params: list[dict[str, Any]], *, betas: list[float] = [0.9, 0.999], ep
     return torch.optim.AdamW(params, betas=tuple(betas), eps=eps, amsgrad=amsgrad)
 
 
-def sgd(params: list[dict[str, Any]], *, momentum: float = 0.9, nesterov: bool = False,
-        dampening: float = 0.0) -> torch.optim.Optimizer:
+def sgd(
+    params: list[dict[str, Any]], *, momentum: float = 0.9, nesterov: bool = False, dampening: float = 0.0
+) -> torch.optim.Optimizer:
     """SGD with momentum (``torch.optim.SGD``); weight decay per group.
 
     :param momentum: the momentum factor in [0, 1] (the CIFAR KD protocol: 0.9).
@@ -114,7 +117,9 @@ OPTIMIZER_CORE_KEYS = RESERVED_KEYS["optimizer"]
 SCHEDULER_CORE_KEYS = RESERVED_KEYS["scheduler"]
 
 
-def build_optimizer(spec: dict[str, Any], groups: list[dict[str, Any]], plugins: PluginManager) -> torch.optim.Optimizer:
+def build_optimizer(
+    spec: dict[str, Any], groups: list[dict[str, Any]], plugins: PluginManager
+) -> torch.optim.Optimizer:
     """The phase's optimiser over its parameter groups, from its resolved ``optimizer`` table."""
     comp = plugins.registry("optimizer").get(spec["name"])
     return comp.build(groups, **{k: v for k, v in spec.items() if k not in OPTIMIZER_CORE_KEYS})
@@ -125,8 +130,9 @@ def build_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer, epochs: in
     comp = plugins.registry("scheduler").get(spec["name"])
     warmup = spec.get("warmup_epochs", 0)
     if warmup:
-        linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=spec["warmup_start_factor"], end_factor=1.0,
-                                                   total_iters=warmup)
+        linear = torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=spec["warmup_start_factor"], end_factor=1.0, total_iters=warmup
+        )
     main = comp.build(opt, epochs, **{k: v for k, v in spec.items() if k not in SCHEDULER_CORE_KEYS})
     if not warmup:
         return main

@@ -15,7 +15,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -88,18 +89,28 @@ class PhaseContext:
             phase has no stage directory.
         """
         if self.stage_dir is None:
-            raise KdtError(f"phase '{self.phase.get('name')}' of stage '{self.stage}' has no stage directory to write "
-                           f"{name!r} into")
+            raise KdtError(
+                f"phase '{self.phase.get('name')}' of stage '{self.stage}' has no stage directory to write "
+                f"{name!r} into"
+            )
         return inside(self.stage_dir, name, what=f"stage directory of '{self.stage}'")
 
-    def loader(self, split: str = "train_eval", batch_size: int | None = None, *, shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def loader(
+        self, split: str = "train_eval", batch_size: int | None = None, *, shard: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Un-shuffled batches of ``split`` (``train``, ``train_eval``, ``test``).
 
         Every rank of a distributed run sees the whole split unless ``shard``.
         """
         ds = getattr(self.data, split)
-        return batches(ds, batch_size or self.data.spec["eval_batch_size"], shuffle=False, seed=0,
-                       num_workers=self.data.spec["num_workers"], dist=self.dist if shard else None)
+        return batches(
+            ds,
+            batch_size or self.data.spec["eval_batch_size"],
+            shuffle=False,
+            seed=0,
+            num_workers=self.data.spec["num_workers"],
+            dist=self.dist if shard else None,
+        )
 
 
 class StageTrainer:
@@ -119,9 +130,21 @@ class StageTrainer:
     :param teacher_dir: the teacher stage's directory (``None`` without teacher).
     """
 
-    def __init__(self, ctx: RunContext, name: str, st: dict[str, Any], model: Model, teacher: Model | None, data: StageData,
-                 shash: str, sdir: Path, losses: LossSet, caches: TeacherCaches, teacher_hash: str | None = None,
-                 teacher_dir: Path | None = None):
+    def __init__(
+        self,
+        ctx: RunContext,
+        name: str,
+        st: dict[str, Any],
+        model: Model,
+        teacher: Model | None,
+        data: StageData,
+        shash: str,
+        sdir: Path,
+        losses: LossSet,
+        caches: TeacherCaches,
+        teacher_hash: str | None = None,
+        teacher_dir: Path | None = None,
+    ):
         self.ctx, self.name, self.st, self.model, self.teacher, self.data = ctx, name, st, model, teacher, data
         self.shash, self.sdir, self.losses, self.caches = shash, sdir, losses, caches
         self.teacher_hash, self.teacher_dir = teacher_hash, teacher_dir
@@ -134,8 +157,17 @@ class StageTrainer:
         self.t0 = time.perf_counter()
 
     # -- checkpoints --------------------------------------------------------
-    def save(self, phase_idx: int, epoch: int, batch: int, optimizer=None, scheduler=None, scaler=None, rng: bool = False,
-             running: dict[str, Any] | None = None) -> None:
+    def save(
+        self,
+        phase_idx: int,
+        epoch: int,
+        batch: int,
+        optimizer=None,
+        scheduler=None,
+        scaler=None,
+        rng: bool = False,
+        running: dict[str, Any] | None = None,
+    ) -> None:
         """Write the checkpoint (rank 0). With ``rng`` (a mid-epoch checkpoint) every
         rank must call it: the RNG states of all ranks are gathered."""
         dist = self.ctx.dist
@@ -146,12 +178,22 @@ class StageTrainer:
         if rng and self.ctx.device.type == "cuda":
             rng_cuda = torch.cuda.get_rng_state(self.ctx.device)
         ck = Checkpoint(
-            stage=self.name, stage_hash=self.shash, phase=phase_idx, epoch=epoch, batch=batch,
-            model=model_state(self.model), optimizer=optimizer.state_dict() if optimizer else None,
-            scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict() if scaler else None,
-            rng=rng_states, history=self.history, state=self.state.values, watch=self.state.watch,
+            stage=self.name,
+            stage_hash=self.shash,
+            phase=phase_idx,
+            epoch=epoch,
+            batch=batch,
+            model=model_state(self.model),
+            optimizer=optimizer.state_dict() if optimizer else None,
+            scheduler=scheduler.state_dict() if scheduler else None,
+            scaler=scaler.state_dict() if scaler else None,
+            rng=rng_states,
+            history=self.history,
+            state=self.state.values,
+            watch=self.state.watch,
             seconds=self.previous_seconds + time.perf_counter() - self.t0,
-            rng_cuda=rng_cuda, running=running,
+            rng_cuda=rng_cuda,
+            running=running,
             metrics_bytes=self.metrics_path.stat().st_size if self.metrics_path.exists() else 0,
             losses=self.losses.state_tensors(),
         )
@@ -178,8 +220,11 @@ class StageTrainer:
 
     def bad_checkpoint(self, exc: Exception) -> CheckpointError:
         """The error for a checkpoint whose state does not fit this stage."""
-        return CheckpointError(f"does not fit this stage ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
-                               "delete it to train the stage again", source=str(self.ckpt_path))
+        return CheckpointError(
+            f"does not fit this stage ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+            "delete it to train the stage again",
+            source=str(self.ckpt_path),
+        )
 
     def _resume(self) -> Checkpoint | None:
         if not self.ckpt_path.exists():
@@ -198,8 +243,11 @@ class StageTrainer:
         self.state = StageState(start.state, start.watch)
         self.previous_seconds = start.seconds
         self._restore_metrics(start)
-        where = (f"phase {start.phase + 1}, epoch {start.epoch + 1}, batch {start.batch}"
-                 if start.phase < len(self.st["phases"]) else "every phase done")
+        where = (
+            f"phase {start.phase + 1}, epoch {start.epoch + 1}, batch {start.batch}"
+            if start.phase < len(self.st["phases"])
+            else "every phase done"
+        )
         self.ctx.progress.log(f"stage [bold]{self.name}[/]: resuming from {self.ckpt_path.name} ({where})")
         return start
 
@@ -217,8 +265,10 @@ class StageTrainer:
                 self.history.append(entry)
             self.save(i + 1, 0, 0)
             if i + 1 < len(self.st["phases"]):
-                self.ctx.check_interrupt(f"interrupted: checkpoint saved in {self.ckpt_path} (after phase '{ph['name']}'); "
-                                         "run the same command again to resume")
+                self.ctx.check_interrupt(
+                    f"interrupted: checkpoint saved in {self.ckpt_path} (after phase '{ph['name']}'); "
+                    "run the same command again to resume"
+                )
         if self.taps is not None:
             self.taps.remove()
         return self.history
@@ -232,8 +282,20 @@ class StageTrainer:
         phase = comp.build(**own)
         if comp.attr("trains", False):
             return TrainPhase(self, i, ph, resume, hook_owner=phase).run()
-        ctx = PhaseContext(self.name, ph, self.model, self.teacher, self.data, self.ctx.device, self.ctx.progress,
-                           derive_seed(self.st["seed"], i), self.ctx.dist, self.ctx.precision, self.sdir, self.state)
+        ctx = PhaseContext(
+            self.name,
+            ph,
+            self.model,
+            self.teacher,
+            self.data,
+            self.ctx.device,
+            self.ctx.progress,
+            derive_seed(self.st["seed"], i),
+            self.ctx.dist,
+            self.ctx.precision,
+            self.sdir,
+            self.state,
+        )
         self.model.eval()
         torch.manual_seed(ctx.seed)  # the same RNG state whether or not the run resumed just before this phase
         out = phase.run(ctx) or {}
@@ -241,7 +303,11 @@ class StageTrainer:
             self.state.set(key, value)
         for key, sel in (out.get("watch") or {}).items():
             self.state.watch[key] = sel
-        entry = {"name": ph["name"], "kind": ph["kind"], **{k: v for k, v in out.items() if k not in ("flags", "watch")}}
+        entry = {
+            "name": ph["name"],
+            "kind": ph["kind"],
+            **{k: v for k, v in out.items() if k not in ("flags", "watch")},
+        }
         self.metrics_line({"stage": self.name, "phase": ph["name"], "kind": ph["kind"], **entry})
         return entry
 
@@ -254,14 +320,24 @@ class StageTrainer:
         self.model.eval()
         t_out, t_feats = None, {}
         with torch.no_grad(), self.ctx.autocast():
-            with (self.taps.capture() if self.taps else contextlib.nullcontext({})) as feats:
+            with self.taps.capture() if self.taps else contextlib.nullcontext({}) as feats:
                 outputs = self.model(x)
             if self.teacher is not None:
                 ttaps = Taps(self.teacher, self.st.get("teacher_taps") or {})
                 with ttaps.capture() as t_feats:
                     t_out = self.teacher(x)
                 ttaps.remove()
-        probe = Step(x, y, outputs, self.model, t_out, self.teacher, features=dict(feats),
-                     teacher_features=dict(t_feats), indices=torch.arange(len(y), device=self.ctx.device), phase="setup")
+        probe = Step(
+            x,
+            y,
+            outputs,
+            self.model,
+            t_out,
+            self.teacher,
+            features=dict(feats),
+            teacher_features=dict(t_feats),
+            indices=torch.arange(len(y), device=self.ctx.device),
+            phase="setup",
+        )
         probe.num_train = len(self.data.train)  # for losses with per-sample memory (CRD's memory bank)
         return probe

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 
@@ -41,8 +42,13 @@ def image_paths(inputs: Iterable[str | Path]) -> list[Path]:
         if p.is_file():
             out.append(p)
         elif p.is_dir():
-            named = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir()
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            named = sorted(
+                f
+                for f in p.rglob("*")
+                if f.suffix.lower() in IMAGE_SUFFIXES
+                and not f.is_dir()
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
             for f in named:
                 if not f.is_file():
                     raise DataError(f"not a regular file ({special_file_kind(f)})", source=str(f))
@@ -88,22 +94,34 @@ def _class_name(classes: list[str] | None, i: int) -> str:
     return classes[i] if classes and 0 <= i < len(classes) else str(i)
 
 
-def _rows(paths: list[Path], outputs: dict[str, torch.Tensor], top: dict[str, torch.Tensor] | None,
-          classes: list[str] | None, grid_w: int | None) -> list[dict[str, Any]]:
+def _rows(
+    paths: list[Path],
+    outputs: dict[str, torch.Tensor],
+    top: dict[str, torch.Tensor] | None,
+    classes: list[str] | None,
+    grid_w: int | None,
+) -> list[dict[str, Any]]:
     probs = torch.softmax(outputs["logits"].float(), dim=1)
     conf, pred = probs.max(dim=1)
     rows = []
     for b, path in enumerate(paths):
-        row: dict[str, Any] = {"image": str(path), "prediction": int(pred[b]), "class": _class_name(classes, int(pred[b])),
-                               "probability": float(conf[b])}
+        row: dict[str, Any] = {
+            "image": str(path),
+            "prediction": int(pred[b]),
+            "class": _class_name(classes, int(pred[b])),
+            "probability": float(conf[b]),
+        }
         if top is not None:
-            row["top_prototypes"] = [_prototype_entry(top, b, j, classes, grid_w) for j in range(top["prototype"].shape[1])]
+            row["top_prototypes"] = [
+                _prototype_entry(top, b, j, classes, grid_w) for j in range(top["prototype"].shape[1])
+            ]
         rows.append(row)
     return rows
 
 
-def _prototype_entry(top: dict[str, torch.Tensor], b: int, j: int, classes: list[str] | None,
-                     grid_w: int | None) -> dict[str, Any]:
+def _prototype_entry(
+    top: dict[str, torch.Tensor], b: int, j: int, classes: list[str] | None, grid_w: int | None
+) -> dict[str, Any]:
     entry: dict[str, Any] = {"prototype": int(top["prototype"][b, j]), "similarity": float(top["similarity"][b, j])}
     if "class" in top:
         entry["class"] = _class_name(classes, int(top["class"][b, j]))
@@ -116,8 +134,16 @@ def _prototype_entry(top: dict[str, torch.Tensor], b: int, j: int, classes: list
 
 
 @torch.inference_mode()
-def predict(stage: StageDir, inputs: Iterable[str | Path], *, top: int = 3, batch_size: int = 32,
-            device: str = "auto", progress=None, data: tuple[str, ...] | list[str] = ()) -> list[dict[str, Any]]:
+def predict(
+    stage: StageDir,
+    inputs: Iterable[str | Path],
+    *,
+    top: int = 3,
+    batch_size: int = 32,
+    device: str = "auto",
+    progress=None,
+    data: tuple[str, ...] | list[str] = (),
+) -> list[dict[str, Any]]:
     """Predict the class of every image in ``inputs`` with the trained ``stage``.
 
     :param stage: a finished stage (its ``model.safetensors`` is loaded strictly).
@@ -140,8 +166,11 @@ def predict(stage: StageDir, inputs: Iterable[str | Path], *, top: int = 3, batc
     test = stage_test_split(stage, data)
     preprocess = getattr(test, "preprocess", None)
     if preprocess is None:
-        raise KdtError(f"dataset '{stage.spec['data']['dataset']}' has no preprocess(image) method, so single images "
-                       "cannot be prepared as its test split is", source=str(stage.path))
+        raise KdtError(
+            f"dataset '{stage.spec['data']['dataset']}' has no preprocess(image) method, so single images "
+            "cannot be prepared as its test split is",
+            source=str(stage.path),
+        )
     dev = resolve_device(device)
     model = stage.model(str(dev))
     top_fn = getattr(model.head, "top_prototypes", None) if top > 0 else None
@@ -149,14 +178,20 @@ def predict(stage: StageDir, inputs: Iterable[str | Path], *, top: int = 3, batc
     rows: list[dict[str, Any]] = []
     task = progress.add("predict", total=-(-len(paths) // batch_size)) if progress else None
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
+        chunk = paths[start : start + batch_size]
         x = torch.stack([preprocess(load_image(p)) for p in chunk]).to(dev)
         out = model(x)
         picked = top_fn(out, top) if top_fn is not None else None
         grid_w = int(out["features"].shape[-1]) if "features" in out and out["features"].dim() == 4 else None
-        rows.extend(_rows(chunk, {k: v.cpu() for k, v in out.items() if k == "logits"},
-                          {k: v.cpu() for k, v in picked.items()} if picked else None, classes, grid_w))
+        rows.extend(
+            _rows(
+                chunk,
+                {k: v.cpu() for k, v in out.items() if k == "logits"},
+                {k: v.cpu() for k, v in picked.items()} if picked else None,
+                classes,
+                grid_w,
+            )
+        )
         if progress:
             progress.advance(task)
     return rows
-

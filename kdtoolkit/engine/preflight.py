@@ -20,7 +20,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -93,8 +94,16 @@ class Preflight:
     :param data_for: the runner's ``data_for`` (a stage's datasets, built once and kept for the run).
     """
 
-    def __init__(self, out: Path, recipe: Recipe, ctx: RunContext, *, force: bool, stage_dir: Callable[[str], Path],
-                 data_for: Callable[[str], StageData]):
+    def __init__(
+        self,
+        out: Path,
+        recipe: Recipe,
+        ctx: RunContext,
+        *,
+        force: bool,
+        stage_dir: Callable[[str], Path],
+        data_for: Callable[[str], StageData],
+    ):
         self.out = out
         self.recipe = recipe
         self.ctx = ctx
@@ -131,7 +140,9 @@ class Preflight:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise KdtError(f"output directory is not writable ({exc.strerror or type(exc).__name__})", source=str(out)) from None
+            raise KdtError(
+                f"output directory is not writable ({exc.strerror or type(exc).__name__})", source=str(out)
+            ) from None
         try:
             usage = shutil.disk_usage(out)
         except OSError:
@@ -148,10 +159,16 @@ class Preflight:
             if self.force or found == self.recipe.stage_hash(name):
                 continue
             if problem is not None:
-                raise KdtError(f"stage '{name}': cannot resume from this file ({problem}); delete it to train the stage "
-                               "again, or use --force", source=str(f))
-            raise KdtError(f"stage '{name}' in this directory was produced by a different recipe (stage hash {found} != "
-                           f"{self.recipe.stage_hash(name)}); use --force to retrain it, or another --out", source=str(f))
+                raise KdtError(
+                    f"stage '{name}': cannot resume from this file ({problem}); delete it to train the stage "
+                    "again, or use --force",
+                    source=str(f),
+                )
+            raise KdtError(
+                f"stage '{name}' in this directory was produced by a different recipe (stage hash {found} != "
+                f"{self.recipe.stage_hash(name)}); use --force to retrain it, or another --out",
+                source=str(f),
+            )
 
     def _check_taps(self, name: str) -> None:
         """The tap paths of a stage name modules of its student and teacher: both architectures are
@@ -180,7 +197,7 @@ class Preflight:
                     model = build_model(spec, num_classes, self.ctx.plugins)
             except KeyboardInterrupt:
                 raise
-            except BaseException:  # noqa: BLE001 -- the CPU build below decides
+            except BaseException:
                 try:
                     with isolated_rng():
                         model = build_model(spec, num_classes, self.ctx.plugins)
@@ -193,8 +210,11 @@ class Preflight:
         """Whether stage ``name`` is finished in the run directory with the current stage hash (it will
         be reused, not built)."""
         sdir = self.stage_dir(name)
-        return ((sdir / "model.safetensors").exists() and (sdir / "result.json").exists()
-                and stored_hash(sdir / "result.json")[0] == self.recipe.stage_hash(name))
+        return (
+            (sdir / "model.safetensors").exists()
+            and (sdir / "result.json").exists()
+            and stored_hash(sdir / "result.json")[0] == self.recipe.stage_hash(name)
+        )
 
     def _dry_build(self, name: str) -> None:
         """The dry build of a stage, before any stage trains: every component the stage will build is
@@ -216,12 +236,19 @@ class Preflight:
             LossSet(st["losses"], plugins, name, source=src)
             built: list[tuple[Any, dict[str, Any], str]] = []
             for i, m in enumerate(st["metrics"]):
-                built.append((plugins.registry("metric").get(m["name"]),
-                              {k: v for k, v in m.items() if k != "name"}, f"stages.{name}.metrics[{i}]"))
+                built.append(
+                    (
+                        plugins.registry("metric").get(m["name"]),
+                        {k: v for k, v in m.items() if k != "name"},
+                        f"stages.{name}.metrics[{i}]",
+                    )
+                )
             for i, ph in enumerate(st["phases"]):
                 if ph["kind"] != "train":
                     comp = plugins.registry("phase").get(ph["kind"])
-                    built.append((comp, {k: v for k, v in ph.items() if k in comp.params}, f"stages.{name}.phases[{i}]"))
+                    built.append(
+                        (comp, {k: v for k, v in ph.items() if k in comp.params}, f"stages.{name}.phases[{i}]")
+                    )
             for comp, params, key in built:
                 try:
                     comp.build(**params)

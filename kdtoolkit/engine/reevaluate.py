@@ -76,34 +76,60 @@ def _records(stage: StageDir, dataset: Any, spec: dict[str, Any], split: str, de
 
     expected = stage.num_classes()
     if int(dataset.num_classes) != expected:
-        raise DataError(f"the data has {dataset.num_classes} classes, stage '{stage.name}' was trained on {expected}",
-                        source="--data", key="dataset")
+        raise DataError(
+            f"the data has {dataset.num_classes} classes, stage '{stage.name}' was trained on {expected}",
+            source="--data",
+            key="dataset",
+        )
     trained, given = stage.classes(), [str(c) for c in getattr(dataset, "classes", [])]
     if trained and given and given != trained:
         first = next(i for i, (a, b) in enumerate(zip(given, trained)) if a != b)
-        raise DataError(f"the data's classes differ from those stage '{stage.name}' was trained on (label {first}: "
-                        f"{given[first]!r} here, {trained[first]!r} in training); labels would not mean the same class",
-                        source="--data", key="dataset")
+        raise DataError(
+            f"the data's classes differ from those stage '{stage.name}' was trained on (label {first}: "
+            f"{given[first]!r} here, {trained[first]!r} in training); labels would not mean the same class",
+            source="--data",
+            key="dataset",
+        )
     dev = resolve_device(device)
     model = stage.model(str(dev))
     head = stage.run.plugins.registry("head").get(stage.spec["model"]["head"]["name"])
-    return evaluate(model, dataset, batch_size=spec["eval_batch_size"], device=dev,
-                    record_keys=tuple(head.attr("record_keys", ())), progress=progress,
-                    num_workers=spec["num_workers"], precision=run_precision(stage, dev),
-                    meta={"stage": stage.name, "dataset": getattr(dataset, "name", spec["dataset"]),
-                          "split": split, "num_classes": int(dataset.num_classes)})
+    return evaluate(
+        model,
+        dataset,
+        batch_size=spec["eval_batch_size"],
+        device=dev,
+        record_keys=tuple(head.attr("record_keys", ())),
+        progress=progress,
+        num_workers=spec["num_workers"],
+        precision=run_precision(stage, dev),
+        meta={
+            "stage": stage.name,
+            "dataset": getattr(dataset, "name", spec["dataset"]),
+            "split": split,
+            "num_classes": int(dataset.num_classes),
+        },
+    )
 
 
 #: Files whose presence marks a folder that ``kdt evaluate`` must not write into (a run or a stage).
-RUN_FILES = ("model.safetensors", "result.json", "recipe.resolved.json", "records.safetensors", "checkpoint.safetensors")
+RUN_FILES = (
+    "model.safetensors",
+    "result.json",
+    "recipe.resolved.json",
+    "records.safetensors",
+    "checkpoint.safetensors",
+)
 
 
 def check_out(out: Path) -> None:
     """Refuse an output folder that is a run or stage directory (its files would be overwritten)."""
     taken = [f for f in RUN_FILES if (out / f).exists()]
     if taken:
-        raise KdtError(f"folder holds {taken[0]}: it is a run or stage directory, whose files would be overwritten; "
-                       "choose another --out", source=str(out))
+        raise KdtError(
+            f"folder holds {taken[0]}: it is a run or stage directory, whose files would be overwritten; "
+            "choose another --out",
+            source=str(out),
+        )
 
 
 def _write(out: Path, records: Records, reference: Records | None, result: dict[str, Any]) -> None:
@@ -119,8 +145,15 @@ def _write(out: Path, records: Records, reference: Records | None, result: dict[
         raise KdtError(f"cannot write the evaluation: {exc.strerror or exc}", source=str(out)) from None
 
 
-def evaluate_stage(stage: StageDir, assignments: tuple[str, ...] | list[str] = (), *, split: str = "test",
-                   out: Path | None = None, device: str = "auto", progress=None) -> dict[str, Any]:
+def evaluate_stage(
+    stage: StageDir,
+    assignments: tuple[str, ...] | list[str] = (),
+    *,
+    split: str = "test",
+    out: Path | None = None,
+    device: str = "auto",
+    progress=None,
+) -> dict[str, Any]:
     """Evaluate ``stage`` on ``split`` of its (changed) data and write the results.
 
     :param stage: a finished stage.
@@ -145,15 +178,22 @@ def evaluate_stage(stage: StageDir, assignments: tuple[str, ...] | list[str] = (
     dataset = _split_dataset(spec, split, plugins)
     records = _records(stage, dataset, spec, split, device, progress)
     reference = None
-    needs_reference = any(plugins.registry("metric").get(m["name"]).attr("requires_reference", False)
-                          for m in stage.spec["metrics"])
+    needs_reference = any(
+        plugins.registry("metric").get(m["name"]).attr("requires_reference", False) for m in stage.spec["metrics"]
+    )
     if needs_reference and stage.reference:
         reference = _records(stage.run.stage(stage.reference), dataset, spec, split, device, progress)
     from .device import resolve_device
 
-    result = {"stage": stage.name, "split": split, "data": spec, "precision": run_precision(stage, resolve_device(device)),
-              "reference": stage.reference if reference else "self",
-              "test_images": records.n, **compute_metrics(stage.spec, records, reference, plugins)}
+    result = {
+        "stage": stage.name,
+        "split": split,
+        "data": spec,
+        "precision": run_precision(stage, resolve_device(device)),
+        "reference": stage.reference if reference else "self",
+        "test_images": records.n,
+        **compute_metrics(stage.spec, records, reference, plugins),
+    }
     out = Path(out) if out is not None else default_out(stage, spec, split)
     _write(out, records, reference, result)
     result["out"] = str(out)

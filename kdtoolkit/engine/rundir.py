@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from ..errors import KdtError
 from ..limits import read_text_file
@@ -97,7 +98,9 @@ class RunDir:
         elif toml_path.is_file():
             self.recipe = self._validated_toml(toml_path)
         else:
-            raise KdtError("not a run directory (no recipe.resolved.json or recipe.resolved.toml)", source=str(self.path))
+            raise KdtError(
+                "not a run directory (no recipe.resolved.json or recipe.resolved.toml)", source=str(self.path)
+            )
         if not isinstance(self.recipe.get("stages"), dict):
             raise KdtError("the resolved recipe has no stages", source=str(json_path))
         self.order = stage_order(self.recipe["stages"])
@@ -133,16 +136,18 @@ class RunDir:
         """
         return inside(self.path, name, what="run directory")
 
-    def stage(self, name: str) -> "StageDir":
+    def stage(self, name: str) -> StageDir:
         """The stage ``name``.
 
         :raises KdtError: when the recipe has no such stage.
         """
         if name not in self.recipe["stages"]:
-            raise KdtError(f"stage '{name}' is not in the run's recipe (stages: {', '.join(self.order)})", source=str(self.path))
+            raise KdtError(
+                f"stage '{name}' is not in the run's recipe (stages: {', '.join(self.order)})", source=str(self.path)
+            )
         return StageDir(self, name)
 
-    def __iter__(self) -> Iterator["StageDir"]:
+    def __iter__(self) -> Iterator[StageDir]:
         return iter(self.stage(n) for n in self.order)
 
     def students_by_reference(self) -> dict[str, list[str]]:
@@ -166,8 +171,9 @@ class StageDir:
         self.spec: dict[str, Any] = run.recipe["stages"][name]
 
     @classmethod
-    def open(cls, path: str | Path, plugins: PluginManager | None = None,
-             data: tuple[str, ...] | list[str] = ()) -> "StageDir":
+    def open(
+        cls, path: str | Path, plugins: PluginManager | None = None, data: tuple[str, ...] | list[str] = ()
+    ) -> StageDir:
         """The stage at ``path`` (a directory inside a run directory); ``data`` as for :class:`RunDir`."""
         path = Path(path)
         if not path.is_dir():
@@ -270,10 +276,19 @@ class StageDir:
         data = self.data()
         model = self.model(device, data)
         head = self.run.plugins.registry("head").get(self.spec["model"]["head"]["name"])
-        recs = evaluate(model, data.test, batch_size=self.spec["data"]["eval_batch_size"], device=resolve_device(device),
-                        record_keys=tuple(head.attr("record_keys", ())), progress=progress,
-                        meta={"stage": self.name, "dataset": getattr(data.test, "name", self.spec["data"]["dataset"]),
-                              "num_classes": data.num_classes})
+        recs = evaluate(
+            model,
+            data.test,
+            batch_size=self.spec["data"]["eval_batch_size"],
+            device=resolve_device(device),
+            record_keys=tuple(head.attr("record_keys", ())),
+            progress=progress,
+            meta={
+                "stage": self.name,
+                "dataset": getattr(data.test, "name", self.spec["data"]["dataset"]),
+                "num_classes": data.num_classes,
+            },
+        )
         if save:
             recs.save(saved)
         return recs

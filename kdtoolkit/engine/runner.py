@@ -99,8 +99,15 @@ class RunOptions:
 class Runner:
     """Runs the stages of one recipe into one run directory."""
 
-    def __init__(self, recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress, dist: Dist | None = None,
-                 stop: StopFlag | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        options: RunOptions,
+        plugins: PluginManager,
+        progress: Progress,
+        dist: Dist | None = None,
+        stop: StopFlag | None = None,
+    ):
         self.recipe = recipe
         self.opt = options
         self.out = Path(options.out)
@@ -108,11 +115,20 @@ class Runner:
         device = dist.device(resolve_device(options.device or recipe.resolved["device"]))
         precision = recipe.resolved["precision"]
         if precision == "fp16" and device.type == "cpu":
-            raise KdtError("precision 'fp16' needs a GPU; use bf16 or fp32 on the CPU", source=str(recipe.path), key="precision")
-        self.ctx = RunContext(device=device, precision=precision, channels_last=recipe.resolved.get("channels_last", False),
-                              dist=dist, progress=progress, plugins=plugins,
-                              checkpoint_every=recipe.resolved["checkpoint_every"], source=str(recipe.path),
-                              stop=stop or StopFlag())
+            raise KdtError(
+                "precision 'fp16' needs a GPU; use bf16 or fp32 on the CPU", source=str(recipe.path), key="precision"
+            )
+        self.ctx = RunContext(
+            device=device,
+            precision=precision,
+            channels_last=recipe.resolved.get("channels_last", False),
+            dist=dist,
+            progress=progress,
+            plugins=plugins,
+            checkpoint_every=recipe.resolved["checkpoint_every"],
+            source=str(recipe.path),
+            stop=stop or StopFlag(),
+        )
         self.versions = versions(plugins)
         self.caches = TeacherCaches(self.ctx, self.versions)
         self._records: dict[str, Records] = {}
@@ -126,8 +142,9 @@ class Runner:
         created and a probe file written in it (so an unwritable directory is
         a one-line error, for root and on read-only filesystems too). The checks are
         :class:`~kdtoolkit.engine.preflight.Preflight`'s."""
-        Preflight(self.out, self.recipe, self.ctx, force=self.opt.force, stage_dir=self.stage_dir,
-                  data_for=self.data_for).run()
+        Preflight(
+            self.out, self.recipe, self.ctx, force=self.opt.force, stage_dir=self.stage_dir, data_for=self.data_for
+        ).run()
 
     def data_for(self, name: str) -> StageData:
         """The stage's datasets, built once per distinct data table (during preflight
@@ -154,13 +171,22 @@ class Runner:
                 remove_stale_temps(folder, unmarked=True)  # of killed writers (a live concurrent one's are kept)
             atomic_write_text(self.out / "recipe.resolved.toml", self.recipe.to_toml())
             atomic_write_json(self.out / "recipe.resolved.json", self.recipe.resolved)
-            atomic_write_json(self.out / "run.json", {
-                "recipe": str(self.recipe.path), "name": self.recipe.resolved["name"], "seed": self.recipe.resolved["seed"],
-                "device": str(ctx.device), "world_size": dist.world, "precision": ctx.precision,
-                "versions": self.versions, "command": self.opt.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "stage_order": self.recipe.order,
-                "stage_hashes": {s: self.recipe.stage_hash(s) for s in self.recipe.order},
-            })
+            atomic_write_json(
+                self.out / "run.json",
+                {
+                    "recipe": str(self.recipe.path),
+                    "name": self.recipe.resolved["name"],
+                    "seed": self.recipe.resolved["seed"],
+                    "device": str(ctx.device),
+                    "world_size": dist.world,
+                    "precision": ctx.precision,
+                    "versions": self.versions,
+                    "command": self.opt.command,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "stage_order": self.recipe.order,
+                    "stage_hashes": {s: self.recipe.stage_hash(s) for s in self.recipe.order},
+                },
+            )
         dist.barrier()
         results: dict[str, Any] = {"name": self.recipe.resolved["name"], "stages": {}}
         for name in self.recipe.order:
@@ -183,7 +209,12 @@ class Runner:
             return None
         try:
             res = json.loads(read_text_file(result_file))
-        except (KdtError, OSError, ValueError, RecursionError):  # not a regular file, unreadable, not JSON, too deep: trained again
+        except (
+            KdtError,
+            OSError,
+            ValueError,
+            RecursionError,
+        ):  # not a regular file, unreadable, not JSON, too deep: trained again
             return None
         if not isinstance(res, dict) or res.get("stage_hash") != shash:
             return None
@@ -212,8 +243,10 @@ class Runner:
         history = trainer.train()
         seconds = time.perf_counter() - t0 + trainer.previous_seconds
         self.caches.release(name, self.recipe.order, self.recipe.resolved["stages"])
-        ctx.check_interrupt(f"interrupted: stage '{name}' is trained and its checkpoint {trainer.ckpt_path} kept; "
-                            "run the same command again to evaluate it and go on")
+        ctx.check_interrupt(
+            f"interrupted: stage '{name}' is trained and its checkpoint {trainer.ckpt_path} kept; "
+            "run the same command again to evaluate it and go on"
+        )
         return self.finish_stage(trainer, history, seconds)
 
     def build_stage(self, name: str) -> StageTrainer:
@@ -230,13 +263,27 @@ class Runner:
             tdir = self.stage_dir(st["teacher"])
             teacher = load_teacher(ctx, self.recipe.stage(st["teacher"]), data.num_classes, tdir / "model.safetensors")
             if st["model"]["init_from_teacher"]:
-                init_from_teacher(model, teacher, st["model"]["init_from_teacher"], src, f"stages.{name}.model.init_from_teacher")
+                init_from_teacher(
+                    model, teacher, st["model"]["init_from_teacher"], src, f"stages.{name}.model.init_from_teacher"
+                )
         check_tap_paths(model, st["model"].get("taps") or {}, src, f"stages.{name}.model.taps")
         if teacher is not None:
             check_tap_paths(teacher, st.get("teacher_taps") or {}, src, f"stages.{name}.teacher_taps")
         losses = LossSet(st["losses"], ctx.plugins, name, source=src)
-        trainer = StageTrainer(ctx, name, st, model, teacher, data, self.recipe.stage_hash(name), self.stage_dir(name),
-                               losses, self.caches, self.recipe.stage_hash(st["teacher"]) if teacher is not None else None, tdir)
+        trainer = StageTrainer(
+            ctx,
+            name,
+            st,
+            model,
+            teacher,
+            data,
+            self.recipe.stage_hash(name),
+            self.stage_dir(name),
+            losses,
+            self.caches,
+            self.recipe.stage_hash(st["teacher"]) if teacher is not None else None,
+            tdir,
+        )
         if losses.needs_setup():
             losses.setup(trainer.probe())
         losses.place(ctx)
@@ -255,43 +302,79 @@ class Runner:
         """Save the model (and loss state), evaluate, compute the metrics, write ``result.json``."""
         name, st, ctx, sdir = trainer.name, trainer.st, self.ctx, trainer.sdir
         data, model, shash = trainer.data, trainer.model, trainer.shash
-        meta = {"stage": name, "dataset": data.test.name if hasattr(data.test, "name") else st["data"]["dataset"],
-                "num_classes": data.num_classes, "stage_hash": shash}
+        meta = {
+            "stage": name,
+            "dataset": data.test.name if hasattr(data.test, "name") else st["data"]["dataset"],
+            "num_classes": data.num_classes,
+            "stage_hash": shash,
+        }
         if ctx.dist.is_main:
-            save_model_file(sdir / "model.safetensors", model, {
-                "stage": name, "stage_hash": shash, "recipe": str(self.recipe.path),
-                "epochs": sum(h.get("epochs", 0) for h in history), "history": history, "state": trainer.state.values,
-                "num_classes": data.num_classes, "classes": [str(c) for c in getattr(data.test, "classes", [])],
-                "model": st["model"], "versions": self.versions})
+            save_model_file(
+                sdir / "model.safetensors",
+                model,
+                {
+                    "stage": name,
+                    "stage_hash": shash,
+                    "recipe": str(self.recipe.path),
+                    "epochs": sum(h.get("epochs", 0) for h in history),
+                    "history": history,
+                    "state": trainer.state.values,
+                    "num_classes": data.num_classes,
+                    "classes": [str(c) for c in getattr(data.test, "classes", [])],
+                    "model": st["model"],
+                    "versions": self.versions,
+                },
+            )
             loss_state = trainer.losses.state_tensors()
             if loss_state:
-                atomic_save_safetensors(loss_state, sdir / "losses.safetensors",
-                                        {"format": LOSSES_FORMAT, "stage": json.dumps(name), "stage_hash": json.dumps(shash)})
+                atomic_save_safetensors(
+                    loss_state,
+                    sdir / "losses.safetensors",
+                    {"format": LOSSES_FORMAT, "stage": json.dumps(name), "stage_hash": json.dumps(shash)},
+                )
         records = self.evaluate_stage(name, st, model, data, meta)
         reference_name = st["teacher"] or st["compare_to"]
         reference = self.records_of(reference_name) if reference_name else None
         result = {
-            "description": st["description"], "teacher": st["teacher"], "compare_to": st["compare_to"],
-            "reference": reference_name or "self", **compute_metrics(st, records, reference, ctx.plugins),
-            "state": trainer.state.values, "losses": {l["id"]: l["weight"] for l in st["losses"]},
-            "loss_names": {l["id"]: l["name"] for l in st["losses"]}, "history": history,
-            "num_parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds, 2),
-            "test_images": records.n, "stage_hash": shash,
+            "description": st["description"],
+            "teacher": st["teacher"],
+            "compare_to": st["compare_to"],
+            "reference": reference_name or "self",
+            **compute_metrics(st, records, reference, ctx.plugins),
+            "state": trainer.state.values,
+            "losses": {l["id"]: l["weight"] for l in st["losses"]},
+            "loss_names": {l["id"]: l["name"] for l in st["losses"]},
+            "history": history,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(seconds, 2),
+            "test_images": records.n,
+            "stage_hash": shash,
         }
         if ctx.dist.is_main:
             atomic_write_json(sdir / "result.json", result)
             if trainer.ckpt_path.exists():
                 trainer.ckpt_path.unlink()
             ctx.plugins.call("kdt_after_stage", stage=name, result=result, stage_dir=sdir)
-        ctx.progress.log(f"stage [bold]{name}[/]: accuracy {result.get('accuracy', float('nan')):.4f} ({seconds:.1f} s)")
+        ctx.progress.log(
+            f"stage [bold]{name}[/]: accuracy {result.get('accuracy', float('nan')):.4f} ({seconds:.1f} s)"
+        )
         return result
 
     def evaluate_stage(self, name: str, st: dict[str, Any], model, data: StageData, meta: dict[str, Any]) -> Records:
         """The stage's records on its test set (saved by rank 0)."""
         head_cls = self.ctx.plugins.registry("head").get(st["model"]["head"]["name"])
-        records = evaluate(model, data.test, batch_size=st["data"]["eval_batch_size"], device=self.ctx.device,
-                           record_keys=tuple(head_cls.attr("record_keys", ())), meta=meta, progress=self.ctx.progress,
-                           dist=self.ctx.dist, precision=self.ctx.precision, num_workers=st["data"]["num_workers"])
+        records = evaluate(
+            model,
+            data.test,
+            batch_size=st["data"]["eval_batch_size"],
+            device=self.ctx.device,
+            record_keys=tuple(head_cls.attr("record_keys", ())),
+            meta=meta,
+            progress=self.ctx.progress,
+            dist=self.ctx.dist,
+            precision=self.ctx.precision,
+            num_workers=st["data"]["num_workers"],
+        )
         if self.ctx.dist.is_main:
             records.save(self.stage_dir(name) / "records.safetensors")
         self._records[name] = records
@@ -304,8 +387,14 @@ class Runner:
         return self._records[name]
 
 
-def run_recipe(recipe: Recipe, options: RunOptions, plugins: PluginManager, progress: Progress,
-               dist: Dist | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+def run_recipe(
+    recipe: Recipe,
+    options: RunOptions,
+    plugins: PluginManager,
+    progress: Progress,
+    dist: Dist | None = None,
+    stop: StopFlag | None = None,
+) -> dict[str, Any]:
     """Run every stage of ``recipe`` into ``options.out``.
 
     SIGINT (Ctrl-C) writes a checkpoint at the current step (or, outside a

@@ -36,9 +36,14 @@ def check_tap_paths(model: nn.Module, taps: dict[str, str], source: str, key: st
         if path in known:
             continue
         near = [p for p in paths if p.count(".") <= path.count(".") + 1]
-        listing = ", ".join(near[:12]) + (f", … and {len(near) - 12} more (kdt inspect lists them all)" if len(near) > 12 else "")
-        raise RecipeError(f"no module '{path}' in this model{suggest(path, paths)}; module paths: {listing}",
-                          source=source, key=f"{key}.{name}")
+        listing = ", ".join(near[:12]) + (
+            f", … and {len(near) - 12} more (kdt inspect lists them all)" if len(near) > 12 else ""
+        )
+        raise RecipeError(
+            f"no module '{path}' in this model{suggest(path, paths)}; module paths: {listing}",
+            source=source,
+            key=f"{key}.{name}",
+        )
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -74,12 +79,13 @@ class Taps:
         def hook(module, inputs, output):
             if self._sink is not None:
                 self._sink[name] = _first_tensor(output)
+
         return hook
 
     def __bool__(self) -> bool:
         return bool(self.taps)
 
-    def capture(self) -> "_Capture":
+    def capture(self) -> _Capture:
         """A context whose value is the dict the next forward pass fills."""
         return _Capture(self)
 
@@ -118,6 +124,7 @@ def output_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, str
                 shape = type(out).__name__
             own = sum(p.numel() for p in m.parameters(recurse=False))
             rows[path] = (path, type(m).__name__, shape, own)
+
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():

@@ -47,7 +47,8 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -121,8 +122,15 @@ def needed_outputs(losses: Iterable[Any]) -> set[str] | None:
     return keys
 
 
-def cache_key(teacher_id: str, data_spec: dict[str, Any], precision: str, keys: set[str] | None,
-              world: int = 1, versions: dict[str, Any] | None = None, taps: dict[str, str] | None = None) -> str:
+def cache_key(
+    teacher_id: str,
+    data_spec: dict[str, Any],
+    precision: str,
+    keys: set[str] | None,
+    world: int = 1,
+    versions: dict[str, Any] | None = None,
+    taps: dict[str, str] | None = None,
+) -> str:
     """A hash of everything the cached outputs depend on (16 hex digits).
 
     :param teacher_id: identifies the teacher's weights (the trainer passes its
@@ -136,16 +144,31 @@ def cache_key(teacher_id: str, data_spec: dict[str, Any], precision: str, keys: 
     :param taps: the cached teacher taps (name → module path), if any.
     """
     spec = {k: v for k, v in data_spec.items() if k not in ("batch_size", "num_workers", "drop_last", "cache_mb")}
-    payload = {"teacher": teacher_id, "data": spec, "precision": precision,
-               "keys": sorted(keys) if keys is not None else "*", "world": world, "versions": versions or {}}
+    payload = {
+        "teacher": teacher_id,
+        "data": spec,
+        "precision": precision,
+        "keys": sorted(keys) if keys is not None else "*",
+        "world": world,
+        "versions": versions or {},
+    }
     if taps:
         payload["taps"] = dict(sorted(taps.items()))
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()  # not inference_mode: the cached tensors take part in autograd graphs later
-def compute(teacher: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, keys: set[str] | None,
-            device: torch.device, autocast, progress=None, task=None, taps: Taps | None = None) -> dict[str, torch.Tensor]:
+def compute(
+    teacher: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    keys: set[str] | None,
+    device: torch.device,
+    autocast,
+    progress=None,
+    task=None,
+    taps: Taps | None = None,
+) -> dict[str, torch.Tensor]:
     """The teacher's outputs over ``batches`` (un-shuffled), concatenated on the CPU.
 
     ``keys`` selects the outputs (``None``: every tensor output).
@@ -237,7 +260,7 @@ class TeacherSource:
         """``(outputs, taps)`` of the teacher for the batch ``x`` (dataset ``indices``)."""
         if self.cache is not None:
             got = self.cache.batch(indices, device)
-            feats = {k[len(TAP_PREFIX):]: v for k, v in got.items() if k.startswith(TAP_PREFIX)}
+            feats = {k[len(TAP_PREFIX) :]: v for k, v in got.items() if k.startswith(TAP_PREFIX)}
             return {k: v for k, v in got.items() if not k.startswith(TAP_PREFIX)}, feats
         if not self.run:
             return None, {}
@@ -258,15 +281,38 @@ class TeacherCaches:
         self.user: str | None = None
         self._file_hashes: dict[tuple, str] = {}
 
-    def get(self, name: str, st: dict[str, Any], teacher: Model, data: StageData, needs: set[str] | None,
-            taps: Taps | None, teacher_hash: str, teacher_dir: Path) -> TeacherCache:
+    def get(
+        self,
+        name: str,
+        st: dict[str, Any],
+        teacher: Model,
+        data: StageData,
+        needs: set[str] | None,
+        taps: Taps | None,
+        teacher_hash: str,
+        teacher_dir: Path,
+    ) -> TeacherCache:
         """The teacher's outputs ``needs`` (and ``taps``) for every training image of stage ``name``."""
         ctx, tapmap = self.ctx, (taps.taps if taps else {})
-        key = cache_key(self._file_id(teacher_hash, teacher_dir / "model.safetensors"), st["data"], ctx.precision,
-                        needs, ctx.dist.world, self.versions, tapmap)
+        key = cache_key(
+            self._file_id(teacher_hash, teacher_dir / "model.safetensors"),
+            st["data"],
+            ctx.precision,
+            needs,
+            ctx.dist.world,
+            self.versions,
+            tapmap,
+        )
         path = teacher_dir / f"teacher-cache-{key}.safetensors"
-        meta = {"teacher": st["teacher"], "teacher_stage_hash": teacher_hash, "data": st["data"],
-                "precision": ctx.precision, "world_size": ctx.dist.world, "versions": self.versions, "taps": tapmap}
+        meta = {
+            "teacher": st["teacher"],
+            "teacher_stage_hash": teacher_hash,
+            "data": st["data"],
+            "precision": ctx.precision,
+            "world_size": ctx.dist.world,
+            "versions": self.versions,
+            "taps": tapmap,
+        }
         disk = st["teacher_cache"] == "disk"
         if self.current is not None and self.current.key == key:
             self._reuse(name, path, meta, disk)
@@ -286,8 +332,10 @@ class TeacherCaches:
         if self.user == name:
             return
         self.user = name
-        self.ctx.progress.log(f"stage [bold]{name}[/]: teacher outputs from the cache built for an earlier stage "
-                              f"({describe(self.current)})")
+        self.ctx.progress.log(
+            f"stage [bold]{name}[/]: teacher outputs from the cache built for an earlier stage "
+            f"({describe(self.current)})"
+        )
         if disk:
             if self.ctx.dist.is_main and not path.is_file():
                 self._save(name, path, self.current, meta)
@@ -302,26 +350,47 @@ class TeacherCaches:
         self.ctx.progress.log(f"stage [bold]{name}[/]: teacher outputs read from {path.name} ({describe(cache)})")
         return cache
 
-    def _compute(self, name: str, st: dict[str, Any], teacher: Model, data: StageData, needs: set[str] | None,
-                 taps: Taps | None, key: str) -> TeacherCache:
+    def _compute(
+        self,
+        name: str,
+        st: dict[str, Any],
+        teacher: Model,
+        data: StageData,
+        needs: set[str] | None,
+        taps: Taps | None,
+        key: str,
+    ) -> TeacherCache:
         ctx = self.ctx
         t0 = time.perf_counter()
         n, ebs = len(data.train), data.spec["eval_batch_size"]
         task = ctx.progress.add(f"{name} · teacher cache", total=num_batches(n, ebs, False, None))
-        it = iterate_batches(data.train, ebs, shuffle=False, seed=0, num_workers=data.spec["num_workers"], dist=ctx.dist)
+        it = iterate_batches(
+            data.train, ebs, shuffle=False, seed=0, num_workers=data.spec["num_workers"], dist=ctx.dist
+        )
         try:
-            tensors = compute(teacher, it, keys=needs, device=ctx.device, autocast=ctx.autocast,
-                              progress=ctx.progress, task=task, taps=taps)
+            tensors = compute(
+                teacher,
+                it,
+                keys=needs,
+                device=ctx.device,
+                autocast=ctx.autocast,
+                progress=ctx.progress,
+                task=task,
+                taps=taps,
+            )
         except KeyError as exc:
-            raise TrainingError(f"stage '{name}': the teacher ('{st['teacher']}') does not produce output {exc}, "
-                                "which a loss of this stage reads") from None
+            raise TrainingError(
+                f"stage '{name}': the teacher ('{st['teacher']}') does not produce output {exc}, "
+                "which a loss of this stage reads"
+            ) from None
         ctx.progress.finish(task)
         if ctx.dist.world > 1:
             tensors = ctx.dist.gather_records(tensors, n, ebs)
         cache = TeacherCache(tensors, key)
         where = "on disk" if st["teacher_cache"] == "disk" else "in memory"
-        ctx.progress.log(f"stage [bold]{name}[/]: teacher outputs cached {where} "
-                         f"({describe(cache, time.perf_counter() - t0)})")
+        ctx.progress.log(
+            f"stage [bold]{name}[/]: teacher outputs cached {where} ({describe(cache, time.perf_counter() - t0)})"
+        )
         return cache
 
     def _write(self, name: str, path: Path, cache: TeacherCache, meta: dict[str, Any]) -> None:
@@ -335,14 +404,16 @@ class TeacherCaches:
             remove_stale_temps(path.parent)  # of an earlier writer that was killed
             save(path, cache, meta)
         except OSError as exc:
-            self.ctx.progress.log(f"stage [bold]{name}[/]: could not write the teacher cache {path} "
-                                  f"({exc.strerror or type(exc).__name__}); going on with it in memory")
+            self.ctx.progress.log(
+                f"stage [bold]{name}[/]: could not write the teacher cache {path} "
+                f"({exc.strerror or type(exc).__name__}); going on with it in memory"
+            )
 
     def release(self, after: str, order: list[str], stages: dict[str, Any]) -> None:
         """Drop the cache held in memory unless a stage after ``after`` may use it (same teacher, a cache on)."""
         if self.current is None:
             return
-        later = order[order.index(after) + 1:] if after in order else []
+        later = order[order.index(after) + 1 :] if after in order else []
         teacher = stages[after].get("teacher")
         if not any(stages[s].get("teacher") == teacher and stages[s]["teacher_cache"] != "off" for s in later):
             self.current = self.user = None

@@ -60,8 +60,10 @@ def check_attention_params(params: dict) -> None:
     if not params["taps"]:
         raise ValueError("taps", "name at least one student tap")
     if len(params["teacher_taps"]) != len(params["taps"]):
-        raise ValueError("teacher_taps", f"must pair the {len(params['taps'])} student taps in order, "
-                                         f"got {len(params['teacher_taps'])}")
+        raise ValueError(
+            "teacher_taps",
+            f"must pair the {len(params['taps'])} student taps in order, got {len(params['teacher_taps'])}",
+        )
     _positive(params, "p")
 
 

@@ -283,9 +283,7 @@ def at_loss(
     if not student_features:
         raise ValueError("at_loss needs at least one pair of feature maps")
     if len(student_features) != len(teacher_features):
-        raise ValueError(
-            f"{len(student_features)} student maps but {len(teacher_features)} teacher maps"
-        )
+        raise ValueError(f"{len(student_features)} student maps but {len(teacher_features)} teacher maps")
     total = None
     for i, (f_s, f_t) in enumerate(zip(student_features, teacher_features)):
         if f_s.dim() != 4 or f_t.dim() != 4:

@@ -48,13 +48,16 @@ class IdentityHead(nn.Module):
         if in_channels != num_classes:
             from kdtoolkit.errors import RecipeError
 
-            raise RecipeError(f"head 'identity' needs a backbone that outputs logits for the {num_classes} classes "
-                              f"(e.g. timm with classifier = true); this backbone has {in_channels} output channels",
-                              key="head")
+            raise RecipeError(
+                f"head 'identity' needs a backbone that outputs logits for the {num_classes} classes "
+                f"(e.g. timm with classifier = true); this backbone has {in_channels} output channels",
+                key="head",
+            )
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.dim() != 2 or x.shape[1] != self.num_classes:
-            raise ValueError(f"head 'identity' expects logits [B, {self.num_classes}] from the backbone, "
-                             f"got shape {list(x.shape)}")
+            raise ValueError(
+                f"head 'identity' expects logits [B, {self.num_classes}] from the backbone, got shape {list(x.shape)}"
+            )
         return {"logits": x}

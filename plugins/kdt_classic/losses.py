@@ -28,15 +28,36 @@ from torch import nn
 
 from kdtoolkit.components import Step
 
-from .checks import (check_attention_params, student_tap, student_taps_list, teacher_tap, teacher_taps_list, check_crd_params, check_cross_entropy_params, check_dist_params,
-                     check_dkd_params, check_hinton_kd_params, check_paired_taps_params, check_rkd_params)
+from .checks import (
+    check_attention_params,
+    student_tap,
+    student_taps_list,
+    teacher_tap,
+    teacher_taps_list,
+    check_crd_params,
+    check_cross_entropy_params,
+    check_dist_params,
+    check_dkd_params,
+    check_hinton_kd_params,
+    check_paired_taps_params,
+    check_rkd_params,
+)
 from .connectors import ConvRegressor
 from .crd import CRD
 from .functional import at_loss, dist_loss, dkd_loss, fitnet_loss, kd_loss, pkt_loss, rkd_loss, sp_loss
 
 __all__ = [
-    "AttentionLoss", "CRDLoss", "CrossEntropyLoss", "DISTLoss", "DKDLoss", "FitNetLoss", "HintonKDLoss", "PKTLoss",
-    "RKDLoss", "SimilarityPreservingLoss", "cross_entropy",
+    "AttentionLoss",
+    "CRDLoss",
+    "CrossEntropyLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "FitNetLoss",
+    "HintonKDLoss",
+    "PKTLoss",
+    "RKDLoss",
+    "SimilarityPreservingLoss",
+    "cross_entropy",
 ]
 
 
@@ -116,8 +137,12 @@ class HintonKDLoss:
     check_params = staticmethod(check_hinton_kd_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
-        return kd_loss(step.outputs["logits"], step.teacher_outputs["logits"].detach(), self.temperature,
-                       standardize=self.standardize)
+        return kd_loss(
+            step.outputs["logits"],
+            step.teacher_outputs["logits"].detach(),
+            self.temperature,
+            standardize=self.standardize,
+        )
 
 
 class DKDLoss:
@@ -151,8 +176,14 @@ class DKDLoss:
         return min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
 
     def __call__(self, step: Step) -> torch.Tensor:
-        loss = dkd_loss(step.outputs["logits"], step.teacher_outputs["logits"].detach(), step.targets,
-                        self.alpha, self.beta, self.temperature)
+        loss = dkd_loss(
+            step.outputs["logits"],
+            step.teacher_outputs["logits"].detach(),
+            step.targets,
+            self.alpha,
+            self.beta,
+            self.temperature,
+        )
         return self.ramp(int(step.epoch)) * loss
 
 
@@ -182,8 +213,9 @@ class DISTLoss:
     check_params = staticmethod(check_dist_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
-        return dist_loss(step.outputs["logits"], step.teacher_outputs["logits"].detach(), self.beta, self.gamma,
-                         self.temperature)
+        return dist_loss(
+            step.outputs["logits"], step.teacher_outputs["logits"].detach(), self.beta, self.gamma, self.temperature
+        )
 
 
 # --------------------------------------------------------------------------
@@ -216,8 +248,10 @@ class FitNetLoss(_PairedTaps, nn.Module):
         s = probe.features[self.student_tap]
         t = probe.teacher_features[self.teacher_tap]
         if s.dim() != 4 or t.dim() != 4:
-            raise ValueError(f"FitNets needs [B, C, H, W] maps; tap '{self.student_tap}' has shape {list(s.shape)}, "
-                             f"teacher tap '{self.teacher_tap}' {list(t.shape)}")
+            raise ValueError(
+                f"FitNets needs [B, C, H, W] maps; tap '{self.student_tap}' has shape {list(s.shape)}, "
+                f"teacher tap '{self.teacher_tap}' {list(t.shape)}"
+            )
         self.regressor = ConvRegressor(s.shape[1:], t.shape[1:]).to(s.device)
 
     def forward(self, step: Step) -> torch.Tensor:
@@ -253,7 +287,9 @@ class AttentionLoss:
     check_params = staticmethod(check_attention_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
-        return at_loss([_tap(step, n, False) for n in self.taps], [_tap(step, n, True) for n in self.teacher_taps], self.p)
+        return at_loss(
+            [_tap(step, n, False) for n in self.taps], [_tap(step, n, True) for n in self.teacher_taps], self.p
+        )
 
 
 class SimilarityPreservingLoss(_PairedTaps):
@@ -308,15 +344,21 @@ class RKDLoss(_PairedTaps):
     :param angle_weight: weight of the angle term, >= 0.
     """
 
-    def __init__(self, *, student_tap: str, teacher_tap: str, distance_weight: float = 25.0, angle_weight: float = 50.0):
+    def __init__(
+        self, *, student_tap: str, teacher_tap: str, distance_weight: float = 25.0, angle_weight: float = 50.0
+    ):
         self.student_tap, self.teacher_tap = student_tap, teacher_tap
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     check_params = staticmethod(check_rkd_params)
 
     def __call__(self, step: Step) -> torch.Tensor:
-        return rkd_loss(_tap(step, self.student_tap, False), _tap(step, self.teacher_tap, True),
-                        self.distance_weight, self.angle_weight)
+        return rkd_loss(
+            _tap(step, self.student_tap, False),
+            _tap(step, self.teacher_tap, True),
+            self.distance_weight,
+            self.angle_weight,
+        )
 
 
 class CRDLoss(_PairedTaps, nn.Module):
@@ -344,8 +386,16 @@ class CRDLoss(_PairedTaps, nn.Module):
 
     requires_indices = True
 
-    def __init__(self, *, student_tap: str, teacher_tap: str, feat_dim: int = 128, nce_k: int = 16384,
-                 nce_t: float = 0.07, nce_m: float = 0.5):
+    def __init__(
+        self,
+        *,
+        student_tap: str,
+        teacher_tap: str,
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+    ):
         nn.Module.__init__(self)
         self.student_tap, self.teacher_tap = student_tap, teacher_tap
         self.feat_dim, self.nce_k, self.nce_t, self.nce_m = feat_dim, nce_k, nce_t, nce_m
@@ -357,15 +407,25 @@ class CRDLoss(_PairedTaps, nn.Module):
         """Build the embeddings and memory banks from the taps' sizes and the number of training images."""
         n = getattr(probe, "num_train", None)
         if n is None:
-            raise ValueError("CRD needs the number of training images, which this engine does not tell "
-                             "(the dry-forward step has no num_train)")
+            raise ValueError(
+                "CRD needs the number of training images, which this engine does not tell "
+                "(the dry-forward step has no num_train)"
+            )
         if self.nce_k >= n:
-            raise ValueError(f"nce_k = {self.nce_k} negatives, but there are only {n} training images: "
-                             f"set nce_k below {n}")
+            raise ValueError(
+                f"nce_k = {self.nce_k} negatives, but there are only {n} training images: set nce_k below {n}"
+            )
         s = probe.features[self.student_tap]
         t = probe.teacher_features[self.teacher_tap]
-        self.crd = CRD(math.prod(s.shape[1:]), math.prod(t.shape[1:]), int(n), feat_dim=self.feat_dim, nce_k=self.nce_k,
-                       nce_t=self.nce_t, nce_m=self.nce_m).to(s.device)
+        self.crd = CRD(
+            math.prod(s.shape[1:]),
+            math.prod(t.shape[1:]),
+            int(n),
+            feat_dim=self.feat_dim,
+            nce_k=self.nce_k,
+            nce_t=self.nce_t,
+            nce_m=self.nce_m,
+        ).to(s.device)
 
     def forward(self, step: Step) -> torch.Tensor:
         if self.crd is None:

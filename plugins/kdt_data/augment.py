@@ -70,8 +70,18 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["OPS", "AUGMENTATIONS", "Augmentation", "build_augmentation", "apply_op",
-           "rotate", "skew", "shear", "distort", "hflip"]
+__all__ = [
+    "OPS",
+    "AUGMENTATIONS",
+    "Augmentation",
+    "build_augmentation",
+    "apply_op",
+    "rotate",
+    "skew",
+    "shear",
+    "distort",
+    "hflip",
+]
 
 #: The operations of ProtoPNet's augmentation, in the order of the original script.
 OPS = ("rotate", "skew", "shear", "distort")
@@ -81,10 +91,12 @@ AUGMENTATIONS = ("protopnet", "flip", "none")
 # Corner order: top-left, top-right, bottom-right, bottom-left; outward direction of each corner.
 _OUTWARD = ((-1, -1), (1, -1), (1, 1), (-1, 1))
 # Augmentor's four tilts: (corner, moved along x?) pairs.
-_TILTS = (((0, False), (3, False)),  # left: the left edge grows up and down
-          ((1, False), (2, False)),  # right
-          ((0, True), (1, True)),    # forward: the top edge grows left and right
-          ((2, True), (3, True)))    # backward
+_TILTS = (
+    ((0, False), (3, False)),  # left: the left edge grows up and down
+    ((1, False), (2, False)),  # right
+    ((0, True), (1, True)),  # forward: the top edge grows left and right
+    ((2, True), (3, True)),
+)  # backward
 
 
 def _uniform(lo: float, hi: float, generator) -> float:
@@ -218,9 +230,14 @@ def distort(img: Any, generator: Any = None, grid: int = 5, magnitude: int = 5) 
             return min(max(xs[c] + dx, 0), w), min(max(ys[r] + dy, 0), h)  # inside tiny images too
         return xs[c], ys[r]
 
-    mesh = [((xs[c], ys[r], xs[c + 1], ys[r + 1]),
-             vertex(r, c) + vertex(r + 1, c) + vertex(r + 1, c + 1) + vertex(r, c + 1))
-            for r in range(grid) for c in range(grid)]  # quads: top-left, bottom-left, bottom-right, top-right
+    mesh = [
+        (
+            (xs[c], ys[r], xs[c + 1], ys[r + 1]),
+            vertex(r, c) + vertex(r + 1, c) + vertex(r + 1, c + 1) + vertex(r, c + 1),
+        )
+        for r in range(grid)
+        for c in range(grid)
+    ]  # quads: top-left, bottom-left, bottom-right, top-right
     return img.transform(img.size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR)
 
 

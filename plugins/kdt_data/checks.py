@@ -54,8 +54,9 @@ def check_image_folder_params(params: dict) -> None:
     check_image_size(params["image_size"])
     resize = params["resize"]
     if resize is not None and not params["image_size"] <= resize <= MAX_RESIZE:
-        raise ValueError("resize", f"must be an integer from image_size ({params['image_size']}) to {MAX_RESIZE}, "
-                                   f"got {resize!r}")
+        raise ValueError(
+            "resize", f"must be an integer from image_size ({params['image_size']}) to {MAX_RESIZE}, got {resize!r}"
+        )
     _check_mean_std(params)
     _check_cache_mb(params)
 

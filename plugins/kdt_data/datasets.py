@@ -22,11 +22,17 @@ from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
 from kdt_data.checks import MAX_DIGITS_IMAGE_SIZE, MAX_RESIZE, check_digits_params, check_image_folder_params
-from kdt_data.imagelist import (DEFAULT_CACHE_MB, IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
-                                 check_cache_mb, check_image_params, train_augmentation)
+from kdt_data.imagelist import (
+    DEFAULT_CACHE_MB,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageListDataset,
+    check_cache_mb,
+    check_image_params,
+    train_augmentation,
+)
 
-__all__ = ["digits", "image_folder", "describe_dataset", "IMAGE_EXTENSIONS",
-           "DigitsDataset", "ImageFolderDataset"]
+__all__ = ["digits", "image_folder", "describe_dataset", "IMAGE_EXTENSIONS", "DigitsDataset", "ImageFolderDataset"]
 
 SPLITS = ("train", "test")
 
@@ -60,6 +66,7 @@ def _load_digits():
     if "arrays" not in _DIGITS_CACHE:
         try:
             from sklearn.datasets import load_digits
+
             bunch = load_digits()
         except Exception as exc:  # pragma: no cover - depends on the installation
             raise DataError(f"cannot load scikit-learn's digits data: {exc}", source="digits") from exc
@@ -129,8 +136,12 @@ class DigitsDataset(Dataset):
     def _upsampled(self):
         """Every image of the split upsampled to ``[1,S,S]`` once (the same values as one image at a time)."""
         if self._up is None:
-            self._up = F.interpolate(self._images[self.indices].unsqueeze(1), size=(self.image_size, self.image_size),
-                                     mode="bilinear", align_corners=False)  # [n,1,S,S]
+            self._up = F.interpolate(
+                self._images[self.indices].unsqueeze(1),
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+            )  # [n,1,S,S]
         return self._up
 
     def _finished(self):
@@ -184,12 +195,21 @@ class DigitsDataset(Dataset):
         return self._finished()[list(indices)].expand(-1, 3, -1, -1).contiguous(), labels
 
     def __repr__(self):
-        return (f"DigitsDataset(split={self.split!r}, size={len(self)}, image_size={self.image_size}, "
-                f"augment={self.augment})")
+        return (
+            f"DigitsDataset(split={self.split!r}, size={len(self)}, image_size={self.image_size}, "
+            f"augment={self.augment})"
+        )
 
 
-def digits(split: str, augment: bool = False, *, image_size: int = 32, test_fraction: float = 0.2,
-           split_seed: int = 0, normalize: bool = True) -> Dataset:
+def digits(
+    split: str,
+    augment: bool = False,
+    *,
+    image_size: int = 32,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    normalize: bool = True,
+) -> Dataset:
     """scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes; no download).
 
     Each image is scaled to [0, 1], bilinearly upsampled to ``image_size`` and
@@ -208,11 +228,17 @@ def digits(split: str, augment: bool = False, *, image_size: int = 32, test_frac
     source = "digits"
     _check_split(split, source)
     if not _is_int(image_size) or not 8 <= image_size <= MAX_DIGITS_IMAGE_SIZE:
-        raise DataError(f"image_size must be an integer from 8 to {MAX_DIGITS_IMAGE_SIZE}, got {image_size!r}",
-                        source=source, key="image_size")
+        raise DataError(
+            f"image_size must be an integer from 8 to {MAX_DIGITS_IMAGE_SIZE}, got {image_size!r}",
+            source=source,
+            key="image_size",
+        )
     if not _is_number(test_fraction) or not 0.0 < float(test_fraction) < 1.0:
-        raise DataError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}",
-                        source=source, key="test_fraction")
+        raise DataError(
+            f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}",
+            source=source,
+            key="test_fraction",
+        )
     if not _is_int(split_seed):
         raise DataError(f"split_seed must be an integer, got {split_seed!r}", source=source, key="split_seed")
     return DigitsDataset(split, augment, image_size, float(test_fraction), split_seed, normalize)
@@ -234,8 +260,7 @@ def _split_dir(root, sub, key):
     path = root / sub
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
-        raise DataError(f"{sub!r} split folder {what} (set {key} to the sub-folder of root)",
-                        source=str(path))
+        raise DataError(f"{sub!r} split folder {what} (set {key} to the sub-folder of root)", source=str(path))
     return path
 
 
@@ -291,13 +316,37 @@ class ImageFolderDataset(ImageListDataset):
     (:mod:`kdt_data.augment`), then the evaluation transform; ``none``: the evaluation transform.
     """
 
-    def __init__(self, split, augment, root, split_dir, classes, samples, image_size, resize,
-                 mean, std, hflip, random_crop, augmentation="crop_flip", cache_mb=DEFAULT_CACHE_MB,
-                 special_files=()):
-        super().__init__(name=f"image_folder:{root}", split=split, augment=augment, classes=classes,
-                         samples=samples, image_size=image_size, mean=mean, std=std,
-                         augmentation=folder_augmentation(augmentation, hflip), cache_mb=cache_mb,
-                         special_files=special_files)
+    def __init__(
+        self,
+        split,
+        augment,
+        root,
+        split_dir,
+        classes,
+        samples,
+        image_size,
+        resize,
+        mean,
+        std,
+        hflip,
+        random_crop,
+        augmentation="crop_flip",
+        cache_mb=DEFAULT_CACHE_MB,
+        special_files=(),
+    ):
+        super().__init__(
+            name=f"image_folder:{root}",
+            split=split,
+            augment=augment,
+            classes=classes,
+            samples=samples,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            augmentation=folder_augmentation(augmentation, hflip),
+            cache_mb=cache_mb,
+            special_files=special_files,
+        )
         self.augmentation_name = augmentation
         self.root = root
         self.split_dir = split_dir
@@ -347,15 +396,28 @@ class ImageFolderDataset(ImageListDataset):
         return self.to_tensor(im)
 
     def __repr__(self):
-        return (f"ImageFolderDataset(root={self.root!r}, split={self.split!r}, size={len(self)}, "
-                f"classes={self.num_classes}, image_size={self.image_size}, augment={self.augment})")
+        return (
+            f"ImageFolderDataset(root={self.root!r}, split={self.split!r}, size={len(self)}, "
+            f"classes={self.num_classes}, image_size={self.image_size}, augment={self.augment})"
+        )
 
 
-def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str = "train",
-                 test_dir: str = "test", image_size: int = 224, resize: int | None = None,
-                 mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
-                 hflip: bool = True, random_crop: bool = True, augmentation: str = "crop_flip",
-                 cache_mb: int = DEFAULT_CACHE_MB) -> Dataset:
+def image_folder(
+    split: str,
+    augment: bool = False,
+    *,
+    root: str,
+    train_dir: str = "train",
+    test_dir: str = "test",
+    image_size: int = 224,
+    resize: int | None = None,
+    mean: list[float] = IMAGENET_MEAN,
+    std: list[float] = IMAGENET_STD,
+    hflip: bool = True,
+    random_crop: bool = True,
+    augmentation: str = "crop_flip",
+    cache_mb: int = DEFAULT_CACHE_MB,
+) -> Dataset:
     """Images in one sub-folder per class: ``root/<train_dir>/<class>/*`` and ``root/<test_dir>/<class>/*``.
 
     Classes are the sorted sub-folder names; the test split must have the same
@@ -387,8 +449,11 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
     source = "image_folder"
     _check_split(split, source)
     if augmentation not in FOLDER_AUGMENTATIONS:
-        raise DataError(f"augmentation must be one of {', '.join(map(repr, FOLDER_AUGMENTATIONS))}, "
-                        f"got {augmentation!r}", source=source, key="augmentation")
+        raise DataError(
+            f"augmentation must be one of {', '.join(map(repr, FOLDER_AUGMENTATIONS))}, got {augmentation!r}",
+            source=source,
+            key="augmentation",
+        )
     if not isinstance(root, (str, os.PathLike)) or not str(root):
         raise DataError(f"root must be a folder path, got {root!r}", source=source, key="root")
     check_image_params(source, image_size, mean, std)
@@ -396,8 +461,11 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
     if resize is None:
         resize = int(round(image_size * 8 / 7))
     if not _is_int(resize) or not image_size <= resize <= MAX_RESIZE:
-        raise DataError(f"resize must be an integer from image_size ({image_size}) to {MAX_RESIZE}, got {resize!r}",
-                        source=source, key="resize")
+        raise DataError(
+            f"resize must be an integer from image_size ({image_size}) to {MAX_RESIZE}, got {resize!r}",
+            source=source,
+            key="resize",
+        )
     for key, sub in (("train_dir", train_dir), ("test_dir", test_dir)):
         if not isinstance(sub, str) or not sub:
             raise DataError(f"{key} must be a folder name, got {sub!r}", source=source, key=key)
@@ -410,22 +478,26 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
     train_path = _split_dir(root_path, train_dir, "train_dir")
     train_classes = _class_dirs(train_path)
     if not train_classes:
-        raise DataError("no class sub-folders found (expected one sub-folder of images per class)",
-                        source=str(train_path))
+        raise DataError(
+            "no class sub-folders found (expected one sub-folder of images per class)", source=str(train_path)
+        )
     if split == "train":
         split_path, classes = train_path, train_classes
     else:
         split_path = _split_dir(root_path, test_dir, "test_dir")
         classes = _class_dirs(split_path)
         if not classes:
-            raise DataError("no class sub-folders found (expected one sub-folder of images per class)",
-                            source=str(split_path))
+            raise DataError(
+                "no class sub-folders found (expected one sub-folder of images per class)", source=str(split_path)
+            )
         if classes != train_classes:
             only_train = sorted(set(train_classes) - set(classes))
             only_test = sorted(set(classes) - set(train_classes))
-            raise DataError(f"test classes differ from train classes ({train_path}): "
-                            f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}",
-                            source=str(split_path))
+            raise DataError(
+                f"test classes differ from train classes ({train_path}): "
+                f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}",
+                source=str(split_path),
+            )
 
     samples, special = [], []
     for label, cls in enumerate(classes):
@@ -433,13 +505,28 @@ def image_folder(split: str, augment: bool = False, *, root: str, train_dir: str
         files, odd = _image_files(class_dir)
         special.extend(str(p) for p in odd)  # skipped, never opened; kdt check lists them
         if not files:
-            raise DataError(f"class folder has no images (extensions: {', '.join(IMAGE_EXTENSIONS)})",
-                            source=str(class_dir))
+            raise DataError(
+                f"class folder has no images (extensions: {', '.join(IMAGE_EXTENSIONS)})", source=str(class_dir)
+            )
         samples.extend((str(p), label) for p in files)
 
-    return ImageFolderDataset(split, augment, str(root_path), str(split_path), classes, samples,
-                              image_size, resize, [float(v) for v in mean], [float(v) for v in std],
-                              hflip, random_crop, augmentation, cache_mb, special)
+    return ImageFolderDataset(
+        split,
+        augment,
+        str(root_path),
+        str(split_path),
+        classes,
+        samples,
+        image_size,
+        resize,
+        [float(v) for v in mean],
+        [float(v) for v in std],
+        hflip,
+        random_crop,
+        augmentation,
+        cache_mb,
+        special,
+    )
 
 
 # torch-free checks of the recipe parameters, run by kdt validate (see kdt_data.checks)

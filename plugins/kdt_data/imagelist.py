@@ -18,7 +18,7 @@ every time (each would hold a copy, and workers start anew every epoch).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -26,9 +26,20 @@ from torch.utils.data import Dataset
 from kdtoolkit.errors import DataError
 from kdt_data.checks import MAX_IMAGE_SIZE
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_CACHE_MB", "check_cache_mb", "kept_images_bytes",
-           "clear_kept_images", "load_rgb", "crop_box", "random_hflip", "train_augmentation",
-           "check_image_params", "ImageListDataset"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DEFAULT_CACHE_MB",
+    "check_cache_mb",
+    "kept_images_bytes",
+    "clear_kept_images",
+    "load_rgb",
+    "crop_box",
+    "random_hflip",
+    "train_augmentation",
+    "check_image_params",
+    "ImageListDataset",
+]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -55,8 +66,9 @@ def crop_box(im, box, path):
     left, top, right, bottom = box
     left, top, right, bottom = max(0, left), max(0, top), min(w, right), min(h, bottom)
     if right <= left or bottom <= top:
-        raise DataError(f"bounding box {tuple(box)} (left, top, right, bottom) lies outside the {w}x{h} image",
-                        source=str(path))
+        raise DataError(
+            f"bounding box {tuple(box)} (left, top, right, bottom) lies outside the {w}x{h} image", source=str(path)
+        )
     if (left, top, right, bottom) == (0, 0, w, h):
         return im
     return im.crop((left, top, right, bottom))
@@ -84,11 +96,13 @@ def check_image_params(source, image_size, mean, std):
     """Check ``image_size`` (an integer from 1 to 4096, :data:`kdt_data.checks.MAX_IMAGE_SIZE`) and
     ``mean``/``std`` (3 numbers each, std > 0); raise DataError."""
     if not isinstance(image_size, int) or isinstance(image_size, bool) or not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise DataError(f"image_size must be an integer from 1 to {MAX_IMAGE_SIZE}, got {image_size!r}",
-                        source=source, key="image_size")
+        raise DataError(
+            f"image_size must be an integer from 1 to {MAX_IMAGE_SIZE}, got {image_size!r}",
+            source=source,
+            key="image_size",
+        )
     for key, values in (("mean", mean), ("std", std)):
-        if (not isinstance(values, (list, tuple)) or len(values) != 3
-                or not all(_is_number(v) for v in values)):
+        if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(_is_number(v) for v in values):
             raise DataError(f"{key} must be a list of 3 numbers (R, G, B), got {values!r}", source=source, key=key)
     if any(float(v) <= 0 for v in std):
         raise DataError(f"std values must be positive, got {list(std)!r}", source=source, key="std")
@@ -97,8 +111,11 @@ def check_image_params(source, image_size, mean, std):
 def check_cache_mb(source, cache_mb):
     """Check ``cache_mb`` (a non-negative integer, MiB); raise DataError naming the key."""
     if not isinstance(cache_mb, int) or isinstance(cache_mb, bool) or cache_mb < 0:
-        raise DataError(f"cache_mb must be a non-negative integer (MiB; 0 turns the cache off), got {cache_mb!r}",
-                        source=source, key="cache_mb")
+        raise DataError(
+            f"cache_mb must be a non-negative integer (MiB; 0 turns the cache off), got {cache_mb!r}",
+            source=source,
+            key="cache_mb",
+        )
 
 
 def _in_worker() -> bool:
@@ -136,8 +153,22 @@ class ImageListDataset(Dataset):
         reports each.
     """
 
-    def __init__(self, *, name, split, augment, classes, samples, image_size, mean, std, boxes=None,
-                 augmentation=None, cache_mb=DEFAULT_CACHE_MB, special_files=()):
+    def __init__(
+        self,
+        *,
+        name,
+        split,
+        augment,
+        classes,
+        samples,
+        image_size,
+        mean,
+        std,
+        boxes=None,
+        augmentation=None,
+        cache_mb=DEFAULT_CACHE_MB,
+        special_files=(),
+    ):
         self.name = name
         self.split = split
         self.augment = bool(augment)
@@ -209,5 +240,7 @@ class ImageListDataset(Dataset):
         return ((img - self.mean) / self.std).contiguous()
 
     def __repr__(self):
-        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, size={len(self)}, "
-                f"classes={self.num_classes}, image_size={self.image_size}, augment={self.augment})")
+        return (
+            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, size={len(self)}, "
+            f"classes={self.num_classes}, image_size={self.image_size}, augment={self.augment})"
+        )

@@ -28,17 +28,26 @@ from torch.utils.data import Dataset
 
 from kdtoolkit.errors import DataError
 from kdt_data.checks import check_paper_params
-from kdt_data.imagelist import (DEFAULT_CACHE_MB, IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, check_cache_mb,
-                                check_image_params, train_augmentation)
+from kdt_data.imagelist import (
+    DEFAULT_CACHE_MB,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageListDataset,
+    check_cache_mb,
+    check_image_params,
+    train_augmentation,
+)
 
 __all__ = ["cub200", "stanford_cars", "BoxCropDataset", "CUB_URL", "CARS_URL"]
 
 CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 CARS_URL = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html"
 _CUB_HINT = f"is this the CUB_200_2011 folder? (download: {CUB_URL})"
-_CARS_HINT = ("is this the Stanford Cars folder? (torchvision StanfordCars layout: devkit/cars_meta.mat, "
-              "devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/; "
-              f"{CARS_URL})")
+_CARS_HINT = (
+    "is this the Stanford Cars folder? (torchvision StanfordCars layout: devkit/cars_meta.mat, "
+    "devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/; "
+    f"{CARS_URL})"
+)
 
 
 class BoxCropDataset(ImageListDataset):
@@ -67,8 +76,10 @@ def _augmentation(name):
 
 
 #: Where to get each dataset, for the message about a missing root folder.
-_DOWNLOAD = {"cub200": f"the CUB_200_2011 folder of the official archive ({CUB_URL})",
-             "stanford_cars": f"the Stanford Cars folder ({CARS_URL}; torchvision's StanfordCars layout)"}
+_DOWNLOAD = {
+    "cub200": f"the CUB_200_2011 folder of the official archive ({CUB_URL})",
+    "stanford_cars": f"the Stanford Cars folder ({CARS_URL}; torchvision's StanfordCars layout)",
+}
 
 
 def _check_common(source, split, root, image_size, mean, std):
@@ -80,9 +91,11 @@ def _check_common(source, split, root, image_size, mean, std):
     path = Path(root).expanduser()
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
-        raise DataError(f"dataset root folder {what}: put {_DOWNLOAD[source]} there, or point root at it "
-                        "(kdt run: --set data.root=PATH; kdt predict, evaluate, export: --data root=PATH)",
-                        source=str(path))
+        raise DataError(
+            f"dataset root folder {what}: put {_DOWNLOAD[source]} there, or point root at it "
+            "(kdt run: --set data.root=PATH; kdt predict, evaluate, export: --data root=PATH)",
+            source=str(path),
+        )
     return path.resolve()
 
 
@@ -134,8 +147,9 @@ def _cub_boxes(root, ids):
             raise DataError(f"image id {i} has no bounding box", source=str(path))
         x, y, w, h = rows[i]
         if not (all(map(math.isfinite, (x, y, w, h))) and w > 0 and h > 0 and x >= 0 and y >= 0):
-            raise DataError(f"image id {i}: expected x, y >= 0 and width, height > 0, got {x} {y} {w} {h}",
-                            source=str(path))
+            raise DataError(
+                f"image id {i}: expected x, y >= 0 and width, height > 0, got {x} {y} {w} {h}", source=str(path)
+            )
         boxes[i] = (int(round(x)), int(round(y)), int(round(x + w)), int(round(y + h)))
     return boxes
 
@@ -155,11 +169,15 @@ def _cub_samples(root, split, bbox_crop):
             if i not in rows:
                 raise DataError(f"image id {i} ({images[i][0].strip()}) has no line", source=str(root / name))
         if flags[i][0] not in (0, 1):
-            raise DataError(f"image id {i}: is_training_image must be 0 or 1, got {flags[i][0]}",
-                            source=str(root / "train_test_split.txt"))
+            raise DataError(
+                f"image id {i}: is_training_image must be 0 or 1, got {flags[i][0]}",
+                source=str(root / "train_test_split.txt"),
+            )
         if not 1 <= labels[i][0] <= len(classes):
-            raise DataError(f"image id {i}: class id must be 1..{len(classes)} (classes.txt), got {labels[i][0]}",
-                            source=str(root / "image_class_labels.txt"))
+            raise DataError(
+                f"image id {i}: class id must be 1..{len(classes)} (classes.txt), got {labels[i][0]}",
+                source=str(root / "image_class_labels.txt"),
+            )
         if flags[i][0] == want:
             ids.append(i)
     if not ids:
@@ -172,10 +190,18 @@ def _cub_samples(root, split, bbox_crop):
     return classes, samples, boxes
 
 
-def cub200(split: str, augment: bool = False, *, root: str, image_size: int = 224, bbox_crop: bool = True,
-           mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
-           augmentation: Literal["flip", "protopnet", "none"] = "flip",
-           cache_mb: int = DEFAULT_CACHE_MB) -> Dataset:
+def cub200(
+    split: str,
+    augment: bool = False,
+    *,
+    root: str,
+    image_size: int = 224,
+    bbox_crop: bool = True,
+    mean: list[float] = IMAGENET_MEAN,
+    std: list[float] = IMAGENET_STD,
+    augmentation: Literal["flip", "protopnet", "none"] = "flip",
+    cache_mb: int = DEFAULT_CACHE_MB,
+) -> Dataset:
     """Caltech-UCSD Birds-200-2011: 11,788 bird photographs of 200 species, in the official archive layout.
 
     ``root`` is the ``CUB_200_2011`` folder of the official archive
@@ -204,9 +230,19 @@ def cub200(split: str, augment: bool = False, *, root: str, image_size: int = 22
     path = _check_common("cub200", split, root, image_size, mean, std)
     check_cache_mb("cub200", cache_mb)
     classes, samples, boxes = _cub_samples(path, split, bool(bbox_crop))
-    return BoxCropDataset(name=f"cub200:{path}", split=split, augment=augment, classes=classes, samples=samples,
-                          image_size=image_size, mean=mean, std=std, boxes=boxes,
-                          augmentation=_augmentation(augmentation), cache_mb=cache_mb)
+    return BoxCropDataset(
+        name=f"cub200:{path}",
+        split=split,
+        augment=augment,
+        classes=classes,
+        samples=samples,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        boxes=boxes,
+        augmentation=_augmentation(augmentation),
+        cache_mb=cache_mb,
+    )
 
 
 # --------------------------------------------------------------------------- Stanford Cars
@@ -264,8 +300,9 @@ def _cars_rows(path, what, bbox_crop):
             box = tuple(int(a[f]) for f in need[2:]) if bbox_crop else None
             rows.append((str(a["fname"]).strip(), int(a["class"]), box))
         except (TypeError, ValueError):
-            raise DataError(f"annotation {n}: expected a file name, an integer class and integer box corners",
-                            source=str(path)) from None
+            raise DataError(
+                f"annotation {n}: expected a file name, an integer class and integer box corners", source=str(path)
+            ) from None
     if not rows:
         raise DataError("no annotations", source=str(path))
     return rows
@@ -284,22 +321,35 @@ def _cars_samples(folder, split, bbox_crop, num_classes):
     samples, boxes = [], []
     for n, (fname, cls, box) in enumerate(rows):
         if not 1 <= cls <= num_classes:
-            raise DataError(f"annotation {n} ({fname}): class must be 1..{num_classes} (cars_meta.mat), got {cls}",
-                            source=str(ann_path))
+            raise DataError(
+                f"annotation {n} ({fname}): class must be 1..{num_classes} (cars_meta.mat), got {cls}",
+                source=str(ann_path),
+            )
         samples.append((str(images / fname), cls - 1))
         if bbox_crop:
             x1, y1, x2, y2 = box
             if not (1 <= x1 <= x2 and 1 <= y1 <= y2):
-                raise DataError(f"annotation {n} ({fname}): expected 1 <= bbox_x1 <= bbox_x2 and 1 <= bbox_y1 <= "
-                                f"bbox_y2, got {box}", source=str(ann_path))
+                raise DataError(
+                    f"annotation {n} ({fname}): expected 1 <= bbox_x1 <= bbox_x2 and 1 <= bbox_y1 <= "
+                    f"bbox_y2, got {box}",
+                    source=str(ann_path),
+                )
             boxes.append((x1 - 1, y1 - 1, x2, y2))  # 1-based inclusive -> 0-based, right/bottom exclusive
     return samples, (boxes if bbox_crop else None)
 
 
-def stanford_cars(split: str, augment: bool = False, *, root: str, image_size: int = 224, bbox_crop: bool = True,
-                  mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
-                  augmentation: Literal["flip", "protopnet", "none"] = "flip",
-                  cache_mb: int = DEFAULT_CACHE_MB) -> Dataset:
+def stanford_cars(
+    split: str,
+    augment: bool = False,
+    *,
+    root: str,
+    image_size: int = 224,
+    bbox_crop: bool = True,
+    mean: list[float] = IMAGENET_MEAN,
+    std: list[float] = IMAGENET_STD,
+    augmentation: Literal["flip", "protopnet", "none"] = "flip",
+    cache_mb: int = DEFAULT_CACHE_MB,
+) -> Dataset:
     """Stanford Cars: 16,185 photographs of 196 car models, in torchvision's ``StanfordCars`` layout.
 
     ``root`` holds ``devkit/cars_meta.mat``, ``devkit/cars_train_annos.mat``,
@@ -330,9 +380,19 @@ def stanford_cars(split: str, augment: bool = False, *, root: str, image_size: i
     folder = _cars_folder(path)
     classes = _cars_classes(folder)
     samples, boxes = _cars_samples(folder, split, bool(bbox_crop), len(classes))
-    return BoxCropDataset(name=f"stanford_cars:{path}", split=split, augment=augment, classes=classes,
-                          samples=samples, image_size=image_size, mean=mean, std=std, boxes=boxes,
-                          augmentation=_augmentation(augmentation), cache_mb=cache_mb)
+    return BoxCropDataset(
+        name=f"stanford_cars:{path}",
+        split=split,
+        augment=augment,
+        classes=classes,
+        samples=samples,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        boxes=boxes,
+        augmentation=_augmentation(augmentation),
+        cache_mb=cache_mb,
+    )
 
 
 # torch-free checks of the recipe parameters, run by kdt validate (see kdt_data.checks)

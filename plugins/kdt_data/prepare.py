@@ -60,8 +60,7 @@ def parse_ops(text: str) -> tuple[str, ...]:
         raise KdtError(f"expected comma-separated operations from {','.join(OPS)}, got {text!r}", source="--ops")
     unknown = [n for n in names if n not in OPS]
     if unknown:
-        raise KdtError(f"unknown operation(s) {', '.join(unknown)} (expected some of {', '.join(OPS)})",
-                       source="--ops")
+        raise KdtError(f"unknown operation(s) {', '.join(unknown)} (expected some of {', '.join(OPS)})", source="--ops")
     if len(set(names)) != len(names):
         raise KdtError(f"an operation is listed twice in {text!r}", source="--ops")
     return tuple(names)
@@ -88,8 +87,9 @@ def _output_seed(seed: int, class_name: str, file_name: str, op: str, k: int) ->
 def _scan(src: Path) -> list[tuple[str, list[Path]]]:
     """``[(class, sorted image paths)]`` of the class folders of ``src``; DataError for an unusable layout."""
     try:
-        entries = sorted((e for e in os.scandir(src) if not e.name.startswith(".") and e.is_dir()),
-                         key=lambda e: e.name)
+        entries = sorted(
+            (e for e in os.scandir(src) if not e.name.startswith(".") and e.is_dir()), key=lambda e: e.name
+        )
     except OSError as exc:
         raise DataError(f"cannot list folder: {exc.strerror or exc}", source=str(src)) from None
     if not entries:
@@ -97,9 +97,11 @@ def _scan(src: Path) -> list[tuple[str, list[Path]]]:
     classes = []
     for entry in entries:
         try:
-            files = sorted(Path(e.path) for e in os.scandir(entry.path)
-                           if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
-                           and e.is_file())
+            files = sorted(
+                Path(e.path)
+                for e in os.scandir(entry.path)
+                if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file()
+            )
         except OSError as exc:
             raise DataError(f"cannot list folder: {exc.strerror or exc}", source=entry.path) from None
         if not files:
@@ -107,8 +109,9 @@ def _scan(src: Path) -> list[tuple[str, list[Path]]]:
         stems: dict[str, Path] = {}
         for f in files:
             if f.stem in stems:
-                raise DataError(f"{stems[f.stem].name} and {f.name} would share output names: rename one",
-                                source=entry.path)
+                raise DataError(
+                    f"{stems[f.stem].name} and {f.name} would share output names: rename one", source=entry.path
+                )
             stems[f.stem] = f
         classes.append((entry.name, files))
     return classes
@@ -117,8 +120,7 @@ def _scan(src: Path) -> list[tuple[str, list[Path]]]:
 def _check_out(src: Path, out: Path) -> None:
     """Create ``out`` and check that a file can be written there; DataError otherwise."""
     if out == src or src in out.parents:
-        raise DataError("OUT_ROOT must not be SRC_ROOT or inside it (it would become a class folder)",
-                        source=str(out))
+        raise DataError("OUT_ROOT must not be SRC_ROOT or inside it (it would become a class folder)", source=str(out))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".kdt-prepare-probe-{os.getpid()}"
@@ -147,11 +149,16 @@ def _check_manifest(out: Path, src: Path, seed: int) -> None:
             if not isinstance(have, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError, RecursionError):
-            raise DataError("unreadable record of an earlier kdt prepare; delete it to start over", source=str(path)) from None
+            raise DataError(
+                "unreadable record of an earlier kdt prepare; delete it to start over", source=str(path)
+            ) from None
         for key in ("src", "seed"):
             if have.get(key) != want[key]:
-                raise DataError(f"OUT_ROOT was prepared with {key} {have.get(key)!r}, not {want[key]!r}; its outputs "
-                                "would be mixed with these: use the same one or another OUT_ROOT", source=str(out))
+                raise DataError(
+                    f"OUT_ROOT was prepared with {key} {have.get(key)!r}, not {want[key]!r}; its outputs "
+                    "would be mixed with these: use the same one or another OUT_ROOT",
+                    source=str(out),
+                )
         return
     atomic_write_json(path, want)
 
@@ -254,8 +261,16 @@ def _execute(jobs: list[_Job], seed: int, workers: int, progress, task) -> int:
     return written
 
 
-def run_prepare(src: Path, out: Path, *, copies: int = 10, ops: tuple[str, ...] = OPS, seed: int = 0,
-                workers: int = 0, quiet: bool = False) -> dict:
+def run_prepare(
+    src: Path,
+    out: Path,
+    *,
+    copies: int = 10,
+    ops: tuple[str, ...] = OPS,
+    seed: int = 0,
+    workers: int = 0,
+    quiet: bool = False,
+) -> dict:
     """Write the augmented copies of every image of ``src`` under ``out``; return a summary.
 
     Parameters:
@@ -285,5 +300,12 @@ def run_prepare(src: Path, out: Path, *, copies: int = 10, ops: tuple[str, ...] 
         task = progress.add("prepare", total=n_images, completed=n_images - len(jobs))
         written = _execute(jobs, seed, workers, progress, task) if jobs else 0
         progress.finish(task)
-    return {"classes": len(classes), "images": n_images, "outputs": n_images * copies * len(ops),
-            "written": written, "existing": existing, "seconds": time.perf_counter() - started, "out": str(out)}
+    return {
+        "classes": len(classes),
+        "images": n_images,
+        "outputs": n_images * copies * len(ops),
+        "written": written,
+        "existing": existing,
+        "seconds": time.perf_counter() - started,
+        "out": str(out),
+    }

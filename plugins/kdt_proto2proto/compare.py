@@ -76,7 +76,9 @@ def _last_push(stage_dir: Path) -> dict | None:
         return None
 
 
-def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list, path: Path, top: int = 20) -> Path | None:
+def matching_figure(
+    teacher_dir: Path | None, student_dir: Path, matching: list, path: Path, top: int = 20
+) -> Path | None:
     """PNG of the best-matched teacher/student prototype pairs, side by side.
 
     Each pair shows the training patch each prototype was pushed onto (its
@@ -84,7 +86,9 @@ def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list,
     directories of one run whose last phase with prototypes was a push;
     returns ``None`` (no figure) otherwise.
     """
-    if teacher_dir is None or not (teacher_dir.is_dir() and student_dir.is_dir() and teacher_dir.parent == student_dir.parent):
+    if teacher_dir is None or not (
+        teacher_dir.is_dir() and student_dir.is_dir() and teacher_dir.parent == student_dir.parent
+    ):
         return None
     tpush, spush = _last_push(teacher_dir), _last_push(student_dir)
     if tpush is None or spush is None:
@@ -105,8 +109,14 @@ def matching_figure(teacher_dir: Path | None, student_dir: Path, matching: list,
             labels.append(f"{who} p{k}" + (f" · sim {sim:.2f}" if who == "s" else ""))
     if not images:
         return None
-    prototype_figure(path, images, boxes, labels,
-                     f"PMS matching: {teacher_dir.name} (t) ↔ {student_dir.name} (s), best {len(images) // 2} pairs", cols=10)
+    prototype_figure(
+        path,
+        images,
+        boxes,
+        labels,
+        f"PMS matching: {teacher_dir.name} (t) ↔ {student_dir.name} (s), best {len(images) // 2} pairs",
+        cols=10,
+    )
     return path
 
 
@@ -115,8 +125,15 @@ def matched_hashes(teacher: Records, student: Records) -> dict:
     return {"teacher_stage_hash": teacher.meta.get("stage_hash"), "student_stage_hash": student.meta.get("stage_hash")}
 
 
-def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: tuple[float, ...], with_pms: bool,
-            teacher_name: str, teacher_source: Path | None = None, figures: bool = True) -> dict:
+def compare(
+    teacher: Records,
+    students: list[tuple[str, Records, Path]],
+    taus: tuple[float, ...],
+    with_pms: bool,
+    teacher_name: str,
+    teacher_source: Path | None = None,
+    figures: bool = True,
+) -> dict:
     """Metrics of a teacher and its students, keyed by model name (``figures``: draw the PMS matchings)."""
     out: dict = {}
     for _, recs, _ in students:
@@ -127,8 +144,13 @@ def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: t
     out[teacher_name] = {"role": "teacher", "accuracy": accuracy(teacher), "aap": M.aap_from_minima(t_minima, taus)}
     for name, recs, source in students:
         s_minima = M.location_minima(recs["min_distances"], recs["argmin"], locations)
-        entry = {"role": "student", "teacher": teacher_name, "accuracy": accuracy(recs),
-                 "aap": M.aap_from_minima(s_minima, taus), "ajs": M.ajs_from_minima(t_minima, s_minima, taus)}
+        entry = {
+            "role": "student",
+            "teacher": teacher_name,
+            "accuracy": accuracy(recs),
+            "aap": M.aap_from_minima(s_minima, taus),
+            "ajs": M.ajs_from_minima(t_minima, s_minima, taus),
+        }
         if with_pms:
             t0 = time.perf_counter()
             res = M.prototype_matching_score(teacher["argmin"], recs["argmin"], locations)
@@ -138,10 +160,13 @@ def compare(teacher: Records, students: list[tuple[str, Records, Path]], taus: t
                 entry["pms_note"] = res.reason
             else:
                 path = _matching_path(source, teacher_name)
-                atomic_write_json(path, {"teacher": teacher_name, "student": name, **matched_hashes(teacher, recs),
-                                         **res.to_json()})
+                atomic_write_json(
+                    path, {"teacher": teacher_name, "student": name, **matched_hashes(teacher, recs), **res.to_json()}
+                )
                 entry["pms_matching"] = str(path)
-                fig = matching_figure(teacher_source, source, res.matching, path.with_suffix(".png")) if figures else None
+                fig = (
+                    matching_figure(teacher_source, source, res.matching, path.with_suffix(".png")) if figures else None
+                )
                 if fig is not None:
                     entry["pms_figure"] = str(fig)
         out[name] = entry
@@ -157,18 +182,44 @@ def _print(results: dict, taus: tuple[float, ...], with_pms: bool) -> None:
         rows.append([name, e["role"], e["accuracy"], "AAP", *[e["aap"][k] for k in keys]])
         if "ajs" in e:
             rows.append(["", "", "", f"AJS vs {e['teacher']}", *[e["ajs"][k] for k in keys]])
-    tables = [Table("Interpretability metrics (AAP, AJS per τ)",
-                    ["model", "role", "accuracy", "metric", *[f"τ={k}" for k in keys]], rows)]
+    tables = [
+        Table(
+            "Interpretability metrics (AAP, AJS per τ)",
+            ["model", "role", "accuracy", "metric", *[f"τ={k}" for k in keys]],
+            rows,
+        )
+    ]
     if with_pms:
-        tables.append(Table("Prototype Matching Score (τ = ∞)", ["student", "teacher", "PMS", "seconds", "matching / note"],
-                            [[name, e["teacher"], e.get("pms"), e.get("pms_seconds"),
-                              e.get("pms_note") or e.get("pms_matching", "")]
-                             for name, e in results.items() if e["role"] == "student"]))
+        tables.append(
+            Table(
+                "Prototype Matching Score (τ = ∞)",
+                ["student", "teacher", "PMS", "seconds", "matching / note"],
+                [
+                    [
+                        name,
+                        e["teacher"],
+                        e.get("pms"),
+                        e.get("pms_seconds"),
+                        e.get("pms_note") or e.get("pms_matching", ""),
+                    ]
+                    for name, e in results.items()
+                    if e["role"] == "student"
+                ],
+            )
+        )
     print_tables(tables)
 
 
-def run_metrics(run_dir: Path | None, teacher: Path | None, students: tuple[Path, ...], tau_text: str | None,
-                with_pms: bool, json_out: Path | None, device: str, figures: bool = True) -> dict:
+def run_metrics(
+    run_dir: Path | None,
+    teacher: Path | None,
+    students: tuple[Path, ...],
+    tau_text: str | None,
+    with_pms: bool,
+    json_out: Path | None,
+    device: str,
+    figures: bool = True,
+) -> dict:
     """``kdt metrics`` with its options (see :mod:`kdt_proto2proto.command`): prints the tables,
     writes ``json_out`` if given, and returns the metrics keyed by model name."""
     try:

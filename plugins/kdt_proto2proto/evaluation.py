@@ -44,6 +44,7 @@ def check_records(records: Records, who: str = "model", source: str | None = Non
 
     :raises KdtError: naming ``source`` (the file) and what is wrong.
     """
+
     def bad(message: str) -> KdtError:
         return KdtError(f"{who} records: {message}", source=source)
 
@@ -59,8 +60,10 @@ def check_records(records: Records, who: str = "model", source: str | None = Non
     if not np.issubdtype(d.dtype, np.floating) or d.ndim != 2:
         raise bad(f"'min_distances' must be a float [N, P] tensor, got {M._dtype_name(d)} {tuple(d.shape)}")
     if not np.issubdtype(a.dtype, np.integer) or tuple(a.shape) != tuple(d.shape):
-        raise bad(f"'argmin' must be an integer tensor shaped like 'min_distances' {tuple(d.shape)}, "
-                  f"got {M._dtype_name(a)} {tuple(a.shape)}")
+        raise bad(
+            f"'argmin' must be an integer tensor shaped like 'min_distances' {tuple(d.shape)}, "
+            f"got {M._dtype_name(a)} {tuple(a.shape)}"
+        )
     finite = np.isfinite(d)
     if not bool(finite.all()):
         count = int((~finite).sum())
@@ -68,8 +71,10 @@ def check_records(records: Records, who: str = "model", source: str | None = Non
     if bool((d < 0).any()):
         raise bad(f"'min_distances' holds negative distances (smallest {float(d.min()):.4g})")
     if a.size and (int(a.min()) < 0 or int(a.max()) >= h * w):
-        raise bad(f"'argmin' holds locations outside the {h}×{w} grid (range {int(a.min())}..{int(a.max())}, "
-                  f"expected 0..{h * w - 1})")
+        raise bad(
+            f"'argmin' holds locations outside the {h}×{w} grid (range {int(a.min())}..{int(a.max())}, "
+            f"expected 0..{h * w - 1})"
+        )
     if not np.issubdtype(logits.dtype, np.floating) or logits.ndim != 2 or not bool(np.isfinite(logits).all()):
         raise bad(f"'logits' must be finite float [N, K] values, got {M._dtype_name(logits)} {tuple(logits.shape)}")
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or labels.shape[0] != n:
@@ -91,10 +96,14 @@ def check_pair(teacher: Records, student: Records) -> int:
     tg = (teacher.meta.get("H"), teacher.meta.get("W"))
     sg = (student.meta.get("H"), student.meta.get("W"))
     if tg != sg:
-        raise KdtError(f"teacher and student latent grids differ ({tg[0]}×{tg[1]} vs {sg[0]}×{sg[1]}): AJS and PMS compare "
-                       "locations directly; cut the backbones so that the grids match")
+        raise KdtError(
+            f"teacher and student latent grids differ ({tg[0]}×{tg[1]} vs {sg[0]}×{sg[1]}): AJS and PMS compare "
+            "locations directly; cut the backbones so that the grids match"
+        )
     if teacher.n != student.n:
-        raise KdtError(f"teacher has records of {teacher.n} images, student of {student.n}: evaluate both on the same test set")
+        raise KdtError(
+            f"teacher has records of {teacher.n} images, student of {student.n}: evaluate both on the same test set"
+        )
     td, sd = teacher.meta.get("dataset"), student.meta.get("dataset")
     if td and sd and td != sd:
         raise KdtError(f"teacher records are of dataset '{td}', student records of '{sd}'")
@@ -159,8 +168,16 @@ class AJS:
     def __call__(self, records: Records, reference: Records | None = None) -> dict:
         reference = reference if reference is not None else records
         locations = check_pair(reference, records)
-        return {"ajs": M.ajs_by_tau(reference["min_distances"], reference["argmin"], records["min_distances"],
-                                    records["argmin"], locations, self.taus)}
+        return {
+            "ajs": M.ajs_by_tau(
+                reference["min_distances"],
+                reference["argmin"],
+                records["min_distances"],
+                records["argmin"],
+                locations,
+                self.taus,
+            )
+        }
 
 
 class PMS:

@@ -32,8 +32,11 @@ def prototype_tiles(view: PrototypeView, scale: int) -> list[np.ndarray]:
     image with the receptive-field (cyan) and high-activation (yellow) boxes, and the heat map."""
     side = view.image.shape[0] * scale
     boxes = ([(view.rf_box, CYAN)] if view.rf_box is not None else []) + [(view.box, YELLOW)]
-    return [crop_tile(view.image, view.box, side), boxed_tile(view.image, scale, boxes),
-            zoom(heat_overlay(view.image, view.up), scale)]
+    return [
+        crop_tile(view.image, view.box, side),
+        boxed_tile(view.image, scale, boxes),
+        zoom(heat_overlay(view.image, view.up), scale),
+    ]
 
 
 def _header(sheet: Sheet, title: str, lines: list[str]) -> int:
@@ -49,8 +52,15 @@ def _header_lines(lines: list[str], width: int) -> list[str]:
     return [w for line in lines for w in wrap(line, width - 2 * MARGIN)]
 
 
-def gallery_figure(views: list[PrototypeView], labels: list[tuple[str, str]], title: str, legend: list[str],
-                   footer: list[str], path: Path, per_row: int = 4) -> tuple[int, int]:
+def gallery_figure(
+    views: list[PrototypeView],
+    labels: list[tuple[str, str]],
+    title: str,
+    legend: list[str],
+    footer: list[str],
+    path: Path,
+    per_row: int = 4,
+) -> tuple[int, int]:
     """Prototypes, ``per_row`` a row: a bold label, a detail line (the flags in red for a flagged
     prototype, which also gets a red frame) and :func:`prototype_tiles`."""
     scale = tile_scale(views[0].image.shape[0])
@@ -70,8 +80,12 @@ def gallery_figure(views: list[PrototypeView], labels: list[tuple[str, str]], ti
         y, x = top + (n // cols) * cell_h, MARGIN + (n % cols) * cell_w
         sheet.text(y, x, bold, bold=True)
         flagged = bool(view.flags)
-        sheet.text(y + LINE, x, ("FLAGGED: " + ", ".join(view.flags)) if flagged else detail,
-                   color=RED if flagged else "dimgray")
+        sheet.text(
+            y + LINE,
+            x,
+            ("FLAGGED: " + ", ".join(view.flags)) if flagged else detail,
+            color=RED if flagged else "dimgray",
+        )
         for k, tile in enumerate(prototype_tiles(view, scale)):
             sheet.paste(y + 2 * LINE, x + k * (side + GAP), tile)
         if flagged:
@@ -94,8 +108,16 @@ class Row:
     frame: tuple | None = None
 
 
-def rows_figure(title: str, header: list[str], image: np.ndarray, image_lines: list[tuple[str, str | tuple, bool]],
-                captions: list[str], rows: list[Row], path: Path, text_width: int = 380) -> tuple[int, int]:
+def rows_figure(
+    title: str,
+    header: list[str],
+    image: np.ndarray,
+    image_lines: list[tuple[str, str | tuple, bool]],
+    captions: list[str],
+    rows: list[Row],
+    path: Path,
+    text_width: int = 380,
+) -> tuple[int, int]:
     """A figure of rows: first the input ``image`` with ``image_lines`` beside it, then column
     ``captions`` and one :class:`Row` each (a local explanation, a decision path)."""
     scale = tile_scale(image.shape[0])
@@ -135,8 +157,9 @@ class Column:
     entries: list[tuple[str, str, list[np.ndarray]]]
 
 
-def compare_figure(title: str, legend: list[str], image: np.ndarray, image_lines: list[str], columns: list[Column],
-                   path: Path) -> tuple[int, int]:
+def compare_figure(
+    title: str, legend: list[str], image: np.ndarray, image_lines: list[str], columns: list[Column], path: Path
+) -> tuple[int, int]:
     """Models side by side for one input: the input image in the first column, then one
     :class:`Column` per model (its most active prototypes: where each fires, and its training patch)."""
     scale = tile_scale(image.shape[0])
@@ -168,8 +191,14 @@ def compare_figure(title: str, legend: list[str], image: np.ndarray, image_lines
     return width, height
 
 
-def pairs_figure(title: str, legend: list[str], best: list[tuple[list[str], list[np.ndarray]]],
-                 worst: list[tuple[list[str], list[np.ndarray]]], caption: list[str], path: Path) -> tuple[int, int]:
+def pairs_figure(
+    title: str,
+    legend: list[str],
+    best: list[tuple[list[str], list[np.ndarray]]],
+    worst: list[tuple[list[str], list[np.ndarray]]],
+    caption: list[str],
+    path: Path,
+) -> tuple[int, int]:
     """Matched prototype pairs: the best pairs on the left, the worst on the right; each pair two
     label lines and four tiles (teacher source, teacher patch, student patch, student source)."""
     tiles = (best or worst)[0][1]

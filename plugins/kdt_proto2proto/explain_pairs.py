@@ -40,7 +40,9 @@ def load_matching(run: RunDir, student: str, device: str = "auto") -> tuple[dict
     sdir = run.stage(student)
     teacher = sdir.reference
     if not teacher:
-        raise KdtError(f"stage '{student}' has no teacher or compare_to stage: no matching to show", source=str(run.path))
+        raise KdtError(
+            f"stage '{student}' has no teacher or compare_to stage: no matching to show", source=str(run.path)
+        )
     tdir = run.stage(teacher)
     trec, srec = records_for(tdir.path, device), records_for(sdir.path, device)
     check_records(trec, "teacher", str(tdir.path))
@@ -50,8 +52,15 @@ def load_matching(run: RunDir, student: str, device: str = "auto") -> tuple[dict
     if path.is_file() and not _matches(path, matched_hashes(trec, srec)):
         path.unlink()  # computed from other records (a stage trained again since): computed anew below
     if not path.is_file():
-        compare(trec, [(student, srec, sdir.path)], (math.inf,), True, str(trec.meta.get("stage") or teacher),
-                tdir.path, figures=False)
+        compare(
+            trec,
+            [(student, srec, sdir.path)],
+            (math.inf,),
+            True,
+            str(trec.meta.get("stage") or teacher),
+            tdir.path,
+            figures=False,
+        )
     if not path.is_file():  # PMS undefined (fewer than 10 test images): compare saved no matching
         from .metrics import prototype_matching_score
 
@@ -81,28 +90,43 @@ def _pair_entry(tld: LoadedStage, sld: LoadedStage, pair: list, counts: np.ndarr
         classes = ", ".join(f"'{class_name(ld.classes, c)}'" for c in view.source.classes) if view else ""
         return f"{what}{k} ({classes or '?'})"
 
-    lines = [f"t {name(tld, t)} ↔ s {name(sld, s)}", f"sim {sim:.3f} · co-located on {int(counts[i, j])} of {n} test images"]
-    entry = {"teacher_prototype": i, "student_prototype": j, "sim": sim, "colocated": int(counts[i, j]),
-             "teacher_classes": t.source.classes if t else [], "student_classes": s.source.classes if s else []}
+    lines = [
+        f"t {name(tld, t)} ↔ s {name(sld, s)}",
+        f"sim {sim:.3f} · co-located on {int(counts[i, j])} of {n} test images",
+    ]
+    entry = {
+        "teacher_prototype": i,
+        "student_prototype": j,
+        "sim": sim,
+        "colocated": int(counts[i, j]),
+        "teacher_classes": t.source.classes if t else [],
+        "student_classes": s.source.classes if s else [],
+    }
     if t is None or s is None:
         return lines, None, entry
     scale = tile_scale(t.image.shape[0])
     side = t.image.shape[0] * scale
     box = lambda v: ([(v.rf_box, CYAN)] if v.rf_box else []) + [(v.box, YELLOW)]
-    tiles = [boxed_tile(t.image, scale, box(t)), crop_tile(t.image, t.box, side), crop_tile(s.image, s.box, side),
-             fit(boxed_tile(s.image, tile_scale(s.image.shape[0]), box(s)), side)]
+    tiles = [
+        boxed_tile(t.image, scale, box(t)),
+        crop_tile(t.image, t.box, side),
+        crop_tile(s.image, s.box, side),
+        fit(boxed_tile(s.image, tile_scale(s.image.shape[0]), box(s)), side),
+    ]
     return lines, tiles, entry
 
 
 def _caption(matching: dict, tname: str, sname: str, path: Path) -> list[str]:
     caps = matching["caps"]
     shown = ", ".join(map(str, caps)) if len(caps) <= 12 else f"{caps[0]}, {caps[1]}, …, {caps[-1]}"
-    return [f"sim: the pair's similarity in the saved PMS matching ({path.name}): the mean over the caps M ∈ {{{shown}}} "
-            f"of min(1, I_ij / M), where I_ij is the number of the {matching['num_images']} test images on which "
-            f"{tname}'s prototype i and {sname}'s prototype j have their nearest latent patch at the same location; "
-            f"1: co-located on at least {max(caps)} images, 0: never. The matching pairs each teacher prototype with "
-            f"one student prototype, maximising the mean sim. PMS = {matching['score']:.3f} "
-            "(1 − the mean matched cost 1 − min(1, I_ij / M) over the caps, each cap solved on its own)."]
+    return [
+        f"sim: the pair's similarity in the saved PMS matching ({path.name}): the mean over the caps M ∈ {{{shown}}} "
+        f"of min(1, I_ij / M), where I_ij is the number of the {matching['num_images']} test images on which "
+        f"{tname}'s prototype i and {sname}'s prototype j have their nearest latent patch at the same location; "
+        f"1: co-located on at least {max(caps)} images, 0: never. The matching pairs each teacher prototype with "
+        f"one student prototype, maximising the mean sim. PMS = {matching['score']:.3f} "
+        "(1 − the mean matched cost 1 − min(1, I_ij / M) over the caps, each cap solved on its own)."
+    ]
 
 
 def explain_pairs(run: RunDir, student: str, top: int, out_dir: Path, device: str = "auto") -> dict[str, Any]:
@@ -136,13 +160,29 @@ def explain_pairs(run: RunDir, student: str, top: int, out_dir: Path, device: st
     if not groups["best"] and not groups["worst"]:
         raise KdtError("no matched pair has source patches to show", source=str(sld.stage.path))
     tname, sname = tld.stage.name, sld.stage.name
-    legend = [f"PMS matching of {sname} (s) with {tname} (t), {len(pairs)} pairs. Each pair: the teacher prototype's "
-              "source image (cyan: receptive field, yellow: 95th-percentile activation box) and training patch, then "
-              "the student prototype's training patch and source image."]
+    legend = [
+        f"PMS matching of {sname} (s) with {tname} (t), {len(pairs)} pairs. Each pair: the teacher prototype's "
+        "source image (cyan: receptive field, yellow: 95th-percentile activation box) and training patch, then "
+        "the student prototype's training patch and source image."
+    ]
     fig = inside(out_dir, f"pairs-{sname}.png", what="output folder")
-    size = F.pairs_figure(f"{tname} ↔ {sname}: matched prototypes", legend, groups["best"], groups["worst"],
-                          _caption(matching, tname, sname, mpath), fig)
-    info = {"teacher": tname, "student": sname, "matching_file": str(mpath), "score": matching["score"],
-            "caps": matching["caps"], **shown, "figure": str(fig), "size": list(size)}
+    size = F.pairs_figure(
+        f"{tname} ↔ {sname}: matched prototypes",
+        legend,
+        groups["best"],
+        groups["worst"],
+        _caption(matching, tname, sname, mpath),
+        fig,
+    )
+    info = {
+        "teacher": tname,
+        "student": sname,
+        "matching_file": str(mpath),
+        "score": matching["score"],
+        "caps": matching["caps"],
+        **shown,
+        "figure": str(fig),
+        "size": list(size),
+    }
     atomic_write_json(fig.with_suffix(".json"), info)
     return info

@@ -66,8 +66,10 @@ def load_stage(stage: StageDir, device: str = "auto") -> LoadedStage:
     model = stage.model(str(dev), data)
     head = model.head
     if not hasattr(head, "prototypes") or "distances" not in getattr(head, "outputs", ()):
-        raise KdtError(f"the head {type(head).__name__} is not a prototype head (ProtoPNet or ProtoTree): "
-                       "nothing to explain", source=str(stage.path))
+        raise KdtError(
+            f"the head {type(head).__name__} is not a prototype head (ProtoPNet or ProtoTree): nothing to explain",
+            source=str(stage.path),
+        )
     return LoadedStage(stage, model, data, dev)
 
 
@@ -130,9 +132,17 @@ def out_dir_for(out: Path | None, default: Path) -> Path:
 def view_json(v: X.PrototypeView) -> dict[str, Any]:
     """A prototype view's numbers as JSON values: source, boxes, patch statistics and flags."""
     s = v.source
-    return {"prototype": s.prototype, "classes": s.classes, "kept": s.kept, "image": s.image, "h": s.h, "w": s.w,
-            "box": list(v.box), "rf_box": list(v.rf_box) if v.rf_box else None,
-            **{k: v.stats[k] for k in ("patch_std", "background_fraction", "flat_fraction", "flags")}}
+    return {
+        "prototype": s.prototype,
+        "classes": s.classes,
+        "kept": s.kept,
+        "image": s.image,
+        "h": s.h,
+        "w": s.w,
+        "box": list(v.box),
+        "rf_box": list(v.rf_box) if v.rf_box else None,
+        **{k: v.stats[k] for k in ("patch_std", "background_fraction", "flat_fraction", "flags")},
+    }
 
 
 def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, str, str]:
@@ -149,8 +159,11 @@ def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, s
     if path.is_file():
         preprocess = getattr(ld.data.test, "preprocess", None)
         if preprocess is None:
-            raise KdtError(f"dataset '{ld.data.spec['dataset']}' has no preprocess(image) method, so an image file "
-                           "cannot be prepared as its test split is", source=str(ld.stage.path))
+            raise KdtError(
+                f"dataset '{ld.data.spec['dataset']}' has no preprocess(image) method, so an image file "
+                "cannot be prepared as its test split is",
+                source=str(ld.stage.path),
+            )
         return preprocess(load_image(path)), None, f"image-{path.stem}", f"image {path.name}"
     if image.strip().isdigit():
         idx, n = int(image), len(ld.data.test)

@@ -87,9 +87,7 @@ def global_explanation_loss(student_prototypes: Tensor, teacher_prototypes: Tens
     return dist.mean()
 
 
-def active_patch_mask(
-    min_distances: Tensor, argmin: Tensor, height: int, width: int, tau: float
-) -> Tensor:
+def active_patch_mask(min_distances: Tensor, argmin: Tensor, height: int, width: int, tau: float) -> Tensor:
     """Mask of latent locations that are the nearest patch of an active prototype.
 
     Proto2Proto PPC mask (spec §3): ``m_{b,h,w} = 1`` iff some prototype j has
@@ -125,9 +123,7 @@ def active_patch_mask(
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cells):
         raise ValueError(f"argmin values must lie in [0, {cells}) for a {height}x{width} grid")
     active = (min_distances.detach() < tau).to(torch.long)  # [B, P]
-    counts = torch.zeros(
-        min_distances.shape[0], cells, dtype=torch.long, device=min_distances.device
-    )
+    counts = torch.zeros(min_distances.shape[0], cells, dtype=torch.long, device=min_distances.device)
     counts.scatter_add_(1, idx, active)
     return (counts > 0).view(min_distances.shape[0], height, width)
 
@@ -162,9 +158,7 @@ def active_patch_mask_all_ties(distances: Tensor, min_distances: Tensor, tau: fl
     return (at_min & active).any(dim=1)
 
 
-def patch_prototype_correspondence_loss(
-    teacher_features: Tensor, student_features: Tensor, mask: Tensor
-) -> Tensor:
+def patch_prototype_correspondence_loss(teacher_features: Tensor, student_features: Tensor, mask: Tensor) -> Tensor:
     """Proto2Proto Patch-Prototype Correspondence loss (spec §3, ``L_ppc``).
 
     ``L_ppc = sum_{b,h,w} m_{b,h,w} * ||z^t_{b,:,h,w} - z^s_{b,:,h,w}||^2
@@ -253,8 +247,9 @@ def match_prototypes(student_prototypes: Tensor, teacher_prototypes: Tensor) -> 
     return torch.as_tensor(rows[order], dtype=torch.long), torch.as_tensor(cols[order], dtype=torch.long)
 
 
-def paired_global_explanation_loss(student_prototypes: Tensor, teacher_prototypes: Tensor,
-                                   student_index: Tensor, teacher_index: Tensor) -> Tensor:
+def paired_global_explanation_loss(
+    student_prototypes: Tensor, teacher_prototypes: Tensor, student_index: Tensor, teacher_index: Tensor
+) -> Tensor:
     """:func:`global_explanation_loss` over explicit pairs ``(student_index[i], teacher_index[i])``.
 
     ``(1/M) Σ_i ‖p^s_{student_index[i]} − p^t_{teacher_index[i]}‖₂``; only the
@@ -271,6 +266,8 @@ def paired_global_explanation_loss(student_prototypes: Tensor, teacher_prototype
     s = _as_matrix(student_prototypes, "student_prototypes")
     t = _as_matrix(teacher_prototypes, "teacher_prototypes")
     if student_index.shape != teacher_index.shape or student_index.dim() != 1:
-        raise ValueError(f"student_index and teacher_index must be [M], got {tuple(student_index.shape)} "
-                         f"and {tuple(teacher_index.shape)}")
+        raise ValueError(
+            f"student_index and teacher_index must be [M], got {tuple(student_index.shape)} "
+            f"and {tuple(teacher_index.shape)}"
+        )
     return global_explanation_loss(s[student_index.to(s.device)], t[teacher_index.to(t.device)])

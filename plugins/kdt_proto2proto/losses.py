@@ -56,12 +56,16 @@ class GlobalExplanationLoss(nn.Module):
         ps = prototype_matrix(prototype_head(model, "student", "global_explanation"))
         pt = prototype_matrix(prototype_head(teacher, "teacher", "global_explanation"))
         if ps.shape[1] != pt.shape[1]:
-            raise ValueError(f"global_explanation compares prototypes: student depth {ps.shape[1]}, teacher depth "
-                             f"{pt.shape[1]}; use the same prototype_depth")
+            raise ValueError(
+                f"global_explanation compares prototypes: student depth {ps.shape[1]}, teacher depth "
+                f"{pt.shape[1]}; use the same prototype_depth"
+            )
         if self.pairing == "index" and ps.shape != pt.shape:
-            raise ValueError(f"global_explanation with pairing = \"index\" pairs prototype j with prototype j, but the student "
-                             f"has {ps.shape[0]} prototypes and the teacher {pt.shape[0]}; use pairing = "
-                             f"\"matched_per_epoch\" or \"matched_fixed\"")
+            raise ValueError(
+                f'global_explanation with pairing = "index" pairs prototype j with prototype j, but the student '
+                f"has {ps.shape[0]} prototypes and the teacher {pt.shape[0]}; use pairing = "
+                f'"matched_per_epoch" or "matched_fixed"'
+            )
 
     # -- matched pairings ---------------------------------------------------
     def setup(self, probe: Step) -> None:
@@ -105,8 +109,9 @@ class GlobalExplanationLoss(nn.Module):
             raise ValueError("the matched pairing was not set up (no dry forward pass of both models)")
         if int(self.student_index[0]) < 0:
             self.rematch(step.model)
-        return F.paired_global_explanation_loss(prototype_matrix(student), prototype_matrix(teacher),
-                                                self.student_index, self.teacher_index)
+        return F.paired_global_explanation_loss(
+            prototype_matrix(student), prototype_matrix(teacher), self.student_index, self.teacher_index
+        )
 
 
 class PatchPrototypeCorrespondenceLoss:
@@ -132,8 +137,13 @@ class PatchPrototypeCorrespondenceLoss:
     requires_outputs = ("min_distances", "argmin", "features", "distances")
     requires_teacher_outputs = ("features", "min_distances", "argmin", "distances")
 
-    def __init__(self, *, tau: float = 100.0, mask_source: Literal["student", "teacher", "either"] = "student",
-                 mask_ties: Literal["all", "first"] = "all"):
+    def __init__(
+        self,
+        *,
+        tau: float = 100.0,
+        mask_source: Literal["student", "teacher", "either"] = "student",
+        mask_ties: Literal["all", "first"] = "all",
+    ):
         self.tau = tau
         self.mask_source = mask_source
         self.mask_ties = mask_ties
@@ -150,18 +160,28 @@ class PatchPrototypeCorrespondenceLoss:
         ds = prototype_matrix(prototype_head(model, "student", "patch_prototype_correspondence")).shape[1]
         dt = prototype_matrix(prototype_head(teacher, "teacher", "patch_prototype_correspondence")).shape[1]
         if ds != dt:
-            raise ValueError(f"patch_prototype_correspondence compares add-on features: student depth {ds}, "
-                             f"teacher depth {dt}; use the same prototype_depth")
+            raise ValueError(
+                f"patch_prototype_correspondence compares add-on features: student depth {ds}, "
+                f"teacher depth {dt}; use the same prototype_depth"
+            )
 
     def __call__(self, step: Step) -> torch.Tensor:
         s, t = step.outputs, step.teacher_outputs
         zs, zt = s["features"], t["features"]
         if zs.shape != zt.shape:
-            raise ValueError(f"teacher and student add-on features differ in shape: {tuple(zt.shape)} vs {tuple(zs.shape)}; "
-                             "use the same prototype_depth and a backbone cut with the same grid")
+            raise ValueError(
+                f"teacher and student add-on features differ in shape: {tuple(zt.shape)} vs {tuple(zs.shape)}; "
+                "use the same prototype_depth and a backbone cut with the same grid"
+            )
         h, w = zs.shape[-2:]
-        sources = [o for o, used in ((s, self.mask_source in ("student", "either")),
-                                     (t, self.mask_source in ("teacher", "either"))) if used]
+        sources = [
+            o
+            for o, used in (
+                (s, self.mask_source in ("student", "either")),
+                (t, self.mask_source in ("teacher", "either")),
+            )
+            if used
+        ]
         if self.mask_ties == "all":
             masks = [F.active_patch_mask_all_ties(o["distances"], o["min_distances"], self.tau) for o in sources]
         else:
@@ -195,8 +215,10 @@ class TreeKDLoss:
         """Before training: both heads output ``log_probabilities``."""
         for m, who in ((model, "student"), (teacher, "teacher")):
             if "log_probabilities" not in getattr(m.head, "outputs", ()):
-                raise ValueError(f"tree_kd reads output distributions: the {who}'s {type(m.head).__name__} has no "
-                                 "'log_probabilities' output (use hinton_kd on logits instead)")
+                raise ValueError(
+                    f"tree_kd reads output distributions: the {who}'s {type(m.head).__name__} has no "
+                    "'log_probabilities' output (use hinton_kd on logits instead)"
+                )
 
     def __call__(self, step: Step) -> torch.Tensor:
         t = self.temperature

@@ -42,7 +42,8 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -140,8 +141,7 @@ def parse_taus(text: str) -> tuple[float, ...]:
         item = raw.strip()
         if not item:
             raise ValueError(
-                f"empty threshold at position {position} in {text!r}; "
-                "expected a comma-separated list like '0.1,1,inf'"
+                f"empty threshold at position {position} in {text!r}; expected a comma-separated list like '0.1,1,inf'"
             )
         if item.lower() in ("inf", "+inf", "infinity", "+infinity", "∞"):
             value = math.inf
@@ -464,8 +464,9 @@ def average_jaccard_similarity(
         ValueError: different ``N`` for teacher and student, or a location
             outside the shared grid.
     """
-    return ajs_by_tau(teacher_min_distances, teacher_argmin, student_min_distances, student_argmin,
-                      num_locations, (tau,))[tau_key(tau)]
+    return ajs_by_tau(
+        teacher_min_distances, teacher_argmin, student_min_distances, student_argmin, num_locations, (tau,)
+    )[tau_key(tau)]
 
 
 def _check_minima(minima: Any, name: str) -> Any:
@@ -516,7 +517,9 @@ def ajs_from_minima(teacher_minima: Any, student_minima: Any, taus: Iterable[flo
     return {tau_key(t): _ajs_of_masks(_at_most(mt, t), _at_most(ms, t)) for t in _unique_taus(taus)}
 
 
-def aap_by_tau(min_distances: Any, argmin: Any, num_locations: int, taus: Iterable[float] = DEFAULT_TAUS) -> dict[str, float]:
+def aap_by_tau(
+    min_distances: Any, argmin: Any, num_locations: int, taus: Iterable[float] = DEFAULT_TAUS
+) -> dict[str, float]:
     """:func:`average_active_patches` for every threshold, keyed by :func:`tau_key`.
 
     The per-location minima (:func:`location_minima`) are computed once; each
@@ -621,9 +624,7 @@ def _kernel() -> Any:
     return _csr_matvecs
 
 
-def _add_rows(
-    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, acc: np.ndarray
-) -> None:
+def _add_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, acc: np.ndarray) -> None:
     """``acc += A @ rows`` for the CSR ``A = (data, indices, indptr)``, in place."""
     n_row, n_vecs = acc.shape
     n_col = rows.shape[0]
@@ -864,8 +865,7 @@ def pms_from_colocation(colocation: Any, num_images: int) -> PMSResult:
         return PMSResult(
             score=None,
             reason=(
-                f"PMS needs at least 10 test images (cap c = int(0.1·N) = 0 for N = {num_images}); "
-                "no cap, no score"
+                f"PMS needs at least 10 test images (cap c = int(0.1·N) = 0 for N = {num_images}); no cap, no score"
             ),
             **base,
         )

@@ -40,8 +40,10 @@ def prototype_head(model: Any, who: str = "student", use: str = "this loss") -> 
     head = model.head
     lacks = missing(head)
     if lacks:
-        raise ValueError(f"{use} needs a prototype head; the {who}'s {type(head).__name__} lacks {', '.join(lacks)} "
-                         "(see the prototype-head protocol in docs/prototree.md)")
+        raise ValueError(
+            f"{use} needs a prototype head; the {who}'s {type(head).__name__} lacks {', '.join(lacks)} "
+            "(see the prototype-head protocol in docs/prototree.md)"
+        )
     return head
 
 

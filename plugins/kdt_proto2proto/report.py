@@ -45,14 +45,23 @@ def report_tables(results: dict, recipe: dict) -> list[Table]:
     tau = math.inf
     rows1 = []
     for name, r in stages.items():
-        rows1.append([r.get("description", name), name, at_tau(r.get("aap"), tau), at_tau(r.get("ajs"), tau),
-                      r.get("pms"), _pct(r.get("accuracy")), _evaluated(r)])
+        rows1.append(
+            [
+                r.get("description", name),
+                name,
+                at_tau(r.get("aap"), tau),
+                at_tau(r.get("ajs"), tau),
+                r.get("pms"),
+                _pct(r.get("accuracy")),
+                _evaluated(r),
+            ]
+        )
     t1 = Table(
         "Table 1: accuracy and interpretability (τ = ∞)",
         ["model", "stage", "AAP", "AJS (↑)", "PMS (↑)", "accuracy (↑)", "evaluated"],
         rows1,
         note="AJS and PMS of a student are against its teacher (or its compare_to stage); a teacher is compared "
-             "with itself. 'evaluated' says whether the evaluated prototypes are the pushed ones.",
+        "with itself. 'evaluated' says whether the evaluated prototypes are the pushed ones.",
         key="proto2proto_table1",
     )
     tables = [t1]
@@ -67,24 +76,45 @@ def report_tables(results: dict, recipe: dict) -> list[Table]:
         rows2 = []
         for name in names:
             r = stages[name]
-            rows2.append([name, mark(_uses(r, MODEL_LOSSES)), mark(_uses(r, {"patch_prototype_correspondence"})),
-                          mark(_uses(r, {"global_explanation"})), at_tau(r.get("aap"), tau), at_tau(r.get("ajs"), tau),
-                          r.get("pms"), _pct(r.get("accuracy"))])
+            rows2.append(
+                [
+                    name,
+                    mark(_uses(r, MODEL_LOSSES)),
+                    mark(_uses(r, {"patch_prototype_correspondence"})),
+                    mark(_uses(r, {"global_explanation"})),
+                    at_tau(r.get("aap"), tau),
+                    at_tau(r.get("ajs"), tau),
+                    r.get("pms"),
+                    _pct(r.get("accuracy")),
+                ]
+            )
         tr = stages[ref]
-        rows2.append([f"{ref} (teacher)", "", "", "", at_tau(tr.get("aap"), tau), at_tau(tr.get("ajs"), tau),
-                      tr.get("pms"), _pct(tr.get("accuracy"))])
-        tables.append(Table(
-            f"Table 2: loss combinations against teacher '{ref}' (τ = ∞)",
-            ["stage", "L_model", "L_ppc", "L_global", "AAP", "AJS (↑)", "PMS (↑)", "accuracy (↑)"],
-            rows2,
-            note="L_model: the prototype model's own loss (ProtoPNet: cross-entropy, cluster, separation, L1; ProtoTree: "
-                 "NLL); L_ppc: patch-prototype correspondence loss; L_global: global explanation loss. A ✓ means the "
-                 "loss had a non-zero weight.",
-            key="proto2proto_table2",
-        ))
+        rows2.append(
+            [
+                f"{ref} (teacher)",
+                "",
+                "",
+                "",
+                at_tau(tr.get("aap"), tau),
+                at_tau(tr.get("ajs"), tau),
+                tr.get("pms"),
+                _pct(tr.get("accuracy")),
+            ]
+        )
+        tables.append(
+            Table(
+                f"Table 2: loss combinations against teacher '{ref}' (τ = ∞)",
+                ["stage", "L_model", "L_ppc", "L_global", "AAP", "AJS (↑)", "PMS (↑)", "accuracy (↑)"],
+                rows2,
+                note="L_model: the prototype model's own loss (ProtoPNet: cross-entropy, cluster, separation, L1; ProtoTree: "
+                "NLL); L_ppc: patch-prototype correspondence loss; L_global: global explanation loss. A ✓ means the "
+                "loss had a non-zero weight.",
+                key="proto2proto_table2",
+            )
+        )
     taus: list[str] = []
     for r in stages.values():
-        for k in list((r.get("aap") or {})) + list((r.get("ajs") or {})):
+        for k in list(r.get("aap") or {}) + list(r.get("ajs") or {}):
             if k not in taus:
                 taus.append(k)
     rows3 = []
@@ -92,8 +122,14 @@ def report_tables(results: dict, recipe: dict) -> list[Table]:
         rows3.append([name, "AAP", *[(r.get("aap") or {}).get(k) for k in taus]])
         if r.get("ajs"):
             rows3.append([name, "AJS", *[(r.get("ajs") or {}).get(k) for k in taus]])
-    tables.append(Table("AAP and AJS at every threshold τ", ["stage", "metric", *[f"τ={k}" for k in taus]], rows3,
-                        key="proto2proto_tau"))
+    tables.append(
+        Table(
+            "AAP and AJS at every threshold τ",
+            ["stage", "metric", *[f"τ={k}" for k in taus]],
+            rows3,
+            key="proto2proto_tau",
+        )
+    )
     return tables
 
 

@@ -18,8 +18,10 @@ MAX_PROTOTYPE_DEPTH = 65536
 def check_head_params(params: dict) -> None:
     """1 to 4096 prototypes per class, a prototype depth from 1 to 65536."""
     if not 1 <= params["prototypes_per_class"] <= MAX_PROTOTYPES_PER_CLASS:
-        raise ValueError("prototypes_per_class", f"must be from 1 to {MAX_PROTOTYPES_PER_CLASS}, "
-                                                 f"got {params['prototypes_per_class']}")
+        raise ValueError(
+            "prototypes_per_class",
+            f"must be from 1 to {MAX_PROTOTYPES_PER_CLASS}, got {params['prototypes_per_class']}",
+        )
     if not 1 <= params["prototype_depth"] <= MAX_PROTOTYPE_DEPTH:
         raise ValueError("prototype_depth", f"must be from 1 to {MAX_PROTOTYPE_DEPTH}, got {params['prototype_depth']}")
 

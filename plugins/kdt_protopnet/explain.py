@@ -71,9 +71,15 @@ def heat_overlay(image: np.ndarray, up: np.ndarray, weight: float = 0.5) -> np.n
     return np.clip(0.5 * image + weight * heat, 0, 1)
 
 
-def patch_flags(image: np.ndarray, box: tuple[int, int, int, int], act: np.ndarray, *,
-                min_std: float = MIN_PATCH_STD, max_background: float = MAX_BACKGROUND_FRACTION,
-                max_flat: float = MAX_FLAT_FRACTION) -> dict[str, Any]:
+def patch_flags(
+    image: np.ndarray,
+    box: tuple[int, int, int, int],
+    act: np.ndarray,
+    *,
+    min_std: float = MIN_PATCH_STD,
+    max_background: float = MAX_BACKGROUND_FRACTION,
+    max_flat: float = MAX_FLAT_FRACTION,
+) -> dict[str, Any]:
     """Whether a prototype's source patch is uninformative, with the numbers behind it.
 
     - ``constant patch``: the standard deviation of the display pixels
@@ -93,7 +99,7 @@ def patch_flags(image: np.ndarray, box: tuple[int, int, int, int], act: np.ndarr
     :return: ``{"patch_std", "background_fraction", "flat_fraction", "flags"}``.
     """
     top, left, bottom, right = box
-    patch = image[top:bottom + 1, left:right + 1]
+    patch = image[top : bottom + 1, left : right + 1]
     frame = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
     background = np.median(frame, axis=0)
     near = (np.abs(patch - background) <= 0.1).all(axis=-1)
@@ -135,8 +141,17 @@ def sources_from_record(record: dict[str, Any]) -> list[PrototypeSource]:
     out = []
     for p in record["prototypes"]:
         classes = p["classes"] if "classes" in p else ([] if p.get("class") is None else [p["class"]])
-        out.append(PrototypeSource(int(p["prototype"]), int(p["image"]), int(p["h"]), int(p["w"]), bool(p["found"]),
-                                   [int(c) for c in classes], bool(p.get("node_kept", True))))
+        out.append(
+            PrototypeSource(
+                int(p["prototype"]),
+                int(p["image"]),
+                int(p["h"]),
+                int(p["w"]),
+                bool(p["found"]),
+                [int(c) for c in classes],
+                bool(p.get("node_kept", True)),
+            )
+        )
     return out
 
 
@@ -161,12 +176,23 @@ def nearest_patches(model, dataset, batch_size: int = 64, device: str | torch.de
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         x = torch.stack([im for im, _ in items]).to(device)
         y = torch.tensor([int(lab) for _, lab in items], device=device)
-        projector.update(head.latent(model.backbone(x)).float(), y, torch.arange(start, start + len(items), device=device))
+        projector.update(
+            head.latent(model.backbone(x)).float(), y, torch.arange(start, start + len(items), device=device)
+        )
     res = projector.result()
     kept = getattr(head, "node_kept", torch.ones(head.num_prototypes, dtype=torch.bool))
-    return [PrototypeSource(j, int(res.sample_id[j]), int(res.h[j]), int(res.w[j]), bool(res.found[j]),
-                            torch.nonzero(allowed[j]).flatten().tolist(), bool(kept[j]))
-            for j in range(head.num_prototypes)]
+    return [
+        PrototypeSource(
+            j,
+            int(res.sample_id[j]),
+            int(res.h[j]),
+            int(res.w[j]),
+            bool(res.found[j]),
+            torch.nonzero(allowed[j]).flatten().tolist(),
+            bool(kept[j]),
+        )
+        for j in range(head.num_prototypes)
+    ]
 
 
 @dataclass
@@ -195,8 +221,14 @@ class PrototypeView:
 
 
 @torch.inference_mode()
-def explain_prototypes(model, dataset, sources: list[PrototypeSource], rf_info: RFInfo | None = None,
-                       device: str | torch.device = "cpu", batch_size: int = 64) -> list[PrototypeView]:
+def explain_prototypes(
+    model,
+    dataset,
+    sources: list[PrototypeSource],
+    rf_info: RFInfo | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> list[PrototypeView]:
     """Recompute each found prototype's activation on its source image, from the model itself.
 
     One forward pass per distinct source image (in batches). The
@@ -217,7 +249,7 @@ def explain_prototypes(model, dataset, sources: list[PrototypeSource], rf_info: 
     images: dict[int, torch.Tensor] = {}
     maps: dict[tuple[int, int], torch.Tensor] = {}  # only the maps shown: (image, prototype) -> [H, W]
     for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
+        chunk = ids[start : start + batch_size]
         x = torch.stack([dataset[i][0] for i in chunk])
         out = model(x.to(device))
         act = similarity_maps(model.head, out["distances"]).cpu()
@@ -231,9 +263,17 @@ def explain_prototypes(model, dataset, sources: list[PrototypeSource], rf_info: 
         size = tuple(img.shape[-2:])
         disp = display_image(img)
         box = activation_box(a, size)
-        views.append(PrototypeView(s, disp, a.numpy(), upsample_map(a, size), box,
-                                   rf_box(size[0], s.h, s.w, rf_info) if rf_info is not None else None,
-                                   patch_flags(disp, box, a.numpy())))
+        views.append(
+            PrototypeView(
+                s,
+                disp,
+                a.numpy(),
+                upsample_map(a, size),
+                box,
+                rf_box(size[0], s.h, s.w, rf_info) if rf_info is not None else None,
+                patch_flags(disp, box, a.numpy()),
+            )
+        )
     return views
 
 
@@ -260,15 +300,26 @@ def explain_image(model, x: torch.Tensor, k: int) -> dict[str, Any]:
     for r in range(top["prototype"].shape[1]):
         j = int(top["prototype"][0, r])
         loc = int(top["location"][0, r])
-        row = {"prototype": j, "similarity": float(top["similarity"][0, r]), "location": (loc // width, loc % width),
-               "box": activation_box(act[j], size), "up": upsample_map(act[j], size)}
+        row = {
+            "prototype": j,
+            "similarity": float(top["similarity"][0, r]),
+            "location": (loc // width, loc % width),
+            "box": activation_box(act[j], size),
+            "up": upsample_map(act[j], size),
+        }
         if "contribution" in top:
             row["class"] = int(top["class"][0, r])
             row["weight"] = float(head.last_layer.weight[pred, j])
             row["contribution"] = float(top["contribution"][0, r])
         rows.append(row)
-    return {"outputs": out, "prediction": pred, "probability": float(torch.softmax(out["logits"][0].float(), 0)[pred]),
-            "top": rows, "image": display_image(x), "activation": act}
+    return {
+        "outputs": out,
+        "prediction": pred,
+        "probability": float(torch.softmax(out["logits"][0].float(), 0)[pred]),
+        "top": rows,
+        "image": display_image(x),
+        "activation": act,
+    }
 
 
 def greedy_path(head, min_distances: torch.Tensor) -> dict[str, Any]:
@@ -290,7 +341,9 @@ def greedy_path(head, min_distances: torch.Tensor) -> dict[str, Any]:
         d = float(min_distances[node])
         f = forced[node]
         right = (f == 1) if f >= 0 else d < LN2
-        nodes.append({"node": node, "distance": d, "similarity": float(np.exp(-d)), "right": bool(right), "forced": f >= 0})
+        nodes.append(
+            {"node": node, "distance": d, "similarity": float(np.exp(-d)), "right": bool(right), "forced": f >= 0}
+        )
         node = 2 * node + 1 + int(right)
     leaf = node - num_internal_nodes(head.depth)
     return {"nodes": nodes, "leaf": leaf, "distribution": head.leaf_distributions()[leaf].cpu()}

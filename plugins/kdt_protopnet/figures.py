@@ -17,7 +17,9 @@ import torch.nn.functional as TF
 from kdtoolkit.io import atomic_savefig
 
 
-def activation_box(similarity_map: torch.Tensor, size: tuple[int, int], percentile: float = 95.0) -> tuple[int, int, int, int]:
+def activation_box(
+    similarity_map: torch.Tensor, size: tuple[int, int], percentile: float = 95.0
+) -> tuple[int, int, int, int]:
     """``(top, left, bottom, right)`` (inclusive) of the pixels ≥ the percentile of
     the bicubically upsampled ``[H, W]`` similarity map."""
     up = TF.interpolate(similarity_map[None, None].float(), size=size, mode="bicubic", align_corners=False)[0, 0]
@@ -64,18 +66,24 @@ def _canvas(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], 
         tile = _display(img).clone()
         top, left, bottom, right = box
         yellow = torch.tensor([1.0, 0.9, 0.0])
-        tile[top, left:right + 1] = yellow
-        tile[bottom, left:right + 1] = yellow
-        tile[top:bottom + 1, left] = yellow
-        tile[top:bottom + 1, right] = yellow
+        tile[top, left : right + 1] = yellow
+        tile[bottom, left : right + 1] = yellow
+        tile[top : bottom + 1, left] = yellow
+        tile[top : bottom + 1, right] = yellow
         h, w = tile.shape[:2]
-        canvas[y0:y0 + h, x0:x0 + w] = tile
+        canvas[y0 : y0 + h, x0 : x0 + w] = tile
         corners.append((y0, x0))
     return canvas, corners
 
 
-def prototype_figure(path: Path, images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]],
-                     labels: list[str], title: str, cols: int = 10) -> None:
+def prototype_figure(
+    path: Path,
+    images: list[torch.Tensor],
+    boxes: list[tuple[int, int, int, int]],
+    labels: list[str],
+    title: str,
+    cols: int = 10,
+) -> None:
     """Save a grid of images with one box each as a PNG (``cols`` images a row).
 
     The images are tiled into one picture drawn on a single set of axes (one

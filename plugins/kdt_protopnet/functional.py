@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -54,9 +54,7 @@ def _as_matrix(prototypes: Tensor, name: str = "prototypes") -> Tensor:
         return prototypes
     if prototypes.dim() == 4 and prototypes.shape[2] == 1 and prototypes.shape[3] == 1:
         return prototypes.flatten(1)
-    raise ValueError(
-        f"{name} must have shape [P, D] or [P, D, 1, 1], got {tuple(prototypes.shape)}"
-    )
+    raise ValueError(f"{name} must have shape [P, D] or [P, D, 1, 1], got {tuple(prototypes.shape)}")
 
 
 def _check_latent(z: Tensor, name: str = "z") -> None:
@@ -85,19 +83,14 @@ def _first_argmin(values: Tensor) -> Tensor:
 def _own_class_mask(targets: Tensor, class_identity: Tensor, min_distances: Tensor) -> Tensor:
     """``[B, P]`` bool: True where prototype j belongs to the true class of image b."""
     if min_distances.dim() != 2:
-        raise ValueError(
-            f"min_distances must have shape [B, P], got {tuple(min_distances.shape)}"
-        )
+        raise ValueError(f"min_distances must have shape [B, P], got {tuple(min_distances.shape)}")
     if class_identity.dim() != 2 or class_identity.shape[0] != min_distances.shape[1]:
         raise ValueError(
             f"class_identity must have shape [P, K] with P = {min_distances.shape[1]}, "
             f"got {tuple(class_identity.shape)}"
         )
     if targets.dim() != 1 or targets.shape[0] != min_distances.shape[0]:
-        raise ValueError(
-            f"targets must have shape [B] with B = {min_distances.shape[0]}, "
-            f"got {tuple(targets.shape)}"
-        )
+        raise ValueError(f"targets must have shape [B] with B = {min_distances.shape[0]}, got {tuple(targets.shape)}")
     identity = (class_identity != 0).to(min_distances.device)
     return identity[:, targets.to(device=identity.device, dtype=torch.long)].t()
 
@@ -161,9 +154,7 @@ def min_pool_distances(distances: Tensor) -> tuple[Tensor, Tensor]:
         ``argmin = h * W + w`` in ``[0, H * W)``.
     """
     if distances.dim() != 4:
-        raise ValueError(
-            f"distances must have shape [B, P, H, W], got {tuple(distances.shape)}"
-        )
+        raise ValueError(f"distances must have shape [B, P, H, W], got {tuple(distances.shape)}")
     flat = distances.flatten(2)  # [B, P, H*W]
     idx = _first_argmin(flat)  # [B, P]
     values = flat.gather(2, idx.unsqueeze(-1)).squeeze(-1)
@@ -239,9 +230,7 @@ def last_layer_init(class_identity: Tensor, incorrect_strength: float = -0.5) ->
         dtype if it is not floating point).
     """
     if class_identity.dim() != 2:
-        raise ValueError(
-            f"class_identity must have shape [P, K], got {tuple(class_identity.shape)}"
-        )
+        raise ValueError(f"class_identity must have shape [P, K], got {tuple(class_identity.shape)}")
     dtype = class_identity.dtype if class_identity.is_floating_point() else torch.get_default_dtype()
     own = (class_identity != 0).t()
     ones = torch.ones(own.shape, dtype=dtype, device=class_identity.device)
@@ -366,8 +355,12 @@ class PrototypeProjector:
             the patch distance (default :func:`squared_l2_distances`).
     """
 
-    def __init__(self, prototypes: Tensor, allowed_classes: Tensor | None,
-                 distance: Callable[[Tensor, Tensor], Tensor] = squared_l2_distances) -> None:
+    def __init__(
+        self,
+        prototypes: Tensor,
+        allowed_classes: Tensor | None,
+        distance: Callable[[Tensor, Tensor], Tensor] = squared_l2_distances,
+    ) -> None:
         self._distance_fn = distance
         p = _as_matrix(prototypes).detach().clone()
         self._old = p
@@ -376,8 +369,7 @@ class PrototypeProjector:
         if allowed_classes is not None:
             if allowed_classes.dim() != 2 or allowed_classes.shape[0] != n:
                 raise ValueError(
-                    f"allowed_classes must have shape [P, K] with P = {n}, "
-                    f"got {tuple(allowed_classes.shape)}"
+                    f"allowed_classes must have shape [P, K] with P = {n}, got {tuple(allowed_classes.shape)}"
                 )
             allowed_classes = (allowed_classes != 0).to(p.device)
         self._allowed = allowed_classes
@@ -402,8 +394,7 @@ class PrototypeProjector:
         bsz, depth, height, width = z.shape
         if depth != self._old.shape[1]:
             raise ValueError(
-                f"latent depth {depth} (z {tuple(z.shape)}) does not match prototype depth "
-                f"{self._old.shape[1]}"
+                f"latent depth {depth} (z {tuple(z.shape)}) does not match prototype depth {self._old.shape[1]}"
             )
         if labels.shape != (bsz,) or sample_ids.shape != (bsz,):
             raise ValueError(

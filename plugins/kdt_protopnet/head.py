@@ -76,9 +76,17 @@ class ProtoPNetHead(nn.Module):
     param_groups = ("add_on", "prototypes", "last_layer")
     record_keys = ("min_distances", "argmin")
 
-    def __init__(self, in_channels: int, num_classes: int, *, prototypes_per_class: int = 10,
-                 prototype_depth: int = 128, add_on: Literal["regular", "bottleneck"] = "regular",
-                 similarity: Literal["log", "linear"] = "log", incorrect_strength: float = -0.5):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        prototypes_per_class: int = 10,
+        prototype_depth: int = 128,
+        add_on: Literal["regular", "bottleneck"] = "regular",
+        similarity: Literal["log", "linear"] = "log",
+        incorrect_strength: float = -0.5,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.prototypes_per_class = prototypes_per_class
@@ -86,7 +94,9 @@ class ProtoPNetHead(nn.Module):
         self.add_on = add_on_layers(in_channels, prototype_depth, add_on)
         p = num_classes * prototypes_per_class
         self.prototypes = nn.Parameter(torch.rand(p, prototype_depth))
-        self.register_buffer("class_identity", F.prototype_class_identity(num_classes, prototypes_per_class), persistent=False)
+        self.register_buffer(
+            "class_identity", F.prototype_class_identity(num_classes, prototypes_per_class), persistent=False
+        )
         self.last_layer = nn.Linear(p, num_classes, bias=False)
         with torch.no_grad():
             self.last_layer.weight.copy_(F.last_layer_init(self.class_identity, incorrect_strength))
@@ -123,8 +133,13 @@ class ProtoPNetHead(nn.Module):
         top_sim, idx = sim.topk(k, dim=1)
         pred = outputs["logits"].argmax(dim=1)
         weights = self.last_layer.weight.detach().float()[pred]  # [B, P]
-        return {"prototype": idx, "similarity": top_sim, "contribution": top_sim * weights.gather(1, idx),
-                "class": self.class_identity.argmax(dim=1)[idx], "location": outputs["argmin"].gather(1, idx)}
+        return {
+            "prototype": idx,
+            "similarity": top_sim,
+            "contribution": top_sim * weights.gather(1, idx),
+            "class": self.class_identity.argmax(dim=1)[idx],
+            "location": outputs["argmin"].gather(1, idx),
+        }
 
     def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.add_on(f)
@@ -136,5 +151,11 @@ class ProtoPNetHead(nn.Module):
             min_d, argmin = F.min_pool_distances(distances)
             sim = F.distance_to_similarity(min_d, self.similarity)
             logits = self.last_layer(sim)
-        return {"logits": logits, "min_distances": min_d, "argmin": argmin, "features": z, "distances": distances,
-                "similarities": sim}
+        return {
+            "logits": logits,
+            "min_distances": min_d,
+            "argmin": argmin,
+            "features": z,
+            "distances": distances,
+            "similarities": sim,
+        }

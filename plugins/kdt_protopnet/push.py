@@ -49,8 +49,13 @@ class PushPhase:
         from .functional import distance_to_similarity
 
         head = ctx.model.head
-        return prototype_boxes(ctx, res, lambda z, j: distance_to_similarity(
-            ((z[0] - head.prototypes[j].float()[:, None, None]) ** 2).sum(0), head.similarity))
+        return prototype_boxes(
+            ctx,
+            res,
+            lambda z, j: distance_to_similarity(
+                ((z[0] - head.prototypes[j].float()[:, None, None]) ** 2).sum(0), head.similarity
+            ),
+        )
 
     def _figure(self, ctx, res, boxes) -> None:
         """``prototypes-<phase>.png``: each prototype's source image and activation box."""
@@ -62,8 +67,13 @@ class PushPhase:
             img, lab = ds[int(res.sample_id[j])]
             images.append(img)
             labels.append(f"p{j} · {ds.classes[lab] if hasattr(ds, 'classes') else lab}")
-        prototype_figure(ctx.stage_file(f"prototypes-{ctx.phase['name']}.png"), images, list(boxes.values()), labels,
-                         f"{ctx.stage}: prototypes after push '{ctx.phase['name']}' (source image, 95th-percentile box)")
+        prototype_figure(
+            ctx.stage_file(f"prototypes-{ctx.phase['name']}.png"),
+            images,
+            list(boxes.values()),
+            labels,
+            f"{ctx.stage}: prototypes after push '{ctx.phase['name']}' (source image, 95th-percentile box)",
+        )
 
     check_params = staticmethod(check_push_params)
 
@@ -92,9 +102,15 @@ class PushPhase:
         moved = (head.prototypes.detach() - old).norm(dim=1)
         info = {
             "prototypes": [
-                {"prototype": j, "class": int(head.class_identity[j].argmax()) if self.class_specific else None,
-                 "image": int(res.sample_id[j]), "h": int(res.h[j]), "w": int(res.w[j]),
-                 "distance": float(res.distance[j]), "found": bool(res.found[j])}
+                {
+                    "prototype": j,
+                    "class": int(head.class_identity[j].argmax()) if self.class_specific else None,
+                    "image": int(res.sample_id[j]),
+                    "h": int(res.h[j]),
+                    "w": int(res.w[j]),
+                    "distance": float(res.distance[j]),
+                    "found": bool(res.found[j]),
+                }
                 for j in range(head.num_prototypes)
             ]
         }

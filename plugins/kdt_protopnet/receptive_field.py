@@ -56,12 +56,17 @@ def layer_rf_info(kernel: int, stride: int, padding: int | str, prev: RFInfo) ->
         pad = 2 * int(padding)
         n_out = math.floor((prev.n - kernel + pad) / stride) + 1
     left = math.floor(pad / 2)
-    return RFInfo(n=n_out, j=prev.j * stride, r=prev.r + (kernel - 1) * prev.j,
-                  start=prev.start + ((kernel - 1) / 2 - left) * prev.j)
+    return RFInfo(
+        n=n_out,
+        j=prev.j * stride,
+        r=prev.r + (kernel - 1) * prev.j,
+        start=prev.start + ((kernel - 1) / 2 - left) * prev.j,
+    )
 
 
-def proto_layer_rf_info(img_size: int, kernels: list[int], strides: list[int], paddings: list[int | str],
-                        prototype_kernel: int = 1) -> RFInfo:
+def proto_layer_rf_info(
+    img_size: int, kernels: list[int], strides: list[int], paddings: list[int | str], prototype_kernel: int = 1
+) -> RFInfo:
     """The prototype layer's quadruple for a backbone given as its main-path layer list.
 
     :param img_size: side of the (square) input image in pixels.
@@ -71,7 +76,9 @@ def proto_layer_rf_info(img_size: int, kernels: list[int], strides: list[int], p
     :param prototype_kernel: the prototypes' spatial size (1 for 1×1 prototypes).
     """
     if not len(kernels) == len(strides) == len(paddings):
-        raise ValueError(f"kernels, strides and paddings differ in length: {len(kernels)}, {len(strides)}, {len(paddings)}")
+        raise ValueError(
+            f"kernels, strides and paddings differ in length: {len(kernels)}, {len(strides)}, {len(paddings)}"
+        )
     info = RFInfo(n=int(img_size), j=1, r=1, start=0.5)
     for k, s, p in zip(kernels, strides, paddings):
         info = layer_rf_info(int(k), int(s), p, info)
@@ -85,6 +92,7 @@ def rf_box(img_size: int, h: int, w: int, info: RFInfo) -> tuple[int, int, int, 
     per axis (end exclusive); here the end is made inclusive (``− 1``), the
     convention of every box of this bundle.
     """
+
     def span(i: int) -> tuple[int, int]:
         centre = info.start + i * info.j
         return max(int(centre - info.r / 2), 0), min(int(centre + info.r / 2), int(img_size)) - 1

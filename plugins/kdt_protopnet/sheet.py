@@ -48,10 +48,10 @@ def draw_box(tile: np.ndarray, box: tuple[int, int, int, int], scale: int, color
     y0, x0, y1, x1 = top * scale, left * scale, (bottom + 1) * scale - 1, (right + 1) * scale - 1
     t = max(1, min(thickness, (y1 - y0 + 1) // 2, (x1 - x0 + 1) // 2))
     c = np.asarray(color, dtype=tile.dtype)
-    tile[y0:y0 + t, x0:x1 + 1] = c
-    tile[y1 - t + 1:y1 + 1, x0:x1 + 1] = c
-    tile[y0:y1 + 1, x0:x0 + t] = c
-    tile[y0:y1 + 1, x1 - t + 1:x1 + 1] = c
+    tile[y0 : y0 + t, x0 : x1 + 1] = c
+    tile[y1 - t + 1 : y1 + 1, x0 : x1 + 1] = c
+    tile[y0 : y1 + 1, x0 : x0 + t] = c
+    tile[y0 : y1 + 1, x1 - t + 1 : x1 + 1] = c
     return tile
 
 
@@ -66,7 +66,7 @@ def boxed_tile(image: np.ndarray, scale: int, boxes: list[tuple[tuple[int, int, 
 def crop_tile(image: np.ndarray, box: tuple[int, int, int, int], side: int) -> np.ndarray:
     """The ``box`` region of ``image`` enlarged (nearest neighbour) to fit a ``side × side`` white tile, centred."""
     top, left, bottom, right = box
-    patch = image[top:bottom + 1, left:right + 1]
+    patch = image[top : bottom + 1, left : right + 1]
     h, w = patch.shape[:2]
     f = side / max(h, w)
     nh, nw = max(1, int(h * f)), max(1, int(w * f))
@@ -74,7 +74,7 @@ def crop_tile(image: np.ndarray, box: tuple[int, int, int, int], side: int) -> n
     cols = np.minimum((np.arange(nw) / f).astype(int), w - 1)
     tile = np.ones((side, side, 3), dtype=np.float64)
     y, x = (side - nh) // 2, (side - nw) // 2
-    tile[y:y + nh, x:x + nw] = patch[rows][:, cols]
+    tile[y : y + nh, x : x + nw] = patch[rows][:, cols]
     return tile
 
 
@@ -100,7 +100,7 @@ class Sheet:
     def paste(self, y: int, x: int, tile: np.ndarray) -> None:
         """Put ``tile`` ``[h, w, 3]`` (values in ``[0, 1]``) with its top-left corner at ``(y, x)``."""
         h, w = tile.shape[:2]
-        self.canvas[y:y + h, x:x + w] = tile[: self.height - y, : self.width - x]
+        self.canvas[y : y + h, x : x + w] = tile[: self.height - y, : self.width - x]
 
     def frame(self, y: int, x: int, h: int, w: int, color, thickness: int = 3) -> None:
         """A rectangle outline around the region ``h × w`` at ``(y, x)`` (drawn just outside it)."""
@@ -108,15 +108,22 @@ class Sheet:
         y1, x1 = min(self.height, y + h + thickness), min(self.width, x + w + thickness)
         c = np.asarray(color)
         self.canvas[y0:y, x0:x1] = c
-        self.canvas[y + h:y1, x0:x1] = c
+        self.canvas[y + h : y1, x0:x1] = c
         self.canvas[y0:y1, x0:x] = c
-        self.canvas[y0:y1, x + w:x1] = c
+        self.canvas[y0:y1, x + w : x1] = c
 
-    def text(self, y: float, x: float, s: str, *, size: float = FONT, color="black", bold: bool = False,
-             ha: str = "left") -> None:
+    def text(
+        self, y: float, x: float, s: str, *, size: float = FONT, color="black", bold: bool = False, ha: str = "left"
+    ) -> None:
         """Text with its top at pixel row ``y``, starting (``ha="left"``) or centred at column ``x``."""
-        self.texts.append((x, y, s, {"fontsize": size, "color": color, "fontweight": "bold" if bold else "normal",
-                                     "ha": ha, "va": "top"}))
+        self.texts.append(
+            (
+                x,
+                y,
+                s,
+                {"fontsize": size, "color": color, "fontweight": "bold" if bold else "normal", "ha": ha, "va": "top"},
+            )
+        )
 
     def save(self, path: Path) -> Path:
         """Write the PNG (exactly ``width × height`` pixels) and return ``path``."""

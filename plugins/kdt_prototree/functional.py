@@ -50,7 +50,6 @@ from kdt_protopnet.functional import (  # the pieces every prototype head shares
     PrototypeProjector,
     _as_matrix,
     _check_latent,
-    _first_argmin,
     min_pool_distances,
 )
 
@@ -109,8 +108,7 @@ def _check_min_distances(min_distances: Tensor, depth: int) -> None:
     n = num_internal_nodes(depth)
     if min_distances.dim() != 2 or min_distances.shape[1] != n:
         raise ValueError(
-            f"min_distances must have shape [B, {n}] for a tree of depth {depth}, "
-            f"got {tuple(min_distances.shape)}"
+            f"min_distances must have shape [B, {n}] for a tree of depth {depth}, got {tuple(min_distances.shape)}"
         )
 
 
@@ -160,7 +158,7 @@ def num_internal_nodes(depth: int) -> int:
     :param depth: tree depth (number of decisions from root to leaf).
     """
     _check_depth(depth)
-    return 2 ** depth - 1
+    return 2**depth - 1
 
 
 def num_leaves(depth: int) -> int:
@@ -169,7 +167,7 @@ def num_leaves(depth: int) -> int:
     :param depth: tree depth.
     """
     _check_depth(depth)
-    return 2 ** depth
+    return 2**depth
 
 
 def depth_from_leaves(count: int) -> int:
@@ -192,10 +190,10 @@ def leaf_paths(depth: int, device: torch.device | str | None = None) -> tuple[Te
         right at each of them.
     """
     _check_depth(depth)
-    leaves = torch.arange(2 ** depth, device=device)
+    leaves = torch.arange(2**depth, device=device)
     shifts = torch.arange(depth - 1, -1, -1, device=device)
     right = ((leaves.unsqueeze(1) >> shifts) & 1).bool()  # [L, d], most significant bit first
-    nodes = torch.zeros(2 ** depth, depth, dtype=torch.long, device=device)
+    nodes = torch.zeros(2**depth, depth, dtype=torch.long, device=device)
     for k in range(1, depth):
         nodes[:, k] = 2 * nodes[:, k - 1] + 1 + right[:, k - 1].long()
     return nodes, right
@@ -282,9 +280,9 @@ def leaf_log_probabilities(min_distances: Tensor, depth: int, forced: Tensor | N
     b = min_distances.shape[0]
     log_pi = torch.zeros(b, 1, dtype=min_distances.dtype, device=min_distances.device)
     for k in range(depth):
-        start, width = 2 ** k - 1, 2 ** k
-        left = log_pi + log_left[:, start:start + width]
-        right = log_pi + log_right[:, start:start + width]
+        start, width = 2**k - 1, 2**k
+        left = log_pi + log_left[:, start : start + width]
+        right = log_pi + log_right[:, start : start + width]
         log_pi = torch.stack((left, right), dim=-1).reshape(b, 2 * width)
     return log_pi
 
@@ -317,8 +315,7 @@ def soft_output(log_pi: Tensor, leaf_logits: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------
 
 
-def leaf_path_lengths(depth: int, forced: Tensor | None = None,
-                      device: torch.device | str | None = None) -> Tensor:
+def leaf_path_lengths(depth: int, forced: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
     """Number of decisions on each leaf's path.
 
     ``depth`` for every leaf of a complete tree; in a pruned tree the nodes
@@ -342,8 +339,9 @@ def leaf_path_lengths(depth: int, forced: Tensor | None = None,
     return torch.where(removed, torch.full_like(lengths, -1), lengths)
 
 
-def sample_max_prediction(log_pi: Tensor, leaf_logits: Tensor,
-                          path_lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def sample_max_prediction(
+    log_pi: Tensor, leaf_logits: Tensor, path_lengths: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The "sample_max" mode: the distribution of the leaf with the highest path probability.
 
     Ties go to the lowest leaf index.
@@ -361,8 +359,9 @@ def sample_max_prediction(log_pi: Tensor, leaf_logits: Tensor,
     return log_leaf[leaf], leaf, path_lengths.to(log_pi.device)[leaf]
 
 
-def greedy_prediction(min_distances: Tensor, leaf_logits: Tensor, depth: int,
-                      forced: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def greedy_prediction(
+    min_distances: Tensor, leaf_logits: Tensor, depth: int, forced: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The "greedy" mode: from the root, go right iff ``s > 0.5`` at each node.
 
     ``s = exp(-d) > 0.5`` is tested as ``d < ln 2`` (the authors' log-space
@@ -439,8 +438,7 @@ def leaf_update_terms(leaf_logits: Tensor, log_pi: Tensor, log_y_hat: Tensor, ta
     b = log_pi.shape[0]
     if log_y_hat.shape != (b, k) or targets.shape != (b,):
         raise ValueError(
-            f"log_y_hat must be [{b}, {k}] and targets [{b}], got {tuple(log_y_hat.shape)} "
-            f"and {tuple(targets.shape)}"
+            f"log_y_hat must be [{b}, {k}] and targets [{b}], got {tuple(log_y_hat.shape)} and {tuple(targets.shape)}"
         )
     device = log_pi.device
     y = targets.to(device=device, dtype=torch.long)
@@ -455,8 +453,7 @@ def leaf_update_terms(leaf_logits: Tensor, log_pi: Tensor, log_y_hat: Tensor, ta
     return u
 
 
-def apply_leaf_update(leaf_logits: Tensor, leaf_logits_epoch_start: Tensor, n_batches: int,
-                      update: Tensor) -> Tensor:
+def apply_leaf_update(leaf_logits: Tensor, leaf_logits_epoch_start: Tensor, n_batches: int, update: Tensor) -> Tensor:
     """``θ ← relu(θ − θ_epoch_start / n_batches) + u`` (one optimiser step).
 
     Over an epoch of ``n_batches`` steps the old θ decays away and the
@@ -479,8 +476,14 @@ def apply_leaf_update(leaf_logits: Tensor, leaf_logits_epoch_start: Tensor, n_ba
     return new.to(leaf_logits.dtype)
 
 
-def derivative_free_leaf_update(leaf_logits: Tensor, leaf_logits_epoch_start: Tensor, n_batches: int,
-                                log_pi: Tensor, log_y_hat: Tensor, targets: Tensor) -> Tensor:
+def derivative_free_leaf_update(
+    leaf_logits: Tensor,
+    leaf_logits_epoch_start: Tensor,
+    n_batches: int,
+    log_pi: Tensor,
+    log_y_hat: Tensor,
+    targets: Tensor,
+) -> Tensor:
     """The derivative-free leaf update of one optimiser step (authors' convention).
 
     θ holds the raw leaf parameters; a leaf's distribution is ``softmax(θ_l)``
@@ -614,8 +617,9 @@ def prune(leaf_distributions: Tensor, threshold: float = 0.01) -> TreePruning:
 # --------------------------------------------------------------------------
 
 
-def projection_allowed_classes(leaf_distributions: Tensor, node_kept: Tensor | None = None,
-                               leaf_kept: Tensor | None = None) -> Tensor:
+def projection_allowed_classes(
+    leaf_distributions: Tensor, node_kept: Tensor | None = None, leaf_kept: Tensor | None = None
+) -> Tensor:
     """Classes whose images may be used to project each node's prototype.
 
     Class ``c`` is allowed for node ``i`` when ``c`` is the argmax class (lowest

@@ -11,7 +11,8 @@ hooks of the derivative-free leaf update.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -67,14 +68,38 @@ class ProtoTreeHead(nn.Module):
         optimiser, initialised N(0, 1) as the authors do).
     """
 
-    outputs = ("logits", "log_probabilities", "min_distances", "argmin", "features", "distances", "leaf_log_probabilities",
-               "greedy_prediction", "sample_max_prediction", "greedy_path_length", "sample_max_path_length")
+    outputs = (
+        "logits",
+        "log_probabilities",
+        "min_distances",
+        "argmin",
+        "features",
+        "distances",
+        "leaf_log_probabilities",
+        "greedy_prediction",
+        "sample_max_prediction",
+        "greedy_path_length",
+        "sample_max_path_length",
+    )
     param_groups = ("add_on", "prototypes", "leaves")
-    record_keys = ("min_distances", "argmin", "greedy_prediction", "sample_max_prediction", "greedy_path_length",
-                   "sample_max_path_length")
+    record_keys = (
+        "min_distances",
+        "argmin",
+        "greedy_prediction",
+        "sample_max_prediction",
+        "greedy_path_length",
+        "sample_max_path_length",
+    )
 
-    def __init__(self, in_channels: int, num_classes: int, *, depth: int = 9, prototype_depth: int = 256,
-                 leaves: Literal["derivative_free", "gradient"] = "derivative_free"):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        depth: int = 9,
+        prototype_depth: int = 256,
+        leaves: Literal["derivative_free", "gradient"] = "derivative_free",
+    ):
         super().__init__()
         self.check_params({"depth": depth, "prototype_depth": prototype_depth, "leaves": leaves})
         self.num_classes = num_classes
@@ -145,10 +170,19 @@ class ProtoTreeHead(nn.Module):
                 lengths = self.path_lengths()
                 sm_log, _, sm_len = F.sample_max_prediction(log_pi.detach(), theta.detach().float(), lengths)
                 gr_log, _, gr_len = F.greedy_prediction(min_d.detach(), theta.detach().float(), self.depth, self.forced)
-        return {"logits": log_y, "log_probabilities": log_y, "min_distances": min_d, "argmin": argmin,
-                "features": z, "distances": distances, "leaf_log_probabilities": log_pi,
-                "greedy_prediction": gr_log.argmax(1), "sample_max_prediction": sm_log.argmax(1),
-                "greedy_path_length": gr_len, "sample_max_path_length": sm_len}
+        return {
+            "logits": log_y,
+            "log_probabilities": log_y,
+            "min_distances": min_d,
+            "argmin": argmin,
+            "features": z,
+            "distances": distances,
+            "leaf_log_probabilities": log_pi,
+            "greedy_prediction": gr_log.argmax(1),
+            "sample_max_prediction": sm_log.argmax(1),
+            "greedy_path_length": gr_len,
+            "sample_max_path_length": sm_len,
+        }
 
     @torch.no_grad()
     def predict(self, f: Tensor, mode: Literal["soft", "sample_max", "greedy"] = "soft") -> dict[str, Tensor]:
@@ -173,8 +207,11 @@ class ProtoTreeHead(nn.Module):
             log_y, _ = F.soft_output(log_pi, theta)
             longest = int(lengths[self.leaf_kept].max())
             leaf = torch.full((b,), -1, dtype=torch.long, device=min_d.device)
-            return {"log_probabilities": log_y, "leaf": leaf,
-                    "path_length": torch.full((b,), longest, dtype=torch.long, device=min_d.device)}
+            return {
+                "log_probabilities": log_y,
+                "leaf": leaf,
+                "path_length": torch.full((b,), longest, dtype=torch.long, device=min_d.device),
+            }
         if mode == "sample_max":
             log_d, leaf, length = F.sample_max_prediction(log_pi, theta, lengths)
         elif mode == "greedy":
@@ -235,8 +272,9 @@ class ProtoTreeHead(nn.Module):
         u = torch.zeros(self.leaves.shape, dtype=torch.float64, device=self.leaves.device)
         for step in steps:
             out = step.outputs
-            u += F.leaf_update_terms(self.leaves, out["leaf_log_probabilities"].detach(),
-                                     out["log_probabilities"].detach(), step.targets).to(u.device)
+            u += F.leaf_update_terms(
+                self.leaves, out["leaf_log_probabilities"].detach(), out["log_probabilities"].detach(), step.targets
+            ).to(u.device)
         return u
 
     @torch.no_grad()
@@ -296,8 +334,9 @@ class ProtoTreeHead(nn.Module):
         forced = self.forced.tolist()
         # a node forced right lost its left child's subtree, and vice versa
         removed = [2 * p + 1 if f == 1 else 2 * p + 2 for p, f in enumerate(forced) if f >= 0]
-        return F.TreePruning(self.forced.clone(), self.node_kept.clone(), self.leaf_kept.clone(),
-                             tuple(sorted(removed)))
+        return F.TreePruning(
+            self.forced.clone(), self.node_kept.clone(), self.leaf_kept.clone(), tuple(sorted(removed))
+        )
 
     def projection_allowed_classes(self) -> Tensor:
         """``[N, K]`` bool: argmax classes of the (kept) leaves below each node."""

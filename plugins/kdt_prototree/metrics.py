@@ -24,10 +24,14 @@ class TreeModes:
         soft = records["logits"].argmax(1)
         pred = {"soft": soft, "sample_max": records["sample_max_prediction"], "greedy": records["greedy_prediction"]}
         mean = lambda t: float(t.double().mean()) if t.numel() else None
-        return {"tree_modes": {
-            "accuracy": {m: mean(pred[m] == labels) for m in MODES},
-            "fidelity": {m: mean(pred[m] == soft) for m in MODES[1:]},
-            "mean_path_length": {"soft": records.meta.get("soft_path_length"),
-                                 "sample_max": mean(records["sample_max_path_length"]),
-                                 "greedy": mean(records["greedy_path_length"])},
-        }}
+        return {
+            "tree_modes": {
+                "accuracy": {m: mean(pred[m] == labels) for m in MODES},
+                "fidelity": {m: mean(pred[m] == soft) for m in MODES[1:]},
+                "mean_path_length": {
+                    "soft": records.meta.get("soft_path_length"),
+                    "sample_max": mean(records["sample_max_path_length"]),
+                    "greedy": mean(records["greedy_path_length"]),
+                },
+            }
+        }

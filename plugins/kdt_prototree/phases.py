@@ -48,13 +48,17 @@ class PrunePhase:
         pruning = head.prune(self.threshold)
         out = {
             "threshold": self.threshold,
-            "leaves": head.num_leaves, "leaves_kept": int(pruning.leaf_kept.sum()),
-            "nodes": head.num_prototypes, "nodes_kept": int(pruning.node_kept.sum()),
+            "leaves": head.num_leaves,
+            "leaves_kept": int(pruning.leaf_kept.sum()),
+            "nodes": head.num_prototypes,
+            "nodes_kept": int(pruning.node_kept.sum()),
             "removed_subtrees": list(pruning.removed),
         }
         ctx.state.set("pruned", {"leaves_kept": out["leaves_kept"], "nodes_kept": out["nodes_kept"]})
-        ctx.progress.log(f"stage [bold]{ctx.stage}[/]: pruned {out['leaves'] - out['leaves_kept']} of {out['leaves']} leaves "
-                         f"({out['nodes_kept']} of {out['nodes']} decision nodes kept)")
+        ctx.progress.log(
+            f"stage [bold]{ctx.stage}[/]: pruned {out['leaves'] - out['leaves_kept']} of {out['leaves']} leaves "
+            f"({out['nodes_kept']} of {out['nodes']} decision nodes kept)"
+        )
         return out
 
 
@@ -86,7 +90,9 @@ class ProjectPhase:
         from .functional import l2_distances
 
         head = ctx.model.head
-        return prototype_boxes(ctx, res, lambda z, j: torch.exp(-l2_distances(z, head.prototypes[j:j + 1].float())[0, 0]))
+        return prototype_boxes(
+            ctx, res, lambda z, j: torch.exp(-l2_distances(z, head.prototypes[j : j + 1].float())[0, 0])
+        )
 
     @torch.inference_mode()
     def run(self, ctx) -> dict:
@@ -110,11 +116,21 @@ class ProjectPhase:
         head.apply_projection(res)
         moved = (head.prototypes.detach() - old).norm(dim=1)
         kept = head.node_kept
-        info = {"prototypes": [
-            {"prototype": j, "node_kept": bool(kept[j]), "classes": torch.nonzero(allowed[j]).flatten().tolist(),
-             "image": int(res.sample_id[j]), "h": int(res.h[j]), "w": int(res.w[j]),
-             "distance": float(res.distance[j]), "found": bool(res.found[j])}
-            for j in range(head.num_prototypes)]}
+        info = {
+            "prototypes": [
+                {
+                    "prototype": j,
+                    "node_kept": bool(kept[j]),
+                    "classes": torch.nonzero(allowed[j]).flatten().tolist(),
+                    "image": int(res.sample_id[j]),
+                    "h": int(res.h[j]),
+                    "w": int(res.w[j]),
+                    "distance": float(res.distance[j]),
+                    "found": bool(res.found[j]),
+                }
+                for j in range(head.num_prototypes)
+            ]
+        }
         if ctx.dist.is_main and ctx.stage_dir is not None:
             path = ctx.stage_file(f"project-{ctx.phase['name']}.json")  # checked before anything is written
             boxes = self._boxes(ctx, res) if self.figure else {}
@@ -127,8 +143,17 @@ class ProjectPhase:
                 ds = ctx.data.train_eval
                 images = [ds[int(res.sample_id[j])][0] for j in boxes]
                 labels = [f"node {j}" + ("" if bool(kept[j]) else " (pruned)") for j in boxes]
-                prototype_figure(ctx.stage_file(f"prototypes-{ctx.phase['name']}.png"), images, list(boxes.values()),
-                                 labels, f"{ctx.stage}: node prototypes after projection '{ctx.phase['name']}'")
+                prototype_figure(
+                    ctx.stage_file(f"prototypes-{ctx.phase['name']}.png"),
+                    images,
+                    list(boxes.values()),
+                    labels,
+                    f"{ctx.stage}: node prototypes after projection '{ctx.phase['name']}'",
+                )
         ctx.state.set("pushed", True, reset_when_trained="head.prototypes")
-        return {"prototypes": head.num_prototypes, "not_found": int((~res.found).sum()),
-                "mean_distance_moved": float(moved.mean()), "images": n}
+        return {
+            "prototypes": head.num_prototypes,
+            "not_found": int((~res.found).sum()),
+            "mean_distance_moved": float(moved.mean()),
+            "images": n,
+        }

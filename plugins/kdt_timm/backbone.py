@@ -22,7 +22,6 @@ from .layouts import to_timm_layout
 log = logging.getLogger("kdt.timm")
 
 
-
 class TimmBackbone(nn.Module):
     """A timm model as a feature extractor: images to the feature map of one stage.
 
@@ -71,10 +70,21 @@ class TimmBackbone(nn.Module):
         e.g. ``{ zero_init_last = false }``.
     """
 
-    def __init__(self, num_classes: int | None = None, *, model: str, out_index: int = -1, classifier: bool = False,
-                 pretrained: bool = False, weights: Path | None = None, strict: bool = True,
-                 drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None,
-                 weights_rename: dict[str, str] | None = None, weights_ignore: list[str] | None = None):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        *,
+        model: str,
+        out_index: int = -1,
+        classifier: bool = False,
+        pretrained: bool = False,
+        weights: Path | None = None,
+        strict: bool = True,
+        drop_path_rate: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
+        weights_rename: dict[str, str] | None = None,
+        weights_ignore: list[str] | None = None,
+    ):
         super().__init__()
         import timm
 
@@ -86,8 +96,11 @@ class TimmBackbone(nn.Module):
         try:
             if classifier:
                 if num_classes is None:
-                    raise RecipeError("classifier = true needs the number of classes, which this kdtoolkit "
-                                      "version does not pass to backbones", key="classifier")
+                    raise RecipeError(
+                        "classifier = true needs the number of classes, which this kdtoolkit "
+                        "version does not pass to backbones",
+                        key="classifier",
+                    )
                 self.body = timm.create_model(model, pretrained=pretrained, num_classes=num_classes, **kwargs)
                 self.out_channels = int(num_classes)
                 self.reduction = None
@@ -101,25 +114,31 @@ class TimmBackbone(nn.Module):
                 n = len(probe.feature_info)
                 del probe
                 if not -n <= out_index < n:
-                    raise RecipeError(f"timm model '{model}' has {n} feature stages (0 to {n - 1}, or -1 to -{n}), "
-                                      f"got {out_index}", key="out_index")
-                self.body = timm.create_model(model, pretrained=pretrained, features_only=True,
-                                              out_indices=(out_index,), **kwargs)
+                    raise RecipeError(
+                        f"timm model '{model}' has {n} feature stages (0 to {n - 1}, or -1 to -{n}), got {out_index}",
+                        key="out_index",
+                    )
+                self.body = timm.create_model(
+                    model, pretrained=pretrained, features_only=True, out_indices=(out_index,), **kwargs
+                )
                 self.out_channels = int(self.body.feature_info.channels()[-1])
                 self.reduction = int(self.body.feature_info.reduction()[-1])
         except TypeError as exc:
             if not model_kwargs:
                 raise
-            raise RecipeError(f"timm model '{model}' does not accept these arguments: {' '.join(str(exc).split())}",
-                              key="model_kwargs") from None
+            raise RecipeError(
+                f"timm model '{model}' does not accept these arguments: {' '.join(str(exc).split())}",
+                key="model_kwargs",
+            ) from None
         self.model_name = model
         self.classifier = classifier
         #: counts of the last weights load (``loaded``, ``missing``, ``unexpected``, ``shape``, ``ignored``,
         #: and from the key mapping ``dropped`` and ``converted``).
         self.weights_report: dict[str, int] | None = None
         if weights is not None:
-            self.weights_report = self._load_weights(Path(weights), strict, kwargs,
-                                                     rename=weights_rename, ignore=weights_ignore)
+            self.weights_report = self._load_weights(
+                Path(weights), strict, kwargs, rename=weights_rename, ignore=weights_ignore
+            )
 
     check_params = staticmethod(check_backbone_params)
 
@@ -155,22 +174,28 @@ class TimmBackbone(nn.Module):
         """
         out = [key]
         if key.startswith("model."):
-            out.append(key[len("model."):])
+            out.append(key[len("model.") :])
         first, _, rest = key.partition(".")
         for i, c in enumerate(first):
             if c == "_":
-                out.append(f"{first[:i]}.{first[i + 1:]}" + (f".{rest}" if rest else ""))
+                out.append(f"{first[:i]}.{first[i + 1 :]}" + (f".{rest}" if rest else ""))
         return out
 
-    def _load_weights(self, path: Path, strict: bool, kwargs: dict[str, Any], *,
-                      rename: dict[str, str] | None = None, ignore: list[str] | None = None) -> dict[str, int]:
+    def _load_weights(
+        self,
+        path: Path,
+        strict: bool,
+        kwargs: dict[str, Any],
+        *,
+        rename: dict[str, str] | None = None,
+        ignore: list[str] | None = None,
+    ) -> dict[str, int]:
         from kdtoolkit.errors import CheckpointError
         from kdtoolkit.tensorfiles import load_external_state_dict
 
         full_shapes, head_keys = self._reference_keys(kwargs)
         try:
-            state, remapped = to_timm_layout(load_external_state_dict(path), full_shapes, rename=rename,
-                                             ignore=ignore)
+            state, remapped = to_timm_layout(load_external_state_dict(path), full_shapes, rename=rename, ignore=ignore)
         except ValueError as exc:
             raise CheckpointError(f"weights_rename: {exc}", source=str(path)) from None
         if remapped["converted"]:
@@ -182,26 +207,53 @@ class TimmBackbone(nn.Module):
             mapping[k] = next((c for c in self._candidates(k) if c in full_shapes), k)
         missing = sorted(f for k, f in mapping.items() if f not in state and f not in head_keys)
         unexpected = sorted(k for k in state if k not in full_shapes)
-        shape = sorted(f for k, f in mapping.items() if f in state and tuple(state[f].shape) != tuple(own[k].shape)
-                 and f not in head_keys)
-        head_skipped = [f for k, f in mapping.items() if f in head_keys and
-                        (f not in state or tuple(state[f].shape) != tuple(own[k].shape))]
+        shape = sorted(
+            f
+            for k, f in mapping.items()
+            if f in state and tuple(state[f].shape) != tuple(own[k].shape) and f not in head_keys
+        )
+        head_skipped = [
+            f
+            for k, f in mapping.items()
+            if f in head_keys and (f not in state or tuple(state[f].shape) != tuple(own[k].shape))
+        ]
         fits = {k: state[f] for k, f in mapping.items() if f in state and tuple(state[f].shape) == tuple(own[k].shape)}
         used = set(mapping.values())
         ignored = [k for k in state if k in full_shapes and k not in used]
-        report = {"loaded": len(fits), "missing": len(missing), "unexpected": len(unexpected), "shape": len(shape),
-                  "ignored": len(ignored), "dropped": remapped["dropped"], "converted": remapped["converted"]}
+        report = {
+            "loaded": len(fits),
+            "missing": len(missing),
+            "unexpected": len(unexpected),
+            "shape": len(shape),
+            "ignored": len(ignored),
+            "dropped": remapped["dropped"],
+            "converted": remapped["converted"],
+        }
         if missing or unexpected or shape:
             counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} with another shape"
             if strict:
                 details = _mismatch_details(missing, unexpected, shape, state, own, mapping, bool(fits))
-                raise CheckpointError(f"weights do not fit timm model '{self.model_name}' ({counts}; {details}); "
-                                      "strict = false loads what fits", source=str(path))
-            log.warning("%s: loaded %d of %d tensors into timm model '%s' (%s)", path, len(fits), len(own),
-                        self.model_name, counts)
+                raise CheckpointError(
+                    f"weights do not fit timm model '{self.model_name}' ({counts}; {details}); "
+                    "strict = false loads what fits",
+                    source=str(path),
+                )
+            log.warning(
+                "%s: loaded %d of %d tensors into timm model '%s' (%s)",
+                path,
+                len(fits),
+                len(own),
+                self.model_name,
+                counts,
+            )
         if head_skipped:
-            log.warning("%s: classifier of timm model '%s' left at its initialisation (%d tensors absent or "
-                        "for another number of classes)", path, self.model_name, len(head_skipped))
+            log.warning(
+                "%s: classifier of timm model '%s' left at its initialisation (%d tensors absent or "
+                "for another number of classes)",
+                path,
+                self.model_name,
+                len(head_skipped),
+            )
         self.body.load_state_dict(fits, strict=False)
         return report
 
@@ -211,8 +263,15 @@ class TimmBackbone(nn.Module):
         return self.body(x)[-1]
 
 
-def _mismatch_details(missing: list[str], unexpected: list[str], shape: list[str], state: dict, own: dict,
-                      mapping: dict[str, str], any_fits: bool) -> str:
+def _mismatch_details(
+    missing: list[str],
+    unexpected: list[str],
+    shape: list[str],
+    state: dict,
+    own: dict,
+    mapping: dict[str, str],
+    any_fits: bool,
+) -> str:
     """The first offending names of each kind and the likely cause, for the one-line strict-load error."""
     details = []
     if missing:

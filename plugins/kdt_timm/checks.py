@@ -39,5 +39,4 @@ def check_backbone_params(params: dict) -> None:
             raise ValueError("weights_ignore", "an empty prefix would drop every key")
     for key in params.get("model_kwargs") or {}:
         if key in OWN_KWARGS:
-            raise ValueError("model_kwargs", f"'{key}' is set by the backbone itself (use its key "
-                                             f"'{OWN_KWARGS[key]}')")
+            raise ValueError("model_kwargs", f"'{key}' is set by the backbone itself (use its key '{OWN_KWARGS[key]}')")

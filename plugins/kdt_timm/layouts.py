@@ -32,8 +32,9 @@ VGG_CLASSIFIER = {"classifier.0.": "pre_logits.fc1.", "classifier.3.": "pre_logi
 _DENSENET_LEGACY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
 
 
-def apply_recipe_mapping(state: dict[str, torch.Tensor], rename: dict[str, str] | None,
-                         ignore: list[str] | None) -> tuple[dict[str, torch.Tensor], int]:
+def apply_recipe_mapping(
+    state: dict[str, torch.Tensor], rename: dict[str, str] | None, ignore: list[str] | None
+) -> tuple[dict[str, torch.Tensor], int]:
     """Drop the keys under an ``ignore`` prefix, then rename the longest matching ``rename`` prefix of each key.
 
     :returns: the new state and the number of keys dropped.
@@ -47,7 +48,7 @@ def apply_recipe_mapping(state: dict[str, torch.Tensor], rename: dict[str, str] 
     out: dict[str, torch.Tensor] = {}
     for key, value in kept.items():
         old = next((p for p in prefixes if key.startswith(p)), None)
-        new = key if old is None else rename[old] + key[len(old):]
+        new = key if old is None else rename[old] + key[len(old) :]
         if new in out:
             raise ValueError(f"weights_rename maps two keys of the file to '{new}'")
         out[new] = value
@@ -61,7 +62,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         changed = False
         for prefix in STRIP_PREFIXES:
             if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
     return state
 
@@ -70,12 +71,13 @@ def _torchvision_name(key: str) -> str:
     """timm's name for a key of a torchvision VGG or DenseNet file (the key itself for anything else)."""
     for old, new in VGG_CLASSIFIER.items():
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return _DENSENET_LEGACY.sub(r"\1\2.", key)
 
 
-def convert_torchvision(state: dict[str, torch.Tensor],
-                        shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], int]:
+def convert_torchvision(
+    state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, torch.Tensor], int]:
     """Rename (and for VGG's classifier, reshape) the keys of torchvision files that timm names otherwise.
 
     :param shapes: every key of the complete timm model and its shape.
@@ -96,9 +98,13 @@ def convert_torchvision(state: dict[str, torch.Tensor],
     return out, converted
 
 
-def to_timm_layout(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], *,
-                   rename: dict[str, str] | None = None,
-                   ignore: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def to_timm_layout(
+    state: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    rename: dict[str, str] | None = None,
+    ignore: list[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The three steps of this module; returns the state and counts (``dropped``, ``converted``)."""
     state, dropped = apply_recipe_mapping(state, rename, ignore)
     state = strip_wrapper_prefixes(state)

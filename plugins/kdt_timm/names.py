@@ -45,6 +45,7 @@ def _from_timm() -> list[str]:
     names = set(timm.list_models())
     try:
         from timm.models._registry import _deprecated_models
+
         names.update(_deprecated_models)
     except ImportError:  # another timm layout: the listed names only
         pass
