@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from kdtoolkit.cli import main as kdt_main
-from kdtoolkit.components import Model
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, get_manager, set_manager
+from kdtoolkit.cli.commands import main as kdt_main
+from kdtoolkit.plugin.contracts import Model
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager, get_manager, set_manager
 
 RECIPE = """
 channels_last = {cl}

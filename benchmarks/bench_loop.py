@@ -80,8 +80,8 @@ groups = [
 BARE = r"""
 import json, math, sys, time
 import torch
-from kdtoolkit.components import Model, Step
-from kdtoolkit.plugins import get_manager
+from kdtoolkit.plugin.contracts import Model, Step
+from kdtoolkit.plugin.manager import get_manager
 
 epochs, channels_last = int(sys.argv[1]), sys.argv[2] == "true"
 pm = get_manager()

@@ -34,7 +34,7 @@ def write_records(folder: Path, kind: str) -> tuple[Path, Path]:
     import torch
 
     from bench_metrics import make_records
-    from kdtoolkit.records import Records
+    from kdtoolkit.results.records import Records
 
     td, ta, sd, sa, _ = make_records(kind, 8041, 1960, 1960, 7, seed=0)
     g = torch.Generator().manual_seed(1)

@@ -45,7 +45,7 @@ def _model(backbone: dict, head: dict, num_classes: int) -> torch.nn.Module:
     from kdt_protopnet.head import ProtoPNetHead
     from kdt_prototree.head import ProtoTreeHead
     from kdt_timm.backbone import TimmBackbone
-    from kdtoolkit.components import Model
+    from kdtoolkit.plugin.contracts import Model
 
     b = TimmBackbone(model=backbone["model"].split(".")[0], out_index=backbone["out_index"])
     params = {k: v for k, v in head.items() if k != "name"}
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from kdtoolkit.recipe import load_recipe
+    from kdtoolkit.recipe.loader import load_recipe
 
     with tempfile.NamedTemporaryFile(suffix=".pth") as weights:  # validation only checks that the file exists
         over = [f"stages.teacher.model.backbone.weights={weights.name}"]

@@ -24,8 +24,8 @@ import time
 import torch
 
 from kdtoolkit.engine.metrics import Accuracy
-from kdtoolkit.components import Model, Step
-from kdtoolkit.plugins import get_manager
+from kdtoolkit.plugin.contracts import Model, Step
+from kdtoolkit.plugin.manager import get_manager
 from kdtoolkit.engine.evaluation import evaluate
 from kdt_proto2proto.evaluation import AAP, AJS, PMS
 from kdt_proto2proto.losses import GlobalExplanationLoss, PatchPrototypeCorrespondenceLoss

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 from kdtoolkit.engine import teacher as teachercache
-from kdtoolkit.cli import main as kdt_main
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, get_manager, set_manager
-from kdtoolkit.recipe import load_recipe
+from kdtoolkit.cli.commands import main as kdt_main
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager, get_manager, set_manager
+from kdtoolkit.recipe.loader import load_recipe
 from kdtoolkit.engine.data import batches, build_data
-from kdtoolkit.engine.device import autocast
+from kdtoolkit.foundation.device import autocast
 from kdtoolkit.engine.models import build_model, load_model_file
 
 RECIPE = """

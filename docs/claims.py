@@ -35,7 +35,7 @@ def representation_measures(seed_dir: Path) -> dict[str, dict[str, float]]:
     """Prototype and latent distance of every student to the teacher of one seed's run."""
     import torch
 
-    from kdtoolkit.engine.rundir import RunDir
+    from kdtoolkit.use.rundir import RunDir
 
     run = RunDir(seed_dir)
     teacher = run.stage("teacher")

@@ -1,9 +1,16 @@
 """kdtoolkit: plugin-based knowledge distillation for PyTorch.
 
-The core (this package) knows nothing about prototypes: it loads and validates
-recipes, keeps the component registries, runs the engine (:mod:`kdtoolkit.engine`) and the CLI.
+The core (this package) knows nothing about prototypes. It is built in layers, each a package that
+imports only the layers below it (``docs/architecture.md``), from the bottom:
+:mod:`kdtoolkit.foundation`, :mod:`kdtoolkit.plugin`, :mod:`kdtoolkit.recipe`,
+:mod:`kdtoolkit.results`, :mod:`kdtoolkit.engine` (training), :mod:`kdtoolkit.use` (trained runs), and
+on top :mod:`kdtoolkit.cli` and :mod:`kdtoolkit.testing`.
 Components (backbones, heads, losses, metrics, datasets, phases) come from
 plugins registered through the ``kdt`` entry-point group.
 """
 
 __version__ = "0.2.0"
+
+from kdtoolkit import _compat
+
+_compat.install()

@@ -17,7 +17,7 @@ from kdt_testutil import proto_recipe
 @pytest.fixture(scope="session")
 def proto_run(tmp_path_factory):
     """A finished tiny Proto2Proto run (teacher, baseline, kd): (recipe path, run dir, results)."""
-    from kdtoolkit.cli import main
+    from kdtoolkit.cli.commands import main
 
     d = tmp_path_factory.mktemp("proto_run")
     recipe = d / "p2p.toml"

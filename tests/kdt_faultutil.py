@@ -53,7 +53,7 @@ import time
 import torch
 from torch import nn
 
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 _CALLS = {"loss": 0}
 

@@ -18,8 +18,8 @@ from PIL import Image
 from kdt_data import augment as A
 from kdt_data import datasets as D
 from kdt_data.prepare import output_name, run_prepare
-from kdtoolkit.cli import _main
-from kdtoolkit.errors import DataError, KdtError
+from kdtoolkit.cli.commands import _main
+from kdtoolkit.foundation.errors import DataError, KdtError
 
 
 def _picture(w=60, h=48, mode="RGB", seed=0):
@@ -241,7 +241,7 @@ def test_prepare_command_and_its_errors(tmp_path, capsys):
 
 def test_prepare_help_imports_neither_torch_nor_pillow():
     code = (
-        "import sys, json\nfrom kdtoolkit.cli import _main\nassert _main(['prepare', '--help']) == 0\n"
+        "import sys, json\nfrom kdtoolkit.cli.commands import _main\nassert _main(['prepare', '--help']) == 0\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'PIL', 'torchvision'})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kdtoolkit.catalog import RECIPES_DIR, packaged_recipes
+from kdtoolkit.recipe.catalog import RECIPES_DIR, packaged_recipes
 
 REPO = Path(__file__).resolve().parents[1]
 

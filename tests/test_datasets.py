@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from kdt_data import datasets as D
-from kdtoolkit.errors import DataError
+from kdtoolkit.foundation.errors import DataError
 
 ALLOWED_TYPES = {int, float, bool, str, list[int], list[float], list[str], str | None, int | None, float | None}
 

@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from kdtoolkit.errors import PluginError, RecipeError
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager
-from kdtoolkit.registry import LIST_LIMIT, RESERVED_KEYS, Registry, summarize
+from kdtoolkit.foundation.errors import PluginError, RecipeError
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.plugin.registry import LIST_LIMIT, RESERVED_KEYS, Registry, summarize
 
 
 def _plugin(name: str, **attrs) -> types.ModuleType:
@@ -53,7 +53,7 @@ def test_a_reserved_parameter_behind_a_reference_fails_on_first_use(tmp_path, mo
 
 
 def test_reserved_keys_are_the_keys_validation_reads():
-    from kdtoolkit import validate, validate_stage
+    from kdtoolkit.recipe import stage_checks as validate_stage, validator as validate
     from kdtoolkit.engine import optim
 
     assert validate.DATA_KEYS == RESERVED_KEYS["dataset"]
@@ -86,7 +86,7 @@ def test_hook_functions_without_hookimpl_are_reported():
     info = pm.infos["plain"]
     assert info.status == "loaded" and info.components == {}
     assert info.warnings == [
-        "kdt_register_losses not decorated with @hookimpl, so never called (from kdtoolkit.hookspecs import hookimpl)"
+        "kdt_register_losses not decorated with @hookimpl, so never called (from kdtoolkit.plugin.hookspecs import hookimpl)"
     ]
     assert info.to_json()["warnings"] == info.warnings
 

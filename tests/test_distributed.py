@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from kdt_faultutil import ROOT, assert_same_weights, load_gate_module, make_gate_plugin, metrics_lines, plugin_env, run
-from kdtoolkit.checkpoint import load_checkpoint
-from kdtoolkit.cli import main
-from kdtoolkit.plugins import PluginManager, set_manager
+from kdtoolkit.foundation.checkpoint import load_checkpoint
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.manager import PluginManager, set_manager
 
 RECIPE = """
 [data]

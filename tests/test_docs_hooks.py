@@ -10,7 +10,7 @@ import inspect
 import re
 from pathlib import Path
 
-from kdtoolkit import hookspecs
+from kdtoolkit.plugin import hookspecs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
@@ -57,7 +57,7 @@ def test_every_hook_is_documented_in_docs_plugins_md():
     documented = documented_in_headings(DOC.read_text(encoding="utf-8"))
     missing = [n for n in names if n not in documented]
     assert not missing, (
-        f"{len(missing)} hook(s) of kdtoolkit.hookspecs have no heading in {DOC} "
+        f"{len(missing)} hook(s) of kdtoolkit.plugin.hookspecs have no heading in {DOC} "
         f"(e.g. '### `{missing[0]}(...)`'): {', '.join(missing)}"
     )
 

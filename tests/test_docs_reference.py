@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from kdtoolkit import docgen
+from kdtoolkit.cli import docgen
 
 
 def test_generated_reference_pages_are_current():
     for path, text in docgen.generate().items():
-        assert path.exists(), f"{path} missing: run python -m kdtoolkit.docgen"
-        assert path.read_text(encoding="utf-8") == text, f"{path} is out of date: run python -m kdtoolkit.docgen"
+        assert path.exists(), f"{path} missing: run python -m kdtoolkit.cli.docgen"
+        assert path.read_text(encoding="utf-8") == text, f"{path} is out of date: run python -m kdtoolkit.cli.docgen"
 
 
 def test_every_public_function_and_component_key_is_documented():
@@ -33,8 +33,8 @@ def test_every_recipe_key_is_in_the_recipes_page():
     and so do the built-in optimisers and schedules with their keys."""
     from pathlib import Path
 
-    from kdtoolkit import validate, validate_stage
-    from kdtoolkit.plugins import get_manager
+    from kdtoolkit.recipe import stage_checks as validate_stage, validator as validate
+    from kdtoolkit.plugin.manager import get_manager
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
     groups = [(validate, g) for g in ("TOP_KEYS", "DATA_KEYS", "EVAL_KEYS")]

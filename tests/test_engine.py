@@ -24,12 +24,12 @@ from kdt_faultutil import (
     plugin_env,
     run,
 )
-from kdtoolkit.cli import main
+from kdtoolkit.cli.commands import main
 from kdtoolkit.engine.optim import build_optimizer, build_scheduler
-from kdtoolkit.engine.rundir import RunDir, StageDir
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, get_manager, set_manager
-from kdtoolkit.recipe import load_recipe
+from kdtoolkit.use.rundir import RunDir, StageDir
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager, get_manager, set_manager
+from kdtoolkit.recipe.loader import load_recipe
 
 DATA = """
 [data]
@@ -194,13 +194,13 @@ def test_tap_paths_and_declarations_are_checked(plugins, tmp_path):
     bad_path = tapped(teacher="teacher", cache="off", phase="p").replace('"backbone.body.1"', '"backbone.bdy.1"')
     recipe = tmp_path / "bad.toml"
     recipe.write_text(bad_path)
-    from kdtoolkit.errors import RecipeError
+    from kdtoolkit.foundation.errors import RecipeError
 
     with pytest.raises(
         RecipeError, match=r"model\.taps\.s: no module 'backbone\.bdy\.1'.*did you mean 'backbone\.body\.1'"
     ):
         from kdtoolkit.engine.runner import Runner, RunOptions
-        from kdtoolkit.progress import Progress
+        from kdtoolkit.foundation.progress import Progress
 
         Runner(
             load_recipe(recipe, plugins=plugins), RunOptions(out=tmp_path / "o"), plugins, Progress(enabled=False)
@@ -380,7 +380,7 @@ groups = [{ params = ["backbone", "head"], lr = 0.05 }]
 
 
 def test_unknown_optimizer_and_bad_milestones_are_recipe_errors(tmp_path):
-    from kdtoolkit.errors import RecipeError
+    from kdtoolkit.foundation.errors import RecipeError
 
     recipe = tmp_path / "r.toml"
     base = (
@@ -410,8 +410,8 @@ groups = [{ params = ["backbone", "head"], lr = 0.05 }]
 
 def test_model_weights_of_another_architecture_fail_with_one_line(tmp_path):
     from kdtoolkit.engine.models import model_state
-    from kdtoolkit.io import atomic_save_safetensors
-    from kdtoolkit.components import Model
+    from kdtoolkit.foundation.io import atomic_save_safetensors
+    from kdtoolkit.plugin.contracts import Model
     from kdt_classic.heads import LinearHead
     from kdt_timm.backbone import TimmBackbone
 
@@ -511,7 +511,7 @@ def test_a_loss_with_parameters_resumes_bit_exactly_after_sigkill(stateful):
     # gate loss calls: kd connector 1-2, joint 3-8; kill in the joint phase's second epoch
     kill_hard(gated(args, env, "loss:6", mark))
     assert (out / "kd" / "checkpoint.safetensors").exists()
-    from kdtoolkit.checkpoint import load_checkpoint
+    from kdtoolkit.foundation.checkpoint import load_checkpoint
 
     ck = load_checkpoint(out / "kd" / "checkpoint.safetensors")
     assert "tap_regress/connector.weight" in ck.losses and (ck.phase, ck.epoch) == (1, 1)
@@ -543,7 +543,7 @@ def test_rundir_api_reads_a_run_without_engine_internals(proto_run):
     torch.testing.assert_close(logits[0], saved["logits"][0], atol=1e-5, rtol=1e-5)
     assert saved.meta["H"] == 2 and saved.meta["W"] == 2  # declared by the head (record_meta)
     assert fresh is None
-    from kdtoolkit.errors import KdtError
+    from kdtoolkit.foundation.errors import KdtError
 
     with pytest.raises(KdtError, match="stage 'nope' is not in the run's recipe"):
         run_dir.stage("nope")
@@ -567,7 +567,7 @@ def test_docgen_ignores_an_installed_third_party_plugin(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "kdt_thirdparty.py").write_text(
-        "from kdtoolkit.hookspecs import hookimpl\n\n"
+        "from kdtoolkit.plugin.hookspecs import hookimpl\n\n"
         'class Mine:\n    """A third-party loss."""\n    requires_teacher = False\n'
         "    def __call__(self, step):\n        return step.outputs['logits'].sum() * 0\n\n"
         "@hookimpl\ndef kdt_register_losses(registry):\n    registry.add('third_party_loss', Mine)\n"
@@ -580,7 +580,7 @@ def test_docgen_ignores_an_installed_third_party_plugin(tmp_path):
     listed = run(["plugins", "--json"], env)
     assert "third_party_loss" in listed.stdout  # installed and loaded
     proc = subprocess.run(
-        [sys.executable, "-m", "kdtoolkit.docgen", "--check"],
+        [sys.executable, "-m", "kdtoolkit.cli.docgen", "--check"],
         capture_output=True,
         text=True,
         cwd=ROOT,

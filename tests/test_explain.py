@@ -26,10 +26,10 @@ from kdt_protopnet.head import ProtoPNetHead
 from kdt_protopnet.receptive_field import RFInfo, backbone_layers, proto_layer_rf_info, rf_box
 from kdt_protopnet.sheet import GAP, LINE, TILE
 from kdt_prototree.head import ProtoTreeHead
-from kdtoolkit.cli import main
-from kdtoolkit.components import Model
-from kdtoolkit.engine.rundir import StageDir
-from kdtoolkit.records import Records
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.contracts import Model
+from kdtoolkit.use.rundir import StageDir
+from kdtoolkit.results.records import Records
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +317,7 @@ def test_usage_errors_are_one_line(run_copy, capsys, args, message):
 
 
 def test_training_curves_mark_the_phases(run_copy):
-    from kdtoolkit.report import epoch_logs, phase_marks
+    from kdtoolkit.results.report import epoch_logs, phase_marks
 
     run, results = run_copy
     rows = epoch_logs(run, ["teacher"])["teacher"]

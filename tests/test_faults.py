@@ -10,7 +10,7 @@
 - a seeded fuzz feeds truncated and random files as weights, teacher weights
   in a run directory, records, checkpoints and dataset images.
 
-Most runs are in-process (``kdtoolkit.cli.main``) on a BN-free two-layer
+Most runs are in-process (``kdtoolkit.cli.commands.main``) on a BN-free two-layer
 backbone (``tinyconv`` from the gate plugin of ``kdt_faultutil``); the fuzz
 runs its cases in one subprocess with a timeout (a hang fails, it does not
 block), and a few cases go through the real ``python -m kdtoolkit``.
@@ -32,10 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdt_faultutil import ROOT, load_gate_module, make_gate_plugin, metrics_lines, one_line_error, plugin_env, run
-from kdtoolkit.checkpoint import load_checkpoint
-from kdtoolkit.cli import main
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, set_manager
+from kdtoolkit.foundation.checkpoint import load_checkpoint
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager, set_manager
 
 DATA = """
 [data]
@@ -353,7 +353,7 @@ def test_fp16_is_refused_on_the_cpu(tmp_path, plugins, capsys):
 
 DRIVER = r"""
 import contextlib, io, json, sys, traceback
-from kdtoolkit.cli import main
+from kdtoolkit.cli.commands import main
 for case in json.load(open(sys.argv[1])):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 
 from kdt_faultutil import ROOT, kdt_cmd, load_gate_module, make_gate_plugin, one_line_error, plugin_env
-from kdtoolkit.cli import main
-from kdtoolkit.plugins import PluginManager, set_manager
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.manager import PluginManager, set_manager
 
-RECORDS_FORMAT = "kdtoolkit.records/1"
+RECORDS_FORMAT = "kdtoolkit.results.records/1"
 
 RECIPE = """
 [data]
@@ -143,7 +143,7 @@ def test_sparse_multi_gb_records_without_the_tensors_are_refused_unread(tmp_path
 
 
 def test_records_too_large_for_the_memory_left_are_refused_unread(tmp_path, capsys, no_tensor_read, monkeypatch):
-    import kdtoolkit.limits as limits
+    import kdtoolkit.foundation.limits as limits
 
     entries, size = _records_entries(10**8)  # 3.2 GB of tensors, a few KB on disk
     bad = _safetensors(tmp_path / "big.safetensors", entries, size)
@@ -159,7 +159,7 @@ def test_a_20_gb_records_file_under_an_address_space_limit_is_one_line(tmp_path)
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, resource.RLIM_INFINITY))\n"
-        "from kdtoolkit.cli import main\n"
+        "from kdtoolkit.cli.commands import main\n"
         f"sys.exit(main(['metrics', '--teacher', {str(bad)!r}, '--student', {str(bad)!r}]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -440,7 +440,7 @@ def test_kdt_check_lists_images_over_the_pixel_limit(tmp_path, capsys, gate, mon
 def test_the_cgroup_memory_left_counts_reclaimable_page_cache(tmp_path):
     """cgroup v2 counts the page cache in ``memory.current``: a container that has just read its dataset
     still has the reclaimable part (``inactive_file``) to load a checkpoint into."""
-    from kdtoolkit.limits import _cgroup_available
+    from kdtoolkit.foundation.limits import _cgroup_available
 
     proc = tmp_path / "cgroup"
     proc.write_text("0::/job\n")

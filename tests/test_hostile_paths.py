@@ -10,7 +10,7 @@ the output folder (issue 29, defects 1, 2 and 5).
   (``results.json``, ``recipe.resolved.toml``, ...), in any case, over the
   length limit, with a trailing newline, or differing from another only in
   case are refused when the recipe is validated, before anything trains;
-- the joined-path API (``kdtoolkit.paths.inside``, ``PhaseContext.stage_file``,
+- the joined-path API (``kdtoolkit.foundation.paths.inside``, ``PhaseContext.stage_file``,
   ``StageDir.file``) refuses an escaping name even when validation was
   bypassed, before anything is written;
 - the reserved names cover what a real run writes.
@@ -29,16 +29,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdtoolkit.cli import main
-from kdtoolkit.components import Model
-from kdtoolkit.distributed import Dist
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.contracts import Model
+from kdtoolkit.foundation.distributed import Dist
 from kdtoolkit.engine.context import StageState
 from kdtoolkit.engine.data import StageData
 from kdtoolkit.engine.phases import PhaseContext
-from kdtoolkit.engine.rundir import RunDir
-from kdtoolkit.errors import KdtError
-from kdtoolkit.paths import MAX_NAME_LENGTH, RESERVED_NAMES, inside, key_name, name_problem, safe_name
-from kdtoolkit.progress import Progress
+from kdtoolkit.use.rundir import RunDir
+from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.foundation.paths import MAX_NAME_LENGTH, RESERVED_NAMES, inside, key_name, name_problem, safe_name
+from kdtoolkit.foundation.progress import Progress
 
 DATA = """
 [data]
@@ -265,7 +265,7 @@ def test_default_recipe_name_from_an_odd_file_name_stays_inside_runs(tmp_path, m
         recipe.write_text(protopnet_recipe())
         code, _ = kdt(capsys, "validate", str(recipe))
         assert code == 0
-        from kdtoolkit.recipe import load_recipe
+        from kdtoolkit.recipe.loader import load_recipe
 
         assert load_recipe(recipe).resolved["name"] == expected
         assert name_problem(expected) is None
@@ -431,8 +431,8 @@ def test_default_output_folders_inside_a_run_are_checked(tmp_path):
     """``kdt explain``'s ``explanations/``, ``kdt evaluate``'s ``evaluations/`` and the ``seed-<n>/``
     folders of a multi-seed run: a link planted there by an unpacked run directory is refused."""
     from kdt_proto2proto.explain_stage import out_dir_for
-    from kdtoolkit.engine.reevaluate import default_out
-    from kdtoolkit.seeds import seed_dir
+    from kdtoolkit.use.evaluate import default_out
+    from kdtoolkit.engine.multiseed import seed_dir
 
     run, victim = tmp_path / "run", tmp_path / "victim"
     (run / "kd").mkdir(parents=True)

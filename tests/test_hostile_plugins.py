@@ -40,9 +40,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdt_faultutil import one_line_error, plugin_env, run
-from kdtoolkit.errors import PluginError
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager
+from kdtoolkit.foundation.errors import PluginError
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager
 from kdtoolkit.testing import run_recipe
 
 BUILTIN_BUNDLES = ("timm", "classic", "data", "protopnet", "prototree", "proto2proto")
@@ -92,7 +92,7 @@ sys.exit(3)
 
 EXIT_IN_COMMANDS = """
 import sys
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 
 @hookimpl
@@ -190,7 +190,7 @@ def test_system_exit_in_an_observer_hook_is_one_line_naming_the_plugin(kdt_plugi
     def kdt_after_stage(stage):
         sys.exit(3)
 
-    from kdtoolkit.cli import main
+    from kdtoolkit.cli.commands import main
 
     pm = kdt_plugin(
         _module(
@@ -219,7 +219,7 @@ def test_a_full_disk_in_an_observer_hook_is_the_resource_error_line(kdt_plugin, 
     def kdt_after_stage(stage, stage_dir):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stage_dir / "gallery.png"))
 
-    from kdtoolkit.cli import main
+    from kdtoolkit.cli.commands import main
 
     kdt_plugin(
         _module(
@@ -247,7 +247,7 @@ def test_a_full_disk_in_an_observer_hook_is_the_resource_error_line(kdt_plugin, 
 NAMED_CLASSIC = '''
 """A third-party plugin whose entry point is named like the built-in bundle."""
 
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 
 class Other:
@@ -267,7 +267,7 @@ def kdt_register_losses(registry):
 CLASHING = '''
 """A third-party plugin registering a loss named like a built-in one, asking to go first."""
 
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 
 class Other:
@@ -440,7 +440,7 @@ def _hostile_module(kind: str | None) -> types.ModuleType:
         )
     }
     if kind is not None and kind != "backbone":
-        from kdtoolkit.registry import HOOKS
+        from kdtoolkit.plugin.registry import HOOKS
 
         factory = _RaisingLoss if kind == "loss" else _raising(kind)
         hooks[HOOKS[kind]] = hookimpl(lambda registry: registry.add("boom", factory))
@@ -502,7 +502,7 @@ import os
 import torch
 from torch import nn
 
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 CALLS = [0]
 
@@ -672,7 +672,7 @@ def test_the_dry_build_leaves_every_random_stream_as_it_was(kdt_plugin, tmp_path
 
 
 def test_a_check_params_that_breaks_or_exits_is_one_line_at_validate(kdt_plugin, tmp_path, capsys):
-    from kdtoolkit.cli import main
+    from kdtoolkit.cli.commands import main
 
     def breaking(params):
         raise KeyError("tau")

@@ -1,8 +1,8 @@
 """Hostile writes: a full disk at every writer, a writer killed mid-figure, stale temporary files.
 
-Every file kdtoolkit writes goes through one writer, :func:`kdtoolkit.io._write_fd`
-(called by :func:`kdtoolkit.io.atomic_write_bytes` and
-:func:`kdtoolkit.io.append_line`). The fault-injection test first counts the
+Every file kdtoolkit writes goes through one writer, :func:`kdtoolkit.foundation.io._write_fd`
+(called by :func:`kdtoolkit.foundation.io.atomic_write_bytes` and
+:func:`kdtoolkit.foundation.io.append_line`). The fault-injection test first counts the
 writes of a clean two-stage run (a ProtoPNet teacher with a push phase, a KD
 student) and checks that every file of the run directory came through that
 writer; then, for each write N in turn, it runs the same recipe with the N-th
@@ -11,11 +11,11 @@ write failing halfway with ``ENOSPC`` (a disk filling up) and requires one
 files unchanged, no file corrupt and no temporary file left; the same command
 run again must give a run identical, tensor by tensor, to the clean one. A new
 writer is covered without changing this file, and the source check below
-refuses a writer that bypasses :mod:`kdtoolkit.io`.
+refuses a writer that bypasses :mod:`kdtoolkit.foundation.io`.
 
 Where the test may mount a small tmpfs (root in a container), a real full disk
 and a real read-only file system are also tried. Everything runs in-process
-(``kdtoolkit.cli.main``) on the ``tinyconv`` backbone of ``kdt_faultutil``,
+(``kdtoolkit.cli.commands.main``) on the ``tinyconv`` backbone of ``kdt_faultutil``,
 except the writer killed mid-figure (a subprocess, SIGKILLed at a point it
 reports, not after a delay).
 """
@@ -39,12 +39,12 @@ import pytest
 import torch
 
 from kdt_faultutil import ROOT, load_gate_module, make_gate_plugin, metrics_lines
-from kdtoolkit import io as kio
-from kdtoolkit.checkpoint import load_checkpoint
-from kdtoolkit.errors import KdtError
-from kdtoolkit.cli import main
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, set_manager
+from kdtoolkit.foundation import io as kio
+from kdtoolkit.foundation.checkpoint import load_checkpoint
+from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager, set_manager
 
 STAGES = ["teacher", "kd"]
 
@@ -227,13 +227,13 @@ def clean(gate, tmp_path_factory):
 def _quick_training_curves(monkeypatch, png: bytes) -> None:
     """``training.png`` written (through the same writer) from ready bytes instead of drawn: drawing
     it takes most of a tiny run's time, and the runs that use this test other writers."""
-    import kdtoolkit.report
+    import kdtoolkit.results.report
 
     def write(out, stages, results=None):
         kio.atomic_write_bytes(Path(out) / "training.png", png)
         return Path(out) / "training.png"
 
-    monkeypatch.setattr(kdtoolkit.report, "training_curves", write)
+    monkeypatch.setattr(kdtoolkit.results.report, "training_curves", write)
 
 
 # --------------------------------------------------------------------------- every writer
@@ -408,7 +408,7 @@ KILLED_WRITER = textwrap.dedent("""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from kdtoolkit import io
+    from kdtoolkit.foundation import io
 
     target, mark = sys.argv[1], sys.argv[2]
     real = io._write_fd
@@ -557,20 +557,20 @@ def test_an_append_that_fails_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     assert log.read_bytes() == before
 
 
-# --------------------------------------------------------------------------- no writer bypasses kdtoolkit.io
+# --------------------------------------------------------------------------- no writer bypasses kdtoolkit.foundation.io
 
-#: Writes allowed outside kdtoolkit/io.py: (file, text of the line).
+#: Writes allowed outside kdtoolkit/foundation/io.py: (file, text of the line).
 ALLOWED = {
     ("plugins/kdt_data/prepare.py", 'probe.write_bytes(b"")'),  # an empty probe file, removed at once
-    ("kdtoolkit/engine/export.py", "torch.jit.save(traced, buf, _extra_files=extra)"),  # into memory
-    ("kdtoolkit/engine/export.py", "save(program, buf, extra_files=extra)"),  # into memory
+    ("kdtoolkit/use/export.py", "torch.jit.save(traced, buf, _extra_files=extra)"),  # into memory
+    ("kdtoolkit/use/export.py", "save(program, buf, extra_files=extra)"),  # into memory
     # kdt run's writability probe: an empty file, removed at once
     (
         "kdtoolkit/engine/preflight.py",
         'fd, probe = tempfile.mkstemp(prefix=".kdt-write-probe.", suffix=".tmp", dir=out)',
     ),
     # open_regular_file: a file opened for reading ("rb"), never written
-    ("kdtoolkit/limits.py", 'return os.fdopen(fd, "rb")'),
+    ("kdtoolkit/foundation/limits.py", 'return os.fdopen(fd, "rb")'),
 }
 WRITE_CALLS = re.compile(
     r"\.savefig\(|\.write_text\(|\.write_bytes\(|json\.dump\(|torch\.save\(|np\.save[z]?\(|"
@@ -584,12 +584,12 @@ def test_no_writer_bypasses_the_atomic_helpers():
     for base in ("kdtoolkit", "plugins"):
         for path in sorted((ROOT / base).rglob("*.py")):
             rel = str(path.relative_to(ROOT))
-            if rel in ("kdtoolkit/io.py",):
+            if rel in ("kdtoolkit/foundation/io.py",):
                 continue
             for line in path.read_text(encoding="utf-8").splitlines():
                 if WRITE_CALLS.search(line) and (rel, line.strip()) not in ALLOWED:
                     found.append(f"{rel}: {line.strip()}")
-    assert not found, "write through kdtoolkit.io (atomic_write_bytes, atomic_savefig, ...):\n" + "\n".join(found)
+    assert not found, "write through kdtoolkit.foundation.io (atomic_write_bytes, atomic_savefig, ...):\n" + "\n".join(found)
 
 
 # --------------------------------------------------------------------------- a real full disk (tmpfs)
@@ -667,14 +667,14 @@ DISKFULL_SOURCE = '''
 import errno
 import os
 
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 
 @hookimpl
 def kdt_after_epoch(stage, phase, epoch, metrics):
     if os.environ.get("KDT_DISKFULL") != f"{stage}:{epoch}":
         return
-    from kdtoolkit import io
+    from kdtoolkit.foundation import io
 
     def full(fd, data, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -684,7 +684,7 @@ def kdt_after_epoch(stage, phase, epoch, metrics):
 
 
 # linear heads: a model with buffers (ProtoPNet's) meets a dead peer first in DDP's buffer broadcast,
-# which kdtoolkit.distributed does not turn into one line yet (whatever rank 0's error was)
+# which kdtoolkit.foundation.distributed does not turn into one line yet (whatever rank 0's error was)
 DDP_RECIPE = """
 [data]
 dataset = "digits"

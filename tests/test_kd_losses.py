@@ -31,12 +31,12 @@ from kdt_classic.losses import (
     RKDLoss,
     SimilarityPreservingLoss,
 )
-from kdtoolkit.checkpoint import load_checkpoint
-from kdtoolkit.cli import main
-from kdtoolkit.components import Step
+from kdtoolkit.foundation.checkpoint import load_checkpoint
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.contracts import Step
 from kdtoolkit.engine.losses import declared_taps
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, get_manager, set_manager
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager, get_manager, set_manager
 
 from kdt_testutil import TINY_DATA
 

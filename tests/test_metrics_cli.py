@@ -7,8 +7,8 @@ import shutil
 
 import torch
 
-from kdtoolkit.cli import main
-from kdtoolkit.records import Records
+from kdtoolkit.cli.commands import main
+from kdtoolkit.results.records import Records
 from kdt_proto2proto import metrics as M
 
 
@@ -181,8 +181,8 @@ def test_a_flipped_bit_is_reported_with_the_files_path(proto_run, tmp_path, caps
     from safetensors.torch import save_file
 
     from kdtoolkit.engine.models import load_model_file
-    from kdtoolkit.errors import CheckpointError
-    from kdtoolkit.io import read_safetensors
+    from kdtoolkit.foundation.errors import CheckpointError
+    from kdtoolkit.foundation.io import read_safetensors
 
     _, out, _ = proto_run
     # records: through kdt metrics, one line, exit 2 (before: NaN logits and silent numbers)

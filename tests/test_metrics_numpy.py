@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from kdt_proto2proto import metrics as M
-from kdtoolkit.errors import CheckpointError
-from kdtoolkit.io import read_safetensors
-from kdtoolkit.records import Records
+from kdtoolkit.foundation.errors import CheckpointError
+from kdtoolkit.foundation.io import read_safetensors
+from kdtoolkit.results.records import Records
 
 TAUS = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
 
@@ -153,7 +153,7 @@ def test_kdt_metrics_on_records_files_imports_no_torch(tmp_path):
     _write_records(student, p=4)
     out = tmp_path / "m.json"
     code = (
-        "import sys\nfrom kdtoolkit.cli import _main\n"
+        "import sys\nfrom kdtoolkit.cli.commands import _main\n"
         f"code = _main(['metrics', '--teacher', {str(teacher)!r}, '--student', {str(student)!r}, '--pms', "
         f"'--json', {str(out)!r}])\n"
         "assert code == 0, code\n"

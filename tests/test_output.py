@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from kdtoolkit.tables import Table, print_tables
+from kdtoolkit.foundation.tables import Table, print_tables
 
 LONG = "a-very-long-cell-value-that-no-narrow-terminal-can-show-on-one-line-0.987654"
 

@@ -14,7 +14,7 @@ import torchvision
 
 from kdt_timm.backbone import TimmBackbone
 from kdt_timm.layouts import convert_torchvision, to_timm_layout
-from kdtoolkit.errors import CheckpointError
+from kdtoolkit.foundation.errors import CheckpointError
 
 try:
     import tomllib

@@ -14,8 +14,8 @@ from PIL import Image
 
 from kdt_data import datasets as D
 from kdt_data import paper as P
-from kdtoolkit.cli import main
-from kdtoolkit.errors import DataError
+from kdtoolkit.cli.commands import main
+from kdtoolkit.foundation.errors import DataError
 
 BG = (40, 40, 40)
 COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
@@ -155,7 +155,7 @@ def test_cub_eval_is_preprocess_of_the_crop_and_augmentation_is_a_flip(cub):
 
 def test_push_set_is_the_unaugmented_bounding_box_crops(cub):
     from kdtoolkit.engine.data import build_data
-    from kdtoolkit.plugins import get_manager
+    from kdtoolkit.plugin.manager import get_manager
 
     stage = {"data": {"dataset": "cub200", "root": str(cub), "image_size": 12, "augment": True, **IDENTITY}}
     data = build_data(stage, get_manager())
@@ -342,8 +342,8 @@ def test_missing_file_is_one_line_exit_2_in_the_run_preflight(tmp_path, capsys, 
 
 
 def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch, capsys):
-    from kdtoolkit.engine.rundir import StageDir
-    from kdtoolkit.recipe import load_recipe
+    from kdtoolkit.use.rundir import StageDir
+    from kdtoolkit.recipe.loader import load_recipe
 
     cub = make_cub(tmp_path / "data")
     (tmp_path / "recipes" / "w").mkdir(parents=True)

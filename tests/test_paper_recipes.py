@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdtoolkit.catalog import RECIPES_DIR
-from kdtoolkit.cli import main
-from kdtoolkit.recipe import load_recipe
+from kdtoolkit.recipe.catalog import RECIPES_DIR
+from kdtoolkit.cli.commands import main
+from kdtoolkit.recipe.loader import load_recipe
 from kdtoolkit.testing import run_recipe
-from kdtoolkit.validate import deep_merge
+from kdtoolkit.recipe.validator import deep_merge
 from test_paper_backbones import bbn_state
 from test_paper_datasets import make_cars, make_cub
 

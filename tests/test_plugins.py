@@ -5,7 +5,7 @@ plus a ``*.dist-info`` folder declaring the ``kdt`` entry point — and puts it 
 ``PYTHONPATH``, exactly how an installed third-party plugin is found; real
 ``kdt`` subprocesses then list it and train with its loss.
 
-Part (b) drives :class:`kdtoolkit.plugins.PluginManager` in-process: duplicate
+Part (b) drives :class:`kdtoolkit.plugin.manager.PluginManager` in-process: duplicate
 names, broken imports, hook typos, ``KDT_BLOCK_PLUGINS``,
 ``KDT_DISABLE_PLUGIN_AUTOLOAD``, suggestions and hooks that raise.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from kdtoolkit.errors import PluginError, RecipeError
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import AUTOLOAD_ENV, BLOCK_ENV, PluginManager
+from kdtoolkit.foundation.errors import PluginError, RecipeError
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import AUTOLOAD_ENV, BLOCK_ENV, PluginManager
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN_BUNDLES = ("timm", "classic", "data", "proto2proto")
@@ -37,7 +37,7 @@ PLUGIN_SOURCE = '''
 import json
 import os
 
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 
 class LogitL2:

@@ -8,14 +8,14 @@ import shutil
 
 import torch
 
-from kdtoolkit.cli import main
-from kdtoolkit.components import Model
-from kdtoolkit.records import Records
-from kdtoolkit.progress import Progress
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.contracts import Model
+from kdtoolkit.results.records import Records
+from kdtoolkit.foundation.progress import Progress
 from kdtoolkit.engine.data import StageData
 from kdtoolkit.engine.context import StageState
 from kdtoolkit.engine.phases import PhaseContext
-from kdtoolkit.distributed import Dist
+from kdtoolkit.foundation.distributed import Dist
 from kdt_protopnet import functional as F
 from kdt_proto2proto import metrics as M
 from kdt_protopnet.head import ProtoPNetHead

@@ -26,7 +26,7 @@ from kdt_proto2proto.losses import GlobalExplanationLoss, TreeKDLoss
 from kdt_protopnet.head import ProtoPNetHead
 from kdt_prototree.head import ProtoTreeHead
 from kdt_testutil import run_kdt
-from kdtoolkit.components import Model
+from kdtoolkit.plugin.contracts import Model
 from kdtoolkit.engine.context import StageState
 
 DATA = """
@@ -104,7 +104,7 @@ figure = false
 @pytest.fixture(scope="module")
 def tree_run(tmp_path_factory):
     """The tiny tree recipe run in process, with every leaf-update call recorded."""
-    from kdtoolkit.cli import main
+    from kdtoolkit.cli.commands import main
 
     d = tmp_path_factory.mktemp("tree_run")
     recipe = d / "tree.toml"
@@ -174,7 +174,7 @@ def test_tiny_tree_recipe_end_to_end_with_pruning_projection_and_modes(tree_run)
 
 
 def test_kdt_metrics_with_pms_on_a_tree_run(tree_run):
-    from kdtoolkit.cli import main
+    from kdtoolkit.cli.commands import main
 
     d, _, out, results, _ = tree_run
     assert main(["metrics", str(out), "--pms", "--json", str(d / "m.json")]) == 0
@@ -351,7 +351,7 @@ def test_interrupt_mid_epoch_then_resume_is_bit_exact(tmp_path):
 def test_shipped_prototree_recipe_validates_and_round_trips(tmp_path, capsys):
     import tomllib
 
-    from kdtoolkit.cli import main
+    from kdtoolkit.cli.commands import main
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "prototree.toml"
     assert main(["validate", str(path)]) == 0
@@ -379,8 +379,8 @@ def test_shipped_prototree_recipe_validates_and_round_trips(tmp_path, capsys):
 def test_a_tree_exports_with_its_logits_and_predicts_with_nodes(tree_run, tmp_path, capsys, fmt):
     import warnings
 
-    from kdtoolkit.cli import main
-    from kdtoolkit.engine.rundir import StageDir
+    from kdtoolkit.cli.commands import main
+    from kdtoolkit.use.rundir import StageDir
 
     *_, out, _, _ = tree_run
     path = tmp_path / "tree.model"

@@ -6,7 +6,7 @@ breaks one thing and checks that ``kdt validate`` (or ``kdt run``) answers
 with exit code 2 and a single ``kdt: error: <file>: <key.path>: <message>``
 line on stderr, without a traceback.
 
-Most cases run in-process through :func:`kdtoolkit.cli.main` (which returns the
+Most cases run in-process through :func:`kdtoolkit.cli.commands.main` (which returns the
 exit code instead of raising for user errors) because every interpreter start
 costs seconds of imports; a few run as real subprocesses to prove that nothing
 but that one line reaches the terminal.
@@ -27,14 +27,14 @@ from collections.abc import Callable
 
 import pytest
 
-from kdtoolkit.cli import main
+from kdtoolkit.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
 
 # --------------------------------------------------------------------------- a tiny TOML writer
-# Independent of kdtoolkit.tomlwrite on purpose: the recipes under test must not
+# Independent of kdtoolkit.foundation.tomlwrite on purpose: the recipes under test must not
 # depend on the code under test.
 
 

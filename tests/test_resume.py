@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdt_faultutil import assert_same_weights, gated, kill_hard, make_gate_plugin, metrics_lines, plugin_env, run, start
-from kdtoolkit.checkpoint import load_checkpoint
+from kdtoolkit.foundation.checkpoint import load_checkpoint
 
 STAGES = ["teacher", "kd"]
 

@@ -15,9 +15,9 @@ import textwrap
 
 import pytest
 
-from kdtoolkit import schemas
-from kdtoolkit.plugins import PluginManager
-from kdtoolkit.registry import Registry
+from kdtoolkit.plugin import schema_cache as schemas
+from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.plugin.registry import Registry
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def _started_now(monkeypatch):
     """As if the process started now: files written by the test count as older."""
     import time
 
-    from kdtoolkit import registry
+    from kdtoolkit.plugin import registry
 
     monkeypatch.setattr(registry, "_STARTED_NS", time.time_ns() + 1)
 

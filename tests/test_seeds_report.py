@@ -9,7 +9,7 @@ import statistics
 import pytest
 from kdt_testutil import TINY_DATA
 
-from kdtoolkit.cli import main
+from kdtoolkit.cli.commands import main
 
 STAGE = """
 model.backbone = {{ name = "timm", model = "resnet10t", out_index = 1 }}
@@ -61,8 +61,8 @@ def test_each_seed_is_a_complete_run_with_its_own_seeds(seeds_run):
     from safetensors.torch import load_file
 
     from kdtoolkit.engine.data import derive_seed
-    from kdtoolkit.recipe import load_recipe
-    from kdtoolkit.seeds import stage_seed
+    from kdtoolkit.recipe.loader import load_recipe
+    from kdtoolkit.engine.multiseed import stage_seed
 
     recipe, run = seeds_run
     original = load_recipe(recipe).resolved
@@ -198,8 +198,8 @@ def test_seeds_key_validates_and_resolves(tmp_path, capsys):
 
 
 def test_table_cells_keep_numbers():
-    from kdtoolkit.aggregate import aggregate_cell
-    from kdtoolkit.tables import Number, fmt
+    from kdtoolkit.results.aggregate import aggregate_cell
+    from kdtoolkit.foundation.tables import Number, fmt
 
     assert fmt(Number(0.97771, ".2%")) == "97.77%"
     cell = aggregate_cell(["14.00%", Number(0.16, ".2%"), None], 3)
@@ -211,11 +211,11 @@ def test_table_cells_keep_numbers():
 def test_ctrl_c_after_a_seeds_last_stage_stops_before_the_next(tmp_path, monkeypatch):
     """A Ctrl-C that no boundary of seed 0's run saw still stops the command before seed 1 (exit 130)."""
     import kdtoolkit.engine.runner as runner
-    from kdtoolkit.distributed import Dist
-    from kdtoolkit.errors import Interrupted
-    from kdtoolkit.plugins import get_manager
-    from kdtoolkit.recipe import load_recipe
-    from kdtoolkit.seeds import run_seeds
+    from kdtoolkit.foundation.distributed import Dist
+    from kdtoolkit.foundation.errors import Interrupted
+    from kdtoolkit.plugin.manager import get_manager
+    from kdtoolkit.recipe.loader import load_recipe
+    from kdtoolkit.engine.multiseed import run_seeds
 
     calls = []
 

@@ -16,10 +16,10 @@ import types
 
 import pytest
 
-from kdtoolkit.errors import PluginError
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager
-from kdtoolkit.registry import Registry
+from kdtoolkit.foundation.errors import PluginError
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.plugin.registry import Registry
 
 HEAVY = ("torch", "scipy", "timm", "torchvision", "numpy", "matplotlib", "PIL")
 
@@ -57,12 +57,12 @@ def _imported_after(code: str, env_extra: dict | None = None) -> dict:
     ],
 )
 def test_listing_commands_import_no_torch(args):
-    got = _imported_after(f"from kdtoolkit.cli import _main\ncode = _main({args!r})\nassert code == 0, code")
+    got = _imported_after(f"from kdtoolkit.cli.commands import _main\ncode = _main({args!r})\nassert code == 0, code")
     assert got["heavy"] == [], f"kdt {' '.join(args)} imported {got['heavy']}"
 
 
 def test_plugins_listing_names_every_builtin_component_without_importing_them():
-    got = _imported_after("from kdtoolkit.cli import _main\n_main(['plugins', '--json'])")
+    got = _imported_after("from kdtoolkit.cli.commands import _main\n_main(['plugins', '--json'])")
     infos = {i["name"]: i for i in json.loads(got["stdout"].split("\nIMPORTED=")[0])}
     assert "protopnet" in infos["protopnet"]["components"]["head"]
     assert "prototree" in infos["prototree"]["components"]["head"]
@@ -160,7 +160,7 @@ def test_validating_a_recipe_imports_only_the_named_components(tmp_path):
     once the components' schemas are kept, it imports no torch either (only the parameter checks)."""
     cache = tmp_path / "cache"
     code = textwrap.dedent("""
-        from kdtoolkit.cli import _main
+        from kdtoolkit.cli.commands import _main
         assert _main(['validate', 'recipes/proto2proto.toml']) == 0
         print('LOADED=' + ','.join(sorted(m for m in sys.modules if m.startswith('kdt_'))))
     """)

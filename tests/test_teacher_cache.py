@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 
 from kdt_faultutil import assert_same_weights, gated, kill_hard, make_gate_plugin, metrics_lines, plugin_env, run
 from kdt_testutil import TINY_CLASSIC, proto_recipe
-from kdtoolkit.io import CHECKSUM_KEY
+from kdtoolkit.foundation.io import CHECKSUM_KEY
 from kdtoolkit.engine import teacher as teachercache
-from kdtoolkit.cli import main
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, get_manager, set_manager
-from kdtoolkit.recipe import load_recipe
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager, get_manager, set_manager
+from kdtoolkit.recipe.loader import load_recipe
 from kdtoolkit.engine.data import build_data
 from kdtoolkit.engine.models import build_model, load_model_file
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdtoolkit.errors import RecipeError
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import get_manager
+from kdtoolkit.foundation.errors import RecipeError
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import get_manager
 from kdtoolkit.testing import TinyDataset, check_component, run_recipe
 
 

@@ -14,9 +14,9 @@ from torch import nn
 from kdt_classic.heads import IdentityHead
 from kdt_timm.backbone import TimmBackbone
 from kdtoolkit.engine.models import build_model
-from kdtoolkit.cli import main
-from kdtoolkit.errors import CheckpointError, RecipeError
-from kdtoolkit.registry import RESERVED_ARGS
+from kdtoolkit.cli.commands import main
+from kdtoolkit.foundation.errors import CheckpointError, RecipeError
+from kdtoolkit.plugin.registry import RESERVED_ARGS
 from kdt_testutil import TINY_DATA, run_kdt
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdtoolkit.cli import main
-from kdtoolkit.hookspecs import hookimpl
-from kdtoolkit.plugins import PluginManager, set_manager
+from kdtoolkit.cli.commands import main
+from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.manager import PluginManager, set_manager
 
 from kdt_testutil import TINY_CLASSIC, run_kdt
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kdtoolkit.cli import main
-from kdtoolkit.engine.rundir import StageDir
-from kdtoolkit.records import Records
+from kdtoolkit.cli.commands import main
+from kdtoolkit.use.rundir import StageDir
+from kdtoolkit.results.records import Records
 
 
 def _digit_pngs(folder, stage: StageDir, indices):

@@ -1,7 +1,6 @@
 """The general KD engine: runs recipes, one job per module.
 
 - :mod:`~kdtoolkit.engine.context` — the frozen run context and a stage's generic state;
-- :mod:`~kdtoolkit.engine.device` — devices and autocast;
 - :mod:`~kdtoolkit.engine.data` — datasets and seeded batch plans;
 - :mod:`~kdtoolkit.engine.models` — build, load, save, initialise from the teacher, select parameters;
 - :mod:`~kdtoolkit.engine.taps` — feature taps by module path;
@@ -11,9 +10,13 @@
 - :mod:`~kdtoolkit.engine.loop` — a train phase as small steps, with per-step hooks;
 - :mod:`~kdtoolkit.engine.phases` — a stage's phases, checkpoints and resume;
 - :mod:`~kdtoolkit.engine.evaluation` — records and metrics;
+- :mod:`~kdtoolkit.engine.preflight` — the checks before any stage trains;
 - :mod:`~kdtoolkit.engine.runner` — a recipe's stages into a run directory;
-- :mod:`~kdtoolkit.engine.rundir` — run directories as a public API.
+- :mod:`~kdtoolkit.engine.multiseed` — one recipe over several seeds (``kdt run --seeds``).
 
+Training only: the back-ends of ``kdt predict``, ``evaluate``, ``export``, ``inspect`` and the
+run-directory API live in :mod:`kdtoolkit.use`. May import: :mod:`kdtoolkit.results`,
+:mod:`kdtoolkit.recipe`, :mod:`kdtoolkit.plugin`, :mod:`kdtoolkit.foundation`.
 Names are imported lazily, so ``import kdtoolkit.engine`` costs nothing until one is used.
 """
 
@@ -24,8 +27,6 @@ import importlib
 _EXPORTS = {
     "RunContext": "context",
     "StageState": "context",
-    "resolve_device": "device",
-    "autocast": "device",
     "StageData": "data",
     "build_data": "data",
     "batches": "data",
@@ -45,8 +46,14 @@ _EXPORTS = {
     "RunOptions": "runner",
     "run_recipe": "runner",
     "versions": "runner",
-    "RunDir": "rundir",
-    "StageDir": "rundir",
+}
+
+# Names that moved to another package: importable from here for one more version, with a warning.
+_MOVED = {
+    "resolve_device": "kdtoolkit.foundation.device",
+    "autocast": "kdtoolkit.foundation.device",
+    "RunDir": "kdtoolkit.use.rundir",
+    "StageDir": "kdtoolkit.use.rundir",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -55,4 +62,14 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    if name in _MOVED:
+        import warnings
+
+        warnings.warn(
+            f"kdtoolkit.engine.{name} moved to {_MOVED[name].rsplit('.', 1)[0]}.{name}; "
+            "the old name goes in the next version",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import Dist
-from ..errors import Interrupted
-from ..plugins import PluginManager
-from ..progress import Progress
-from .device import autocast, collective_device
+from kdtoolkit.foundation.distributed import Dist
+from kdtoolkit.foundation.errors import Interrupted
+from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.foundation.progress import Progress
+from kdtoolkit.foundation.device import autocast, collective_device
 
 
 class StopFlag:
@@ -83,7 +83,7 @@ class RunContext:
         return self.dist.any(self.stop.requested, collective_device(self.device))
 
     def check_interrupt(self, message: str) -> None:
-        """Raise :class:`~kdtoolkit.errors.Interrupted` with ``message`` when Ctrl-C was pressed."""
+        """Raise :class:`~kdtoolkit.foundation.errors.Interrupted` with ``message`` when Ctrl-C was pressed."""
         if self.stop_requested():
             raise Interrupted(message)
 
@@ -115,7 +115,7 @@ class StageState:
 
     def trained(self, selectors: list[str]) -> None:
         """A train phase is about to train ``selectors``: reset the values watching them."""
-        from ..components import selectors_overlap
+        from kdtoolkit.plugin.contracts import selectors_overlap
 
         for key, sel in self.watch.items():
             if any(selectors_overlap(sel, s) for s in selectors):

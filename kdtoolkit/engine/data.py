@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import torch
 
-from ..distributed import Dist
-from ..errors import KdtError
-from ..plugins import PluginManager
+from kdtoolkit.foundation.distributed import Dist
+from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.plugin.manager import PluginManager
 
 
 def derive_seed(*parts: int) -> int:

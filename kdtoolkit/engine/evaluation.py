@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from ..components import Model
-from ..distributed import Dist
-from ..plugins import PluginManager
-from ..progress import Progress
-from ..records import Records
-from .data import batches, num_batches
-from .device import autocast
+from kdtoolkit.plugin.contracts import Model
+from kdtoolkit.foundation.distributed import Dist
+from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.foundation.progress import Progress
+from kdtoolkit.results.records import Records
+from kdtoolkit.engine.data import batches, num_batches
+from kdtoolkit.foundation.device import autocast
 
 
 @torch.inference_mode()

@@ -24,19 +24,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..components import Model, Step
-from ..distributed import Dist
-from ..errors import Interrupted, TrainingError
-from .context import StageState
-from .data import batch_plan, batches, derive_seed
-from .losses import LossSet
-from .models import select, trainable_parameters
-from .optim import build_optimizer, build_scheduler
-from .taps import Taps
-from .teacher import TeacherSource, needed_outputs
+from kdtoolkit.plugin.contracts import Model, Step
+from kdtoolkit.foundation.distributed import Dist
+from kdtoolkit.foundation.errors import Interrupted, TrainingError
+from kdtoolkit.engine.context import StageState
+from kdtoolkit.engine.data import batch_plan, batches, derive_seed
+from kdtoolkit.engine.losses import LossSet
+from kdtoolkit.engine.models import select, trainable_parameters
+from kdtoolkit.engine.optim import build_optimizer, build_scheduler
+from kdtoolkit.engine.taps import Taps
+from kdtoolkit.engine.teacher import TeacherSource, needed_outputs
 
 if TYPE_CHECKING:
-    from .phases import StageTrainer
+    from kdtoolkit.engine.phases import StageTrainer
 
 #: Keys of a ``metrics.jsonl`` line that measure time (they differ between two
 #: runs of the same recipe; every other key is reproducible).
@@ -53,7 +53,7 @@ class TrainState:
     :ivar batch: batches done in this epoch.
     :ivar num_batches: batches in this epoch.
     :ivar optimizer_steps: optimiser steps in this epoch (batches / ``accumulate``, rounded up).
-    :ivar steps: the micro-batches (:class:`~kdtoolkit.components.Step`) of the optimiser step just taken.
+    :ivar steps: the micro-batches (:class:`~kdtoolkit.plugin.contracts.Step`) of the optimiser step just taken.
     :ivar model: the student (unwrapped).
     :ivar stage_state: the stage's generic state.
     :ivar dist: the distributed context.

@@ -18,7 +18,7 @@ Declarations read by the engine (class or instance attributes):
 - ``requires_labels`` (default true) and ``requires_indices`` (default
   false), checked before anything trains;
 - ``setup(probe)``: called once, before the optimiser exists, with a
-  :class:`~kdtoolkit.components.Step` of a dry forward pass (eval mode, no
+  :class:`~kdtoolkit.plugin.contracts.Step` of a dry forward pass (eval mode, no
   gradients) so that connectors infer their shapes — a recipe never states
   channel counts; the probe also carries ``num_train``, the number of
   training images (the size of a per-sample memory);
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..components import Step
-from ..errors import CheckpointError, PluginError, RecipeError, TrainingError
-from ..plugins import PluginManager
+from kdtoolkit.plugin.contracts import Step
+from kdtoolkit.foundation.errors import CheckpointError, PluginError, RecipeError, TrainingError
+from kdtoolkit.plugin.manager import PluginManager
 
 CORE_KEYS = ("name", "id", "weight")
 
@@ -117,7 +117,7 @@ class LossSet:
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Restore what :meth:`state_tensors` gave; a missing or extra entry is a :class:`CheckpointError`."""
-        from .models import load_state_strict
+        from kdtoolkit.engine.models import load_state_strict
 
         for lid, m in self.modules.items():
             own = {k[len(lid) + 1 :]: v for k, v in tensors.items() if k.startswith(lid + "/")}

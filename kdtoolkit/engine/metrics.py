@@ -1,8 +1,8 @@
-"""The core's metrics: ``accuracy`` and ``agreement`` (registered by :mod:`kdtoolkit.builtin`)."""
+"""The core's metrics: ``accuracy`` and ``agreement`` (registered by :mod:`kdtoolkit.plugin.builtin`)."""
 
 from __future__ import annotations
 
-from ..records import Records
+from kdtoolkit.results.records import Records
 
 
 class Accuracy:
@@ -33,7 +33,7 @@ class TeacherAgreement:
         if reference is None:
             return {}
         if reference.n != records.n:
-            from ..errors import KdtError
+            from kdtoolkit.foundation.errors import KdtError
 
             raise KdtError(f"agreement: reference has {reference.n} images, model has {records.n}")
         a = records["logits"].argmax(dim=1)

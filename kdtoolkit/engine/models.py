@@ -1,6 +1,6 @@
 """Models of a stage: build, load, save, initialise from the teacher, select parameters.
 
-A model is a backbone followed by a head (:class:`~kdtoolkit.components.Model`).
+A model is a backbone followed by a head (:class:`~kdtoolkit.plugin.contracts.Model`).
 A backbone factory whose signature has a ``num_classes`` parameter receives
 the dataset's class count (a whole classifier used as the model).
 """
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..components import Model, selector_matches
-from ..errors import CheckpointError, RecipeError
-from ..plugins import PluginManager
-from ..tensorfiles import atomic_save_safetensors, load_external_state_dict, read_kdt_safetensors
+from kdtoolkit.plugin.contracts import Model, selector_matches
+from kdtoolkit.foundation.errors import CheckpointError, RecipeError
+from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.foundation.tensorfiles import atomic_save_safetensors, load_external_state_dict, read_kdt_safetensors
 
 MODEL_FORMAT = "kdtoolkit.model/1"
 

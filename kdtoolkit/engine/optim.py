@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..plugins import PluginManager
-from ..registry import RESERVED_KEYS
-from .optim_checks import _check_adam, _check_cosine, _check_gamma, _check_multistep, _check_sgd
+from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.plugin.registry import RESERVED_KEYS
+from kdtoolkit.engine.optim_checks import _check_adam, _check_cosine, _check_gamma, _check_multistep, _check_sgd
 
 
 def adam(

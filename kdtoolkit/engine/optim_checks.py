@@ -1,7 +1,7 @@
 """Parameter checks of the built-in optimisers and schedules, kept apart from :mod:`kdtoolkit.engine.optim`.
 
 They import no torch, so that checking a recipe does not either (see
-:mod:`kdtoolkit.schemas`). Each raises ``ValueError(key, message)``.
+:mod:`kdtoolkit.plugin.schema_cache`). Each raises ``ValueError(key, message)``.
 """
 
 from __future__ import annotations

@@ -20,20 +20,20 @@ from collections.abc import Iterator
 
 import torch
 
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ..components import Model, Step
-from ..distributed import Dist
-from ..errors import CheckpointError, KdtError
-from ..io import append_line, open_for_update
-from ..paths import inside
-from ..progress import Progress
-from .context import RunContext, StageState
-from .data import StageData, batches, derive_seed
-from .losses import LossSet
-from .loop import TrainPhase
-from .models import load_state_strict, model_state
-from .taps import Taps
-from .teacher import TeacherCaches
+from kdtoolkit.foundation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from kdtoolkit.plugin.contracts import Model, Step
+from kdtoolkit.foundation.distributed import Dist
+from kdtoolkit.foundation.errors import CheckpointError, KdtError
+from kdtoolkit.foundation.io import append_line, open_for_update
+from kdtoolkit.foundation.paths import inside
+from kdtoolkit.foundation.progress import Progress
+from kdtoolkit.engine.context import RunContext, StageState
+from kdtoolkit.engine.data import StageData, batches, derive_seed
+from kdtoolkit.engine.losses import LossSet
+from kdtoolkit.engine.loop import TrainPhase
+from kdtoolkit.engine.models import load_state_strict, model_state
+from kdtoolkit.engine.taps import Taps
+from kdtoolkit.engine.teacher import TeacherCaches
 
 
 @dataclass
@@ -46,7 +46,7 @@ class PhaseContext:
     :ivar teacher: the frozen teacher, or ``None``.
     :ivar data: the stage's :class:`~kdtoolkit.engine.data.StageData`.
     :ivar device: the torch device.
-    :ivar progress: the run's :class:`~kdtoolkit.progress.Progress`.
+    :ivar progress: the run's :class:`~kdtoolkit.foundation.progress.Progress`.
     :ivar seed: a seed derived for this phase.
     :ivar dist: the distributed context (rank, world size).
     :ivar precision: ``fp32``, ``bf16`` or ``fp16``.
@@ -81,8 +81,8 @@ class PhaseContext:
         ``name`` must be one file name (no ``/`` or ``\\``, not ``.`` or
         ``..``, at most 255 bytes), and the path, resolved with symbolic links
         followed, must lie inside the stage directory
-        (:func:`kdtoolkit.paths.inside`). Phase and stage names already
-        passed :func:`kdtoolkit.paths.name_problem` when the recipe was
+        (:func:`kdtoolkit.foundation.paths.inside`). Phase and stage names already
+        passed :func:`kdtoolkit.foundation.paths.name_problem` when the recipe was
         validated; this check holds for any other string too.
 
         :raises KdtError: one line (exit code 2) when ``name`` fails the check, or when the
@@ -201,7 +201,7 @@ class StageTrainer:
 
     def metrics_line(self, obj: dict[str, Any]) -> None:
         """Append one line to ``metrics.jsonl`` (rank 0), flushed to disk before the next checkpoint
-        (:func:`kdtoolkit.io.append_line`: whole or not at all)."""
+        (:func:`kdtoolkit.foundation.io.append_line`: whole or not at all)."""
         if self.ctx.dist.is_main:
             append_line(self.metrics_path, json.dumps(obj))
 

@@ -25,18 +25,18 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..checkpoint import load_checkpoint
-from ..errors import KdtError, PluginError
-from ..limits import read_text_file
-from .losses import LossSet
-from .models import build_model
-from .rundir import trained_spec
-from .taps import check_tap_paths
+from kdtoolkit.foundation.checkpoint import load_checkpoint
+from kdtoolkit.foundation.errors import KdtError, PluginError
+from kdtoolkit.foundation.limits import read_text_file
+from kdtoolkit.engine.losses import LossSet
+from kdtoolkit.engine.models import build_model
+from kdtoolkit.use.rundir import trained_spec
+from kdtoolkit.engine.taps import check_tap_paths
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
-    from .context import RunContext
-    from .data import StageData
+    from kdtoolkit.recipe.loader import Recipe
+    from kdtoolkit.engine.context import RunContext
+    from kdtoolkit.engine.data import StageData
 
 
 @contextlib.contextmanager
@@ -185,7 +185,7 @@ class Preflight:
     def _dry_model(self, owner: str, num_classes: int) -> torch.nn.Module:
         """Stage ``owner``'s backbone + head for ``num_classes`` classes, built without weights on the meta
         device (no memory; initial weights, ``pretrained`` downloads and weight files are left out, as
-        :func:`~kdtoolkit.engine.rundir.trained_spec` does: shapes do not depend on them) and with the RNG
+        :func:`~kdtoolkit.use.rundir.trained_spec` does: shapes do not depend on them) and with the RNG
         left as it was (:func:`isolated_rng`); kept for the rest of the preflight. A factory that cannot build on the meta device is tried once more on the CPU, so
         only a factory that fails for real stops the run: a :class:`PluginError` naming the plugin, the
         component and the stage's ``model`` key."""

@@ -15,7 +15,7 @@ A run writes into its directory ``DIR``::
 
 Stages run in dependency order (teachers first). A stage whose
 ``result.json`` carries the same stage hash is not trained again. A stage
-interrupted mid-way resumes from its checkpoint (see :mod:`kdtoolkit.checkpoint`):
+interrupted mid-way resumes from its checkpoint (see :mod:`kdtoolkit.foundation.checkpoint`):
 one is written every ``checkpoint_every`` epochs, at the end of every phase
 and on Ctrl-C (mid-epoch, with the RNG state and the batch index); a
 checkpoint stays until the stage's ``result.json`` is written.
@@ -44,29 +44,29 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..distributed import Dist
-from ..errors import KdtError, PluginError, RecipeError
-from ..io import atomic_write_json, atomic_write_text, remove_stale_temps
-from ..limits import read_text_file
-from ..paths import inside
-from ..plugins import PluginManager
-from ..progress import Progress
-from ..recipe import Recipe
-from ..records import Records
-from ..report import write_reports
-from ..tensorfiles import atomic_save_safetensors
-from .context import RunContext, StopFlag
-from .data import StageData, build_data
-from .device import resolve_device
-from .evaluation import compute_metrics, evaluate
-from .losses import LossSet
-from .models import build_model, check_phase_selectors, init_from_teacher, save_model_file, trainable_parameters
-from .phases import StageTrainer
-from .preflight import Preflight, model_error
-from .preflight import isolated_rng, stored_hash  # noqa: F401 -- importable from here, as before
-from .taps import check_tap_paths
-from .teacher import TeacherCaches, load_teacher
+from kdtoolkit import __version__
+from kdtoolkit.foundation.distributed import Dist
+from kdtoolkit.foundation.errors import KdtError, PluginError, RecipeError
+from kdtoolkit.foundation.io import atomic_write_json, atomic_write_text, remove_stale_temps
+from kdtoolkit.foundation.limits import read_text_file
+from kdtoolkit.foundation.paths import inside
+from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.foundation.progress import Progress
+from kdtoolkit.recipe.loader import Recipe
+from kdtoolkit.results.records import Records
+from kdtoolkit.results.report import write_reports
+from kdtoolkit.foundation.tensorfiles import atomic_save_safetensors
+from kdtoolkit.engine.context import RunContext, StopFlag
+from kdtoolkit.engine.data import StageData, build_data
+from kdtoolkit.foundation.device import resolve_device
+from kdtoolkit.engine.evaluation import compute_metrics, evaluate
+from kdtoolkit.engine.losses import LossSet
+from kdtoolkit.engine.models import build_model, check_phase_selectors, init_from_teacher, save_model_file, trainable_parameters
+from kdtoolkit.engine.phases import StageTrainer
+from kdtoolkit.engine.preflight import Preflight, model_error
+from kdtoolkit.engine.preflight import isolated_rng, stored_hash  # noqa: F401 -- importable from here, as before
+from kdtoolkit.engine.taps import check_tap_paths
+from kdtoolkit.engine.teacher import TeacherCaches, load_teacher
 
 LOSSES_FORMAT = "kdtoolkit.losses/1"
 
@@ -199,7 +199,7 @@ class Runner:
         return results
 
     def stage_dir(self, name: str) -> Path:
-        """``out/<name>``, checked to lie inside the run directory (:func:`kdtoolkit.paths.inside`)."""
+        """``out/<name>``, checked to lie inside the run directory (:func:`kdtoolkit.foundation.paths.inside`)."""
         return inside(self.out, name, what="run directory")
 
     def _finished(self, name: str, shash: str) -> dict[str, Any] | None:
@@ -399,9 +399,9 @@ def run_recipe(
 
     SIGINT (Ctrl-C) writes a checkpoint at the current step (or, outside a
     train phase, at the next phase or stage boundary) and raises
-    :class:`~kdtoolkit.errors.Interrupted`; a second Ctrl-C exits at once with code 130.
+    :class:`~kdtoolkit.foundation.errors.Interrupted`; a second Ctrl-C exits at once with code 130.
     ``stop``: the flag Ctrl-C sets (default: a new one); runs in a row share one
-    (:mod:`kdtoolkit.seeds`), so that a Ctrl-C that came too late for one run stops the next.
+    (:mod:`kdtoolkit.engine.multiseed`), so that a Ctrl-C that came too late for one run stops the next.
     """
     runner = Runner(recipe, options, plugins, progress, dist, stop)
     stop = runner.ctx.stop

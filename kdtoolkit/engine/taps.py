@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RecipeError
-from ..registry import suggest
+from kdtoolkit.foundation.errors import RecipeError
+from kdtoolkit.plugin.registry import suggest
 
 
 def module_paths(model: nn.Module) -> list[str]:

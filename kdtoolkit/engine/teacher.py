@@ -53,15 +53,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..components import Model
-from ..errors import CheckpointError, TrainingError
-from ..io import remove_stale_temps
-from ..tensorfiles import atomic_save_safetensors, read_kdt_safetensors
-from .context import RunContext
-from .data import StageData, num_batches
-from .data import batches as iterate_batches
-from .models import build_model, load_model_file, load_state_strict
-from .taps import Taps
+from kdtoolkit.plugin.contracts import Model
+from kdtoolkit.foundation.errors import CheckpointError, TrainingError
+from kdtoolkit.foundation.io import remove_stale_temps
+from kdtoolkit.foundation.tensorfiles import atomic_save_safetensors, read_kdt_safetensors
+from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.data import StageData, num_batches
+from kdtoolkit.engine.data import batches as iterate_batches
+from kdtoolkit.engine.models import build_model, load_model_file, load_state_strict
+from kdtoolkit.engine.taps import Taps
 
 #: Prefix of cached teacher taps among the cache's tensors.
 TAP_PREFIX = "tap/"

@@ -1,7 +1,7 @@
 """Parameter checks (and the taps they declare) of the classic bundle, kept apart from its modules.
 
 They import no torch, so that checking a recipe does not either (see
-:mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each check raises
+:mod:`kdtoolkit.plugin.schema_cache` and ``docs/plugins.md``). Each check raises
 ``ValueError(key, message)``; the ``*_tap*`` functions give the taps a
 loss reads, from its parameters.
 """

@@ -46,7 +46,7 @@ class IdentityHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
         if in_channels != num_classes:
-            from kdtoolkit.errors import RecipeError
+            from kdtoolkit.foundation.errors import RecipeError
 
             raise RecipeError(
                 f"head 'identity' needs a backbone that outputs logits for the {num_classes} classes "

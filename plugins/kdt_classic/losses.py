@@ -2,7 +2,7 @@
 
 Thin components over the pure functions of :mod:`kdt_classic.functional`
 (and the :class:`~kdt_classic.crd.CRD` module): each reads what it needs from
-the :class:`~kdtoolkit.components.Step` — logits, labels, taps, dataset
+the :class:`~kdtoolkit.plugin.contracts.Step` — logits, labels, taps, dataset
 indices — and calls one function. The teacher's tensors are always detached
 (the teacher is frozen and runs without gradients; the functions detach its
 side once more), so gradients reach only the student and the losses' own
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtoolkit.components import Step
+from kdtoolkit.plugin.contracts import Step
 
 from .checks import (
     check_attention_params,

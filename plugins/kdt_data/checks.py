@@ -1,7 +1,7 @@
 """Parameter checks of the built-in datasets, kept apart from the modules that define them.
 
 They import no torch (nor Pillow), so that checking a recipe does not either
-(see :mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each raises
+(see :mod:`kdtoolkit.plugin.schema_cache` and ``docs/plugins.md``). Each raises
 ``ValueError(key, message)``; ``kdt validate`` reports it naming the recipe
 key. The factories check the same again when called directly.
 """

@@ -9,7 +9,7 @@ are ``(image, label)`` with ``image`` a float32 tensor ``[3, S, S]`` and
 ``label`` an ``int``, and which carries ``classes``, ``num_classes``,
 ``image_size`` and ``name``.  Augmentation draws from torch's global RNG only,
 so seeding torch makes runs repeatable.  Problems with user data raise
-:class:`kdtoolkit.errors.DataError`.
+:class:`kdtoolkit.foundation.errors.DataError`.
 """
 
 import math
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from kdtoolkit.errors import DataError
+from kdtoolkit.foundation.errors import DataError
 from kdt_data.checks import MAX_DIGITS_IMAGE_SIZE, MAX_RESIZE, check_digits_params, check_image_folder_params
 from kdt_data.imagelist import (
     DEFAULT_CACHE_MB,

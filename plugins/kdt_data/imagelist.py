@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import Dataset
 
-from kdtoolkit.errors import DataError
+from kdtoolkit.foundation.errors import DataError
 from kdt_data.checks import MAX_IMAGE_SIZE
 
 __all__ = [
@@ -50,8 +50,8 @@ DEFAULT_CACHE_MB = 1024
 
 def load_rgb(path):
     """Open ``path`` with Pillow as a fully decoded RGB image, or raise DataError naming it: also for a
-    special file (never opened) and an image over the pixel limit (see :func:`kdtoolkit.images.open_image`)."""
-    from kdtoolkit.images import open_image
+    special file (never opened) and an image over the pixel limit (see :func:`kdtoolkit.foundation.images.open_image`)."""
+    from kdtoolkit.foundation.images import open_image
 
     im = open_image(path)
     return im.convert("RGB")

@@ -3,7 +3,7 @@
 ``cub200`` (Caltech-UCSD Birds-200-2011) and ``stanford_cars`` (Stanford
 Cars, torchvision's ``StanfordCars`` layout).  Building a dataset reads only
 the annotation files, never an image: a missing or malformed file is one
-:class:`~kdtoolkit.errors.DataError` naming the path and what was expected,
+:class:`~kdtoolkit.foundation.errors.DataError` naming the path and what was expected,
 raised during a run's preflight.  Images are decoded when an item is read
 (``kdt check`` decodes them all ahead of training).
 
@@ -26,7 +26,7 @@ from typing import Literal
 
 from torch.utils.data import Dataset
 
-from kdtoolkit.errors import DataError
+from kdtoolkit.foundation.errors import DataError
 from kdt_data.checks import check_paper_params
 from kdt_data.imagelist import (
     DEFAULT_CACHE_MB,

@@ -16,7 +16,7 @@ Every output is determined by ``seed``, its class, source file name,
 operation and copy index alone (its own :class:`torch.Generator`), so a run
 gives the same bytes whatever the order, the number of worker threads or
 how often it was interrupted.  Each file is written to a hidden temporary
-file and renamed into place (:func:`kdtoolkit.io.atomic_save_image`), so an
+file and renamed into place (:func:`kdtoolkit.foundation.io.atomic_save_image`), so an
 interrupted run leaves no half-written image, and the next run removes the
 temporary files of killed ones; a new run skips the outputs that exist and
 writes the rest.
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdtoolkit.errors import DataError, KdtError
+from kdtoolkit.foundation.errors import DataError, KdtError
 from kdt_data.augment import OPS, apply_op, hflip
 from kdt_data.datasets import IMAGE_EXTENSIONS
 
@@ -139,7 +139,7 @@ def _check_manifest(out: Path, src: Path, seed: int) -> None:
     already there would be kept as they are, so a resumed folder would mix two augmentations."""
     import json
 
-    from kdtoolkit.io import atomic_write_json
+    from kdtoolkit.foundation.io import atomic_write_json
 
     path = out / MANIFEST
     want = {"src": str(src), "seed": seed}
@@ -193,7 +193,7 @@ def _plan(classes, out: Path, copies: int, ops) -> tuple[list[_Job], int]:
 
 def _remove_legacy_part(dest: Path) -> None:
     """Delete ``.<name>.part``, the temporary file of an output that an earlier version of kdt prepare
-    was killed writing (today's temporary files are removed by :mod:`kdtoolkit.io`)."""
+    was killed writing (today's temporary files are removed by :mod:`kdtoolkit.foundation.io`)."""
     try:
         dest.with_name(f".{dest.name}.part").unlink(missing_ok=True)
     except OSError:
@@ -201,16 +201,16 @@ def _remove_legacy_part(dest: Path) -> None:
 
 
 def _load(path: str):
-    from kdtoolkit.images import open_image
+    from kdtoolkit.foundation.images import open_image
 
     im = open_image(path)  # DataError naming the file: unreadable, special, over the pixel limit
     return im if im.mode in ("RGB", "L") else im.convert("RGB")
 
 
 def _write_atomic(img, dest: Path) -> None:
-    """Save ``img`` atomically (:func:`kdtoolkit.io.atomic_save_image`: a hidden temporary file beside
+    """Save ``img`` atomically (:func:`kdtoolkit.foundation.io.atomic_save_image`: a hidden temporary file beside
     ``dest``, fsync, rename). A resource error (a full disk) is left to the command line's one line."""
-    from kdtoolkit.io import atomic_save_image, is_resource_error
+    from kdtoolkit.foundation.io import atomic_save_image, is_resource_error
 
     jpeg = dest.suffix in _JPEG_SUFFIXES
     try:
@@ -282,7 +282,7 @@ def run_prepare(
         workers: worker threads (0: none, everything in the calling thread).
         quiet: no progress bar.
     """
-    from kdtoolkit.progress import Progress
+    from kdtoolkit.foundation.progress import Progress
 
     for name, value, low in (("--copies", copies, 1), ("--seed", seed, 0), ("--workers", workers, 0)):
         if not isinstance(value, int) or value < low:

@@ -1,7 +1,7 @@
 """Parameter checks of the Proto2Proto losses, kept apart from the modules that define them.
 
 They import no torch, so that checking a recipe does not either (see
-:mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each raises
+:mod:`kdtoolkit.plugin.schema_cache` and ``docs/plugins.md``). Each raises
 ``ValueError(key, message)``.
 """
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtoolkit.engine.device import check_device_spec
-from kdtoolkit.errors import KdtError
-from kdtoolkit.io import atomic_write_json
-from kdtoolkit.paths import inside
-from kdtoolkit.records import Records
+from kdtoolkit.foundation.device import check_device_spec
+from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.foundation.io import atomic_write_json
+from kdtoolkit.foundation.paths import inside
+from kdtoolkit.results.records import Records
 
 from . import metrics as M
 from .evaluation import check_pair, check_records, grid_locations
@@ -42,7 +42,7 @@ def records_for(source: Path, device: str = "auto", progress=None) -> Records:
         return Records.load(saved, arrays="numpy", require=("min_distances", "argmin"))
     if not (source / "model.safetensors").is_file():
         raise KdtError("not a stage directory (no model.safetensors or records.safetensors)", source=str(source))
-    from kdtoolkit.engine.rundir import StageDir
+    from kdtoolkit.use.rundir import StageDir
 
     return StageDir.open(source).records(device, progress).numpy()
 
@@ -59,7 +59,7 @@ def _name(source: Path, recs: Records) -> str:
 
 def _matching_path(student_source: Path, teacher_name: str) -> Path:
     """``pms_matching_vs_<teacher>.json`` beside the student's records; the teacher's name comes from its
-    records file, so the path is checked to stay in that folder (:func:`kdtoolkit.paths.inside`)."""
+    records file, so the path is checked to stay in that folder (:func:`kdtoolkit.foundation.paths.inside`)."""
     base = student_source if student_source.is_dir() else student_source.parent
     return inside(base, f"pms_matching_vs_{teacher_name}.json", what="student's folder")
 
@@ -94,7 +94,7 @@ def matching_figure(
     if tpush is None or spush is None:
         return None
     from kdt_protopnet.figures import prototype_figure
-    from kdtoolkit.engine.rundir import StageDir
+    from kdtoolkit.use.rundir import StageDir
 
     tdata = StageDir.open(teacher_dir).data().train_eval
     sdata = StageDir.open(student_dir).data().train_eval
@@ -174,7 +174,7 @@ def compare(
 
 
 def _print(results: dict, taus: tuple[float, ...], with_pms: bool) -> None:
-    from kdtoolkit.tables import Table, print_tables
+    from kdtoolkit.foundation.tables import Table, print_tables
 
     keys = [M.tau_key(t) for t in taus]
     rows = []
@@ -231,7 +231,7 @@ def run_metrics(
     if run_dir is not None:
         if teacher or students:
             raise KdtError("give either RUN_DIR or --teacher/--student, not both", source="kdt metrics")
-        from kdtoolkit.engine.rundir import RunDir
+        from kdtoolkit.use.rundir import RunDir
 
         run = RunDir(run_dir)
         refs = run.students_by_reference()

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kdtoolkit.errors import KdtError
+from kdtoolkit.foundation.errors import KdtError
 
 from . import metrics as M
 
 if TYPE_CHECKING:
-    from kdtoolkit.records import Records
+    from kdtoolkit.results.records import Records
 
 
 def _array(x: Any) -> np.ndarray:

@@ -26,10 +26,10 @@ import torch
 
 from kdt_protopnet import explain as X
 from kdt_protopnet.sheet import GREEN, RED, YELLOW, boxed_tile, crop_tile, fit, tile_scale
-from kdtoolkit.engine.rundir import RunDir, StageDir
-from kdtoolkit.errors import KdtError
-from kdtoolkit.io import atomic_write_json
-from kdtoolkit.paths import inside
+from kdtoolkit.use.rundir import RunDir, StageDir
+from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.foundation.io import atomic_write_json
+from kdtoolkit.foundation.paths import inside
 
 from . import explain_figures as F
 from .explain_local import explain_local
@@ -170,7 +170,7 @@ def run_explain(
 ) -> dict[str, Any]:
     """``kdt explain`` with its options (see :mod:`kdt_proto2proto.command`); prints what it wrote.
     ``data``: ``KEY=VALUE`` changes to the stages' data tables (``--data``, e.g. ``root=...``)."""
-    from kdtoolkit.engine.device import check_device_spec
+    from kdtoolkit.foundation.device import check_device_spec
 
     check_device_spec(device, "--device")
     modes = [m for m, on in (("--global", global_), ("--compare", compare), ("--pairs", pairs)) if on]

@@ -18,8 +18,8 @@ import numpy as np
 from kdt_protopnet import explain as X
 from kdt_protopnet.receptive_field import rf_box
 from kdt_protopnet.sheet import CYAN, GREEN, RED, YELLOW, boxed_tile, crop_tile, tile_scale
-from kdtoolkit.io import atomic_write_json
-from kdtoolkit.paths import inside
+from kdtoolkit.foundation.io import atomic_write_json
+from kdtoolkit.foundation.paths import inside
 
 from . import explain_figures as F
 from .explain_stage import (

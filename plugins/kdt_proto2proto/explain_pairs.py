@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from kdt_protopnet.sheet import CYAN, YELLOW, boxed_tile, crop_tile, fit, tile_scale
-from kdtoolkit.engine.rundir import RunDir
-from kdtoolkit.errors import KdtError
-from kdtoolkit.io import atomic_write_json
-from kdtoolkit.paths import inside
+from kdtoolkit.use.rundir import RunDir
+from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.foundation.io import atomic_write_json
+from kdtoolkit.foundation.paths import inside
 
 from . import explain_figures as F
 from .explain_stage import LoadedStage, class_name, load_stage, prototype_sources, prototype_views

@@ -18,9 +18,9 @@ import torch
 
 from kdt_protopnet import explain as X
 from kdt_protopnet.receptive_field import RFInfo, model_rf_info
-from kdtoolkit.engine.rundir import StageDir
-from kdtoolkit.errors import KdtError
-from kdtoolkit.paths import inside
+from kdtoolkit.use.rundir import StageDir
+from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.foundation.paths import inside
 
 
 @dataclass
@@ -59,7 +59,7 @@ def load_stage(stage: StageDir, device: str = "auto") -> LoadedStage:
 
     :raises KdtError: when the stage's head is not a prototype head with a ``distances`` output.
     """
-    from kdtoolkit.engine.device import resolve_device
+    from kdtoolkit.foundation.device import resolve_device
 
     dev = resolve_device(device)
     data = stage.data()
@@ -125,7 +125,7 @@ def prototype_label(ld: LoadedStage, src: X.PrototypeSource) -> str:
 
 def out_dir_for(out: Path | None, default: Path) -> Path:
     """``out``, or ``default/explanations`` when it is ``None`` (checked to lie inside ``default``, the run
-    or stage directory: :func:`kdtoolkit.paths.inside`)."""
+    or stage directory: :func:`kdtoolkit.foundation.paths.inside`)."""
     return Path(out) if out is not None else inside(default, "explanations", what="run directory")
 
 
@@ -153,7 +153,7 @@ def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, s
     :raises KdtError: for an index out of range, a path that is neither, or a
         dataset without ``preprocess``.
     """
-    from kdtoolkit.engine.predict import load_image
+    from kdtoolkit.use.predict import load_image
 
     path = Path(image)
     if path.is_file():
@@ -172,7 +172,7 @@ def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, s
         x, label = ld.data.test[idx]
         return x, int(label), f"test-{idx}", f"test image {idx}"
     if os.path.lexists(path):  # a FIFO, a device, a socket, a link to one: never opened
-        from kdtoolkit.limits import special_file_kind
+        from kdtoolkit.foundation.limits import special_file_kind
 
         raise KdtError(f"not a regular file ({special_file_kind(path)})", source=str(image))
     raise KdtError("neither an image file nor a test index", source=str(image))
@@ -181,7 +181,7 @@ def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, s
 def recorded_prediction(ld: LoadedStage, index: int) -> int | None:
     """The evaluated prediction (argmax of the logits in ``records.safetensors``) of test image
     ``index``, or ``None`` when the stage has no records."""
-    from kdtoolkit.records import Records
+    from kdtoolkit.results.records import Records
 
     path = ld.stage.file("records.safetensors")
     if not path.is_file():

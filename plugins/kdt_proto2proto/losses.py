@@ -1,7 +1,7 @@
 """Registered losses of Proto2Proto (method notes §3).
 
 Each class adapts a pure function of :mod:`kdt_proto2proto.functional` to the
-trainer's :class:`~kdtoolkit.components.Step`. Proto2Proto adds
+trainer's :class:`~kdtoolkit.plugin.contracts.Step`. Proto2Proto adds
 ``10·global_explanation + 10·patch_prototype_correspondence`` to the
 student's own loss (ProtoPNet's in ``kdt_protopnet``, ProtoTree's NLL in
 ``kdt_prototree``). They work with any head satisfying the prototype-head
@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kdtoolkit.components import Step
+from kdtoolkit.plugin.contracts import Step
 
 from . import functional as F
 from .checks import check_correspondence_params, check_tree_kd_params

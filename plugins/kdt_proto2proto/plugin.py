@@ -11,7 +11,7 @@ and ``prototree`` bundles (any head satisfying :mod:`.protocol` works).
 
 from __future__ import annotations
 
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 
 @hookimpl

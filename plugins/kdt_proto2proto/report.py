@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from kdtoolkit.tables import Number, Table
+from kdtoolkit.foundation.tables import Number, Table
 
 from .evaluation import at_tau
 from .metrics import tau_key

@@ -1,13 +1,13 @@
 """Parameter checks of the ProtoPNet head and the push phase, kept apart from the modules that define them.
 
 They import no torch, so that checking a recipe does not either (see
-:mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each raises
+:mod:`kdtoolkit.plugin.schema_cache` and ``docs/plugins.md``). Each raises
 ``ValueError(key, message)``.
 """
 
 from __future__ import annotations
 
-from kdtoolkit.params import MAX_BATCH_SIZE
+from kdtoolkit.plugin.params import MAX_BATCH_SIZE
 
 #: The most prototypes per class, the deepest prototype and the largest push batch: bounds that
 #: refuse at validation a value that would only fail allocating memory at run time.

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as TF
 
-from kdtoolkit.io import atomic_savefig
+from kdtoolkit.foundation.io import atomic_savefig
 
 
 def activation_box(

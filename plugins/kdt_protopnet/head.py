@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kdtoolkit.engine.device import full_precision
+from kdtoolkit.foundation.device import full_precision
 
 from . import functional as F
 from .checks import check_head_params

@@ -1,7 +1,7 @@
 """Registered losses of the ProtoPNet head (method notes §1).
 
 Each class adapts a pure function of :mod:`kdt_protopnet.functional` to the
-trainer's :class:`~kdtoolkit.components.Step`. Recipe weights multiply them;
+trainer's :class:`~kdtoolkit.plugin.contracts.Step`. Recipe weights multiply them;
 the paper's ProtoPNet loss is ``cross_entropy + 0.8·cluster − 0.08·separation
 + 1e-4·l1_last_layer`` (Proto2Proto's config uses 1.0 for the cluster term).
 They need class-specific prototypes (a head with ``class_identity``).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kdtoolkit.components import Step
+from kdtoolkit.plugin.contracts import Step
 
 from . import functional as F
 

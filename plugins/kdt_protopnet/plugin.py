@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugin.hookspecs import hookimpl
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kdtoolkit.io import atomic_write_json
+from kdtoolkit.foundation.io import atomic_write_json
 
 from .checks import check_push_params
 from .functional import PrototypeProjector

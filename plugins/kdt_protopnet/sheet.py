@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtoolkit.io import atomic_savefig
+from kdtoolkit.foundation.io import atomic_savefig
 
 #: Smallest tile side in pixels; smaller images are enlarged by an integer factor.
 TILE = 128

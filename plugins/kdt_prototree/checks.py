@@ -1,13 +1,13 @@
 """Parameter checks of the ProtoTree head and phases, kept apart from the modules that define them.
 
 They import no torch, so that checking a recipe does not either (see
-:mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each raises
+:mod:`kdtoolkit.plugin.schema_cache` and ``docs/plugins.md``). Each raises
 ``ValueError(key, message)``.
 """
 
 from __future__ import annotations
 
-from kdtoolkit.params import MAX_BATCH_SIZE
+from kdtoolkit.plugin.params import MAX_BATCH_SIZE
 
 #: The deepest tree the head builds (2**depth leaves).
 MAX_DEPTH = 16

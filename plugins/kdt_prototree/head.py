@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from kdtoolkit.engine.device import full_precision
+from kdtoolkit.foundation.device import full_precision
 
 from . import functional as F
 from .checks import check_head_params

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kdtoolkit.io import atomic_write_json
+from kdtoolkit.foundation.io import atomic_write_json
 
 from .checks import check_project_params, check_prune_params
 

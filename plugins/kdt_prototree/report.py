@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdtoolkit.tables import Number, Table
+from kdtoolkit.foundation.tables import Number, Table
 
 
 def _pct(x):

@@ -88,7 +88,7 @@ class TimmBackbone(nn.Module):
         super().__init__()
         import timm
 
-        from kdtoolkit.errors import RecipeError
+        from kdtoolkit.foundation.errors import RecipeError
 
         kwargs = dict(model_kwargs or {})
         if drop_path_rate:
@@ -190,8 +190,8 @@ class TimmBackbone(nn.Module):
         rename: dict[str, str] | None = None,
         ignore: list[str] | None = None,
     ) -> dict[str, int]:
-        from kdtoolkit.errors import CheckpointError
-        from kdtoolkit.tensorfiles import load_external_state_dict
+        from kdtoolkit.foundation.errors import CheckpointError
+        from kdtoolkit.foundation.tensorfiles import load_external_state_dict
 
         full_shapes, head_keys = self._reference_keys(kwargs)
         try:

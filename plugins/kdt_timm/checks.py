@@ -2,7 +2,7 @@
 
 They import neither torch nor timm (model names come from the cached list of
 :mod:`kdt_timm.names`), so that checking a recipe does not either (see
-:mod:`kdtoolkit.schemas` and ``docs/plugins.md``). Each raises
+:mod:`kdtoolkit.plugin.schema_cache` and ``docs/plugins.md``). Each raises
 ``ValueError(key, message)``.
 """
 

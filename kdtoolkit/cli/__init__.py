@@ -1,0 +1,14 @@
+"""The ``kdt`` command: the click commands and nothing else.
+
+Owns the command group and its commands (:mod:`.commands`: ``run``, ``validate``, ``metrics``,
+``report``, ``plugins``, ...), the commands over trained runs (:mod:`.use`: ``predict``, ``evaluate``,
+``export``) and the generator of the reference pages in ``docs/`` (:mod:`.docgen`).
+
+May import: every other package of kdtoolkit (the top layer; nothing imports it).
+"""
+
+from __future__ import annotations
+
+from kdtoolkit.cli.commands import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,58 @@
+"""Recipes: loading, ``extends``, ``--set`` overrides, validation and the resolved recipe.
+
+Owns TOML loading and the resolved recipe (:mod:`.loader`: :class:`Recipe`, :func:`load_recipe`), complete
+validation (:mod:`.validator`, with the per-stage checks of :mod:`.stage_checks`) and the recipes
+shipped inside the package (:mod:`.catalog`).
+
+May import: :mod:`kdtoolkit.plugin`, :mod:`kdtoolkit.foundation`.
+
+The public API is what this module exports (``__all__``); names are imported lazily, so importing
+the package costs nothing until one is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RECIPES_DIR": "catalog",
+    "packaged_recipes": "catalog",
+    "resolve_recipe": "catalog",
+    "Recipe": "loader",
+    "MAX_DEPTH": "loader",
+    "check_depth": "loader",
+    "key_string": "loader",
+    "parse_key_path": "loader",
+    "parse_override_value": "loader",
+    "apply_override": "loader",
+    "load_recipe": "loader",
+    "STAGE_KEYS": "stage_checks",
+    "TEACHER_CACHE": "stage_checks",
+    "MODEL_KEYS": "stage_checks",
+    "LOSS_CORE_KEYS": "stage_checks",
+    "PHASE_CORE_KEYS": "stage_checks",
+    "TRAIN_KEYS": "stage_checks",
+    "GROUP_KEYS": "stage_checks",
+    "OPTIMIZER_CORE_KEYS": "stage_checks",
+    "SCHEDULER_CORE_KEYS": "stage_checks",
+    "StageChecks": "stage_checks",
+    "PRECISIONS": "validator",
+    "TOP_KEYS": "validator",
+    "DATA_KEYS": "validator",
+    "EVAL_KEYS": "validator",
+    "deep_merge": "validator",
+    "Validator": "validator",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
