@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from kdt_protopnet.figures import _display, prototype_figure  # noqa: E402
+from kdt_prototypes.figures import _display, prototype_figure  # noqa: E402
 
 
 def previous_prototype_figure(path, images, boxes, labels, title, cols=10):

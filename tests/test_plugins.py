@@ -5,7 +5,7 @@ plus a ``*.dist-info`` folder declaring the ``kdt`` entry point — and puts it 
 ``PYTHONPATH``, exactly how an installed third-party plugin is found; real
 ``kdt`` subprocesses then list it and train with its loss.
 
-Part (b) drives :class:`kdtoolkit.plugin.manager.PluginManager` in-process: duplicate
+Part (b) drives :class:`kdtoolkit.plugins.PluginManager` in-process: duplicate
 names, broken imports, hook typos, ``KDT_BLOCK_PLUGINS``,
 ``KDT_DISABLE_PLUGIN_AUTOLOAD``, suggestions and hooks that raise.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from kdtoolkit.foundation.errors import PluginError, RecipeError
-from kdtoolkit.plugin.hookspecs import hookimpl
-from kdtoolkit.plugin.manager import AUTOLOAD_ENV, BLOCK_ENV, PluginManager
+from kdtoolkit.errors import PluginError, RecipeError
+from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugins import AUTOLOAD_ENV, BLOCK_ENV, PluginManager
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN_BUNDLES = ("timm", "classic", "data", "proto2proto")
@@ -37,7 +37,7 @@ PLUGIN_SOURCE = '''
 import json
 import os
 
-from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.hookspecs import hookimpl
 
 
 class LogitL2:
@@ -111,9 +111,8 @@ def subprocess_env(*paths: Path, **extra: str) -> dict[str, str]:
 
 
 def kdt(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "kdtoolkit", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-m", "kdtoolkit", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     return proc
 
@@ -168,8 +167,7 @@ def test_plugins_table_shows_throwaway_plugin(throwaway_dir, tmp_path):
 
 def test_run_with_throwaway_loss(throwaway_dir, tmp_path):
     recipe = tmp_path / "l2.toml"
-    recipe.write_text(
-        textwrap.dedent("""
+    recipe.write_text(textwrap.dedent("""
         name = "l2"
         device = "cpu"
 
@@ -188,15 +186,11 @@ def test_run_with_throwaway_loss(throwaway_dir, tmp_path):
         epochs = 1
         limit_batches = 2
         groups = [{ params = ["backbone", "head"], lr = 1e-3 }]
-    """)
-    )
+    """))
     out = tmp_path / "run"
     log = tmp_path / "hooks.jsonl"
-    proc = kdt(
-        ["run", str(recipe), "--out", str(out), "-q"],
-        subprocess_env(throwaway_dir, KDT_THROWAWAY_LOG=str(log)),
-        tmp_path,
-    )
+    proc = kdt(["run", str(recipe), "--out", str(out), "-q"], subprocess_env(throwaway_dir, KDT_THROWAWAY_LOG=str(log)),
+               tmp_path)
     assert proc.returncode == 0, proc.stderr
 
     results = json.loads((out / "results.json").read_text())
@@ -251,16 +245,8 @@ def test_duplicate_component_names_both_owners():
         registry.add("dup_ok", _Loss)
         registry.add("cross_entropy", _Loss)  # already the classic bundle's
 
-    pm = PluginManager(
-        extra=[
-            (
-                plugin(
-                    "kdt_dup", kdt_register_backbones=kdt_register_backbones, kdt_register_losses=kdt_register_losses
-                ),
-                "dup",
-            )
-        ]
-    )
+    pm = PluginManager(extra=[(plugin("kdt_dup", kdt_register_backbones=kdt_register_backbones,
+                                      kdt_register_losses=kdt_register_losses), "dup")])
     info = pm.infos["dup"]
     assert info.status == "failed"
     assert "loss 'cross_entropy' is registered twice" in info.error
@@ -415,14 +401,9 @@ def test_unknown_name_suggests_closest():
     assert "(did you mean 'logit_l2'?)" in msg
     assert "registered: " in msg and "cross_entropy" in msg and "logit_l2" in msg
 
-    with pytest.raises(
-        RecipeError,
-        match=r"unknown backbone 'resnet' \(did you mean 'timm'\?\)|unknown backbone 'resnet'; registered: timm",
-    ):
+    with pytest.raises(RecipeError, match=r"unknown backbone 'resnet' \(did you mean 'timm'\?\)|unknown backbone 'resnet'; registered: timm"):
         pm.registry("backbone").get("resnet")
-    with pytest.raises(
-        RecipeError, match=r"\(did you mean 'image_folder'\?\); registered: cub200, digits, image_folder, stanford_cars"
-    ):
+    with pytest.raises(RecipeError, match=r"\(did you mean 'image_folder'\?\); registered: cub200, digits, image_folder, stanford_cars"):
         pm.registry("dataset").get("imagefolder")
 
 
@@ -473,9 +454,7 @@ def test_untyped_component_parameter_is_refused():
     def kdt_register_losses(registry):
         registry.add("untyped", Untyped)
 
-    pm = PluginManager(
-        autoload=False, extra=[(plugin("kdt_untyped", kdt_register_losses=kdt_register_losses), "untyped")]
-    )
+    pm = PluginManager(autoload=False, extra=[(plugin("kdt_untyped", kdt_register_losses=kdt_register_losses), "untyped")])
     info = pm.infos["untyped"]
     assert info.status == "failed"
     assert "loss 'untyped'" in info.error and "'scale' has no type annotation" in info.error

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
 import torch
 from torch import nn
 
-from kdtoolkit.foundation.errors import RecipeError
-from kdtoolkit.plugin.hookspecs import hookimpl
-from kdtoolkit.plugin.manager import get_manager
+from kdtoolkit.errors import RecipeError
+from kdtoolkit.hookspecs import hookimpl
+from kdtoolkit.plugins import get_manager
 from kdtoolkit.testing import TinyDataset, check_component, run_recipe
 
 
@@ -128,11 +129,8 @@ def test_check_component_passes_good_components_and_names_the_fault(kdt_plugin):
     kdt_plugin(_module(), "example")
     loss = check_component("loss", "logit_norm", {"scale": 3.0})
     assert loss.scale == 3.0
-    with pytest.raises(
-        AssertionError,
-        match=r"loss 'undocumented' \(plugin 'example'\): parameters not documented "
-        r"in the docstring: gain",
-    ):
+    with pytest.raises(AssertionError, match=r"loss 'undocumented' \(plugin 'example'\): parameters not documented "
+                                             r"in the docstring: gain"):
         check_component("loss", "undocumented")
 
 
@@ -146,10 +144,8 @@ def test_tiny_dataset_is_seeded_and_learnable():
 
 BUILT_IN_PARAMS = {
     ("loss", "attention"): {"taps": ["s"], "teacher_taps": ["t"]},
-    **{
-        ("loss", n): {"student_tap": "s", "teacher_tap": "t"}
-        for n in ("crd", "fitnet", "pkt", "rkd", "similarity_preserving")
-    },
+    **{("loss", n): {"student_tap": "s", "teacher_tap": "t"}
+       for n in ("crd", "fitnet", "pkt", "rkd", "similarity_preserving")},
 }
 
 

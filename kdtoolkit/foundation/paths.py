@@ -13,9 +13,10 @@ is validated (``kdt validate``):
   usual 255-byte file-name limit for the prefixes and suffixes writers add
   (``prototypes-<phase>.png``, the ``.<name>.*.tmp`` of an atomic write);
 - it is none of :data:`RESERVED_NAMES` (the run and stage directories' own
-  files and folders) and no ``seed-<n>`` (the folders of a multi-seed run),
-  compared ignoring case, since a case-insensitive file system (macOS,
-  Windows) would give ``Results.json`` and ``results.json`` one file.
+  files and folders), no ``seed-<n>`` (the folders of a multi-seed run) and no
+  ``report-<key>.png`` (the figures of its ``report.md``), compared ignoring
+  case, since a case-insensitive file system (macOS, Windows) would give
+  ``Results.json`` and ``results.json`` one file.
 
 Every writer that joins such a name (or any other name read from a file: a
 records file's stage name, a history entry) to a directory goes through
@@ -57,8 +58,6 @@ RUN_DIR_NAMES = (
     "training.png",
     "seeds.json",
     "report.md",
-    "report-aap.png",
-    "report-ajs.png",
     "report-training.png",
     "explanations",
 )
@@ -82,6 +81,10 @@ RESERVED_NAMES = frozenset(n.casefold() for n in RUN_DIR_NAMES + STAGE_DIR_NAMES
 
 #: Reserved as well: the folders ``seed-<n>`` of a multi-seed run (``kdt run --seeds``).
 RESERVED_RE = re.compile(r"seed-[0-9]+\Z", re.IGNORECASE)
+
+#: Reserved as well: the figures of ``report.md`` beside the seed folders, one per result a metric
+#: draws against its threshold (``report-<result key>.png``; ``kdt report``).
+REPORT_FIGURE_RE = re.compile(r"report-.+\.png\Z", re.IGNORECASE)
 
 NAME_RULE = "letters, digits, '_', '-' and '.', starting with a letter, digit or '_'"
 
@@ -119,6 +122,8 @@ def name_problem(name: Any) -> str | None:
         )
     if RESERVED_RE.match(name):
         return f"{_shown(name)} is reserved for the seed folders of a multi-seed run (seed-<n>)"
+    if REPORT_FIGURE_RE.match(name):
+        return f"{_shown(name)} is reserved for the figures of a report over several runs (report-<key>.png)"
     return None
 
 

@@ -1,8 +1,11 @@
-"""Figures of reports over several runs (:mod:`kdtoolkit.results.runs_report`): metrics against τ, training curves.
+"""Figures of reports over several runs (:mod:`kdtoolkit.results.runs_report`): training curves, and
+metrics against their threshold.
 
-Every line is the mean over the runs with a shaded band of ± one sample
-standard deviation. matplotlib is imported only when a figure is drawn, with
-the Agg backend (no display).
+A metric's result is drawn against a threshold when it is a table keyed by the threshold's value
+(``"0.1"``, ``"1"``, ``"inf"``) and its metric component declares it in ``threshold_tables`` (e.g.
+Proto2Proto's AAP against τ). Every line is the mean over the runs with a shaded band of ± one
+sample standard deviation. matplotlib is imported only when a figure is drawn, with the Agg backend
+(no display).
 """
 
 from __future__ import annotations
@@ -24,19 +27,22 @@ def _pyplot():
     return plt
 
 
-def _tau(key: str) -> float | None:
+def _threshold(key: str) -> float | None:
     try:
         return float(key)
     except ValueError:
         return None
 
 
-def tau_series(metrics: dict[str, dict[tuple[str, ...], Stat]], metric: str) -> dict[str, list[tuple[float, Stat]]]:
-    """Per stage, ``(τ, Stat)`` of ``metric`` (``"aap"``, ``"ajs"``) at every τ > 0 it was evaluated at, by τ."""
+def threshold_series(
+    metrics: dict[str, dict[tuple[str, ...], Stat]], metric: str
+) -> dict[str, list[tuple[float, Stat]]]:
+    """Per stage, ``(t, Stat)`` of the result ``metric`` (a table keyed by a threshold ``t``) at every
+    ``t > 0`` it was evaluated at, by ``t`` (``inf`` last); keys that are no number are left out."""
     out = {}
     for stage, stats in metrics.items():
-        points = [(_tau(p[1]), st) for p, st in stats.items() if len(p) == 2 and p[0] == metric]
-        points = sorted((t, st) for t, st in points if t is not None and t > 0)
+        found = [(_threshold(p[1]), st) for p, st in stats.items() if len(p) == 2 and p[0] == metric]
+        points = sorted((t, st) for t, st in found if t is not None and t > 0)
         if points:
             out[stage] = points
     return out
@@ -51,16 +57,22 @@ def _band(ax, x: list[float], stats: list[Stat], color, label: str | None = None
     )
 
 
-def tau_figure(series: dict[str, list[tuple[float, Stat]]], title: str, path: Path) -> Path | None:
-    """One line per model against τ on a log axis, τ = ∞ at its own tick (``∞``) right of the others.
+def threshold_figure(
+    series: dict[str, list[tuple[float, Stat]]], title: str, path: Path, label: str = "threshold"
+) -> Path | None:
+    """One line per model against the threshold on a log axis, ∞ at its own tick (``∞``) right of the others.
 
-    Returns ``path``, or ``None`` when there is nothing to draw.
+    :param series: from :func:`threshold_series`.
+    :param title: the figure's title.
+    :param path: the PNG to write.
+    :param label: the x axis's label (``" (log scale)"`` is added), e.g. ``"threshold τ"``.
+    :return: ``path``, or ``None`` when there is nothing to draw.
     """
     if not series:
         return None
     finite = sorted({t for pts in series.values() for t, _ in pts if math.isfinite(t)})
     lo, hi = (finite[0], finite[-1]) if finite else (1.0, 1.0)
-    x_inf = hi * max(10.0, (hi / lo) ** 0.25)  # a separate position, a bit apart from the last finite τ
+    x_inf = hi * max(10.0, (hi / lo) ** 0.25)  # a separate position, a bit apart from the last finite threshold
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -90,7 +102,7 @@ def tau_figure(series: dict[str, list[tuple[float, Stat]]], title: str, path: Pa
     ax.minorticks_off()
     if finite:
         ax.axvline(math.sqrt(hi * x_inf), color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("threshold τ (log scale)")
+    ax.set_xlabel(f"{label} (log scale)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -98,6 +110,24 @@ def tau_figure(series: dict[str, list[tuple[float, Stat]]], title: str, path: Pa
     atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _deprecated(old: str, new: str) -> None:
+    import warnings
+
+    warnings.warn(f"kdtoolkit.results.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+
+
+def tau_series(metrics: dict[str, dict[tuple[str, ...], Stat]], metric: str) -> dict[str, list[tuple[float, Stat]]]:
+    """Deprecated name of :func:`threshold_series` (kept for one more version)."""
+    _deprecated("tau_series", "threshold_series")
+    return threshold_series(metrics, metric)
+
+
+def tau_figure(series: dict[str, list[tuple[float, Stat]]], title: str, path: Path) -> Path | None:
+    """Deprecated: :func:`threshold_figure` with the axis label ``"threshold τ"`` (kept for one more version)."""
+    _deprecated("tau_figure", "threshold_figure")
+    return threshold_figure(series, title, path, "threshold τ")
 
 
 def _mean_curves(per_run: list[list[dict[str, Any]]], key: str) -> tuple[list[float], list[float]]:

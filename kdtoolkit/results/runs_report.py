@@ -3,6 +3,11 @@
 :func:`build_report` reads the runs and aggregates them
 (:mod:`kdtoolkit.results.aggregate`); :func:`write_report` draws the figures
 (:mod:`kdtoolkit.results.plots`) next to the report and writes the Markdown.
+
+Which results are drawn against a threshold is declared by the metric components of the recipe
+(:func:`threshold_tables`), not known here: a metric names, in its class attribute
+``threshold_tables``, the result keys that hold a table keyed by a threshold's value
+(``"0.1"``, ``"inf"``), with the figure's title, the threshold's symbol and the axis label.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from kdtoolkit.results.aggregate import (
     stage_metrics,
 )
 from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.foundation.paths import name_problem
 from kdtoolkit.foundation.tables import Table
 
 SD_NOTE = (
@@ -33,6 +39,56 @@ SD_NOTE = (
     '"(n=k)": only k runs have the value. Differences from the baseline are the mean ± sample standard '
     "deviation of the per-run paired differences (a run's stage minus the same run's baseline)."
 )
+
+
+@dataclass(frozen=True)
+class ThresholdTable:
+    """A result keyed by a threshold's value, as its metric component declares it for ``kdt report``.
+
+    :ivar key: the result key (``results.json``: ``{key: {"0.1": x, ..., "inf": y}}``); the figure is
+        ``<report stem>-<key>.png``.
+    :ivar title: the figure's title, before ``" against <symbol>, mean ± sd over n runs"``.
+    :ivar symbol: the threshold's symbol (e.g. ``τ``), in headings and the differences table's column.
+    :ivar label: the x axis's label (e.g. ``"threshold τ"``).
+    """
+
+    key: str
+    title: str
+    symbol: str
+    label: str
+
+
+def _declared(key: Any, spec: Any) -> ThresholdTable | None:
+    """One entry of a metric's ``threshold_tables``; ``None`` for a key that cannot name a figure file."""
+    if not isinstance(key, str) or name_problem(key) is not None or key == "training":
+        return None
+    spec = spec if isinstance(spec, dict) else {}
+    symbol = spec.get("symbol") if isinstance(spec.get("symbol"), str) else "t"
+    title = spec.get("title") if isinstance(spec.get("title"), str) else key.upper()
+    label = spec.get("label") if isinstance(spec.get("label"), str) else f"threshold {symbol}"
+    return ThresholdTable(key, title, symbol, label)
+
+
+def threshold_tables(recipe: dict[str, Any], plugins) -> dict[str, ThresholdTable]:
+    """The results keyed by a threshold that the recipe's metrics declare, by result key, in recipe order.
+
+    Each metric component may declare a class attribute ``threshold_tables``:
+    ``{result key: {"title": ..., "symbol": ..., "label": ...}}`` (read through the registry, so a
+    kept schema serves it without importing the metric's module). A metric no plugin provides now
+    declares nothing.
+    """
+    out: dict[str, ThresholdTable] = {}
+    for stage in recipe.get("stages", {}).values():
+        for spec in stage.get("metrics", []) if isinstance(stage, dict) else []:
+            try:
+                declared = plugins.registry("metric").get(spec["name"]).attr("threshold_tables", None)
+            except Exception:  # a metric no plugin provides now, or a broken plugin: nothing declared
+                continue
+            for key, value in (declared if isinstance(declared, dict) else {}).items():
+                table = _declared(key, value)
+                if table is not None:
+                    out.setdefault(key, table)
+    return out
 
 
 @dataclass
@@ -43,7 +99,8 @@ class Report:
     :ivar tables: the runs' result tables, aggregated cell by cell.
     :ivar metrics: per stage, every numeric metric of ``results.json`` (key path → :class:`Stat`).
     :ivar deltas: per distilled stage with a baseline, ``(baseline, {key path: Stat of the differences})``.
-    :ivar figures: figure name (``aap``, ``ajs``, ``training``) → file, once written.
+    :ivar figures: figure name (a result key drawn against its threshold, or ``training``) → file, once written.
+    :ivar thresholds: the results keyed by a threshold, by result key (:func:`threshold_tables`).
     """
 
     runs: list[Run]
@@ -51,6 +108,7 @@ class Report:
     metrics: dict[str, dict[tuple[str, ...], Stat]]
     deltas: dict[str, tuple[str, dict[tuple[str, ...], Stat]]]
     figures: dict[str, Path] = field(default_factory=dict)
+    thresholds: dict[str, ThresholdTable] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -59,7 +117,7 @@ class Report:
     def all_tables(self) -> list[Table]:
         """The aggregated tables, then the differences from the baseline, as text tables."""
         out = [t.table() for t in self.tables]
-        deltas = deltas_table(self.deltas)
+        deltas = deltas_table(self.deltas, {k: t.symbol for k, t in self.thresholds.items()})
         return out + ([deltas.table()] if deltas is not None else [])
 
     def to_json(self) -> dict[str, Any]:
@@ -90,7 +148,13 @@ def build_report(paths: list[str | Path], plugins) -> Report:
     runs = [load_run(p) for p in find_runs(paths)]
     check_same_recipe(runs)
     tables = aggregate_tables([collect_tables(r.results, r.recipe, plugins) for r in runs])
-    return Report(runs, tables, stage_metrics(runs), baseline_deltas(runs, plugins))
+    return Report(
+        runs,
+        tables,
+        stage_metrics(runs),
+        baseline_deltas(runs, plugins),
+        thresholds=threshold_tables(runs[0].recipe, plugins),
+    )
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -99,21 +163,47 @@ def _rel(path: Path, start: Path) -> str:
 
 def _figures(report: Report, out: Path) -> None:
     from kdtoolkit.results.report import epoch_logs
-    from kdtoolkit.results.plots import tau_figure, tau_series, training_figure
+    from kdtoolkit.results.plots import threshold_figure, threshold_series, training_figure
 
     stem, folder = out.stem, out.parent
-    for metric, title in (("aap", "AAP (average number of active patches)"), ("ajs", "AJS (against the teacher)")):
-        made = tau_figure(
-            tau_series(report.metrics, metric),
-            f"{title} against τ, mean ± sd over {len(report.runs)} runs",
-            folder / f"{stem}-{metric}.png",
+    for key, t in report.thresholds.items():
+        made = threshold_figure(
+            threshold_series(report.metrics, key),
+            f"{t.title} against {t.symbol}, mean ± sd over {len(report.runs)} runs",
+            folder / f"{stem}-{key}.png",
+            t.label,
         )
         if made is not None:
-            report.figures[metric] = made
+            report.figures[key] = made
     logs = [epoch_logs(r.path, list(r.results["stages"])) for r in report.runs]
     made = training_figure(logs, folder / f"{stem}-training.png")
     if made is not None:
         report.figures["training"] = made
+
+
+def _and(names: list[str]) -> str:
+    """``"A"``, ``"A and B"``, ``"A, B and C"``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _threshold_sections(report: Report, folder: Path) -> list[str]:
+    """One section per threshold symbol with the figures drawn against it (e.g. "AAP and AJS against τ")."""
+    by_symbol: dict[str, list[str]] = {}
+    for key, t in report.thresholds.items():
+        if key in report.figures:
+            by_symbol.setdefault(t.symbol, []).append(key)
+    md = []
+    for symbol, keys in by_symbol.items():
+        md += [
+            f"## {_and([k.upper() for k in keys])} against {symbol}",
+            "",
+            f"One line per model: the mean over the runs, the band ± one sample standard deviation; {symbol} = ∞ "
+            "(no threshold) at its own tick on the right.",
+            "",
+        ]
+        md += [f"![{k.upper()} against {symbol}]({_rel(report.figures[k], folder)})" for k in keys]
+        md.append("")
+    return md
 
 
 def _markdown(report: Report, out: Path) -> str:
@@ -129,20 +219,7 @@ def _markdown(report: Report, out: Path) -> str:
     )
     md += [f"Runs of the same recipe: {runs}.", "", SD_NOTE, ""]
     md += [t.to_markdown() for t in report.all_tables()]
-    if "aap" in report.figures or "ajs" in report.figures:
-        md += [
-            "## AAP and AJS against τ",
-            "",
-            "One line per model: the mean over the runs, the band ± one sample standard deviation; τ = ∞ "
-            "(no threshold) at its own tick on the right.",
-            "",
-        ]
-        md += [
-            f"![{m.upper()} against τ]({_rel(report.figures[m], folder)})"
-            for m in ("aap", "ajs")
-            if m in report.figures
-        ]
-        md.append("")
+    md += _threshold_sections(report, folder)
     curves = [r.path / "training.png" for r in report.runs if (r.path / "training.png").is_file()]
     if "training" in report.figures or curves:
         md += ["## Training curves", ""]
@@ -157,8 +234,8 @@ def _markdown(report: Report, out: Path) -> str:
 
 
 def write_report(report: Report, out: str | Path) -> Path:
-    """Draw the figures next to ``out`` (``<stem>-aap.png``, ``<stem>-ajs.png``, ``<stem>-training.png``)
-    and write the Markdown report ``out``; returns its path."""
+    """Draw the figures next to ``out`` (``<stem>-<result key>.png`` for each result drawn against its
+    threshold, ``<stem>-training.png``) and write the Markdown report ``out``; returns its path."""
     from kdtoolkit.foundation.io import atomic_write_text
 
     out = Path(out)

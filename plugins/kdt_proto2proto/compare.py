@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtoolkit.foundation.device import check_device_spec
-from kdtoolkit.foundation.errors import KdtError
-from kdtoolkit.foundation.io import atomic_write_json
-from kdtoolkit.foundation.paths import inside
-from kdtoolkit.results.records import Records
+from kdtoolkit.foundation import check_device_spec
+from kdtoolkit.foundation import KdtError
+from kdtoolkit.foundation import atomic_write_json
+from kdtoolkit.foundation import inside
+from kdtoolkit.results import Records
 
 from . import metrics as M
 from .evaluation import check_pair, check_records, grid_locations
@@ -42,14 +42,14 @@ def records_for(source: Path, device: str = "auto", progress=None) -> Records:
         return Records.load(saved, arrays="numpy", require=("min_distances", "argmin"))
     if not (source / "model.safetensors").is_file():
         raise KdtError("not a stage directory (no model.safetensors or records.safetensors)", source=str(source))
-    from kdtoolkit.use.rundir import StageDir
+    from kdtoolkit.use import StageDir
 
     return StageDir.open(source).records(device, progress).numpy()
 
 
 def accuracy(records: Records) -> float:
     """Top-1 accuracy of records (float32 mean, as torch computes it: the same number)."""
-    logits, labels = M._as_array(records["logits"], "logits"), M._as_array(records["labels"], "labels")
+    logits, labels = M.as_array(records["logits"], "logits"), M.as_array(records["labels"], "labels")
     return float(np.mean(np.argmax(logits, axis=1) == labels, dtype=np.float32))
 
 
@@ -93,8 +93,8 @@ def matching_figure(
     tpush, spush = _last_push(teacher_dir), _last_push(student_dir)
     if tpush is None or spush is None:
         return None
-    from kdt_protopnet.figures import prototype_figure
-    from kdtoolkit.use.rundir import StageDir
+    from kdt_prototypes.figures import prototype_figure
+    from kdtoolkit.use import StageDir
 
     tdata = StageDir.open(teacher_dir).data().train_eval
     sdata = StageDir.open(student_dir).data().train_eval
@@ -174,7 +174,7 @@ def compare(
 
 
 def _print(results: dict, taus: tuple[float, ...], with_pms: bool) -> None:
-    from kdtoolkit.foundation.tables import Table, print_tables
+    from kdtoolkit.foundation import Table, print_tables
 
     keys = [M.tau_key(t) for t in taus]
     rows = []
@@ -231,7 +231,7 @@ def run_metrics(
     if run_dir is not None:
         if teacher or students:
             raise KdtError("give either RUN_DIR or --teacher/--student, not both", source="kdt metrics")
-        from kdtoolkit.use.rundir import RunDir
+        from kdtoolkit.use import RunDir
 
         run = RunDir(run_dir)
         refs = run.students_by_reference()

@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.foundation import KdtError
 
 from . import metrics as M
 
 if TYPE_CHECKING:
-    from kdtoolkit.results.records import Records
+    from kdtoolkit.results import Records
 
 
 def _array(x: Any) -> np.ndarray:
     """A record as a numpy array (torch tensors are copied to the CPU; bfloat16 becomes float32)."""
-    return M._as_array(x, "record")
+    return M.as_array(x, "record")
 
 
 def grid_locations(records: Records, who: str = "model") -> int:
@@ -58,11 +58,11 @@ def check_records(records: Records, who: str = "model", source: str | None = Non
     logits, labels = _array(records["logits"]), _array(records["labels"])
     n = records.n
     if not np.issubdtype(d.dtype, np.floating) or d.ndim != 2:
-        raise bad(f"'min_distances' must be a float [N, P] tensor, got {M._dtype_name(d)} {tuple(d.shape)}")
+        raise bad(f"'min_distances' must be a float [N, P] tensor, got {M.dtype_name(d)} {tuple(d.shape)}")
     if not np.issubdtype(a.dtype, np.integer) or tuple(a.shape) != tuple(d.shape):
         raise bad(
             f"'argmin' must be an integer tensor shaped like 'min_distances' {tuple(d.shape)}, "
-            f"got {M._dtype_name(a)} {tuple(a.shape)}"
+            f"got {M.dtype_name(a)} {tuple(a.shape)}"
         )
     finite = np.isfinite(d)
     if not bool(finite.all()):
@@ -76,9 +76,9 @@ def check_records(records: Records, who: str = "model", source: str | None = Non
             f"expected 0..{h * w - 1})"
         )
     if not np.issubdtype(logits.dtype, np.floating) or logits.ndim != 2 or not bool(np.isfinite(logits).all()):
-        raise bad(f"'logits' must be finite float [N, K] values, got {M._dtype_name(logits)} {tuple(logits.shape)}")
+        raise bad(f"'logits' must be finite float [N, K] values, got {M.dtype_name(logits)} {tuple(logits.shape)}")
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or labels.shape[0] != n:
-        raise bad(f"'labels' must be integer [N], got {M._dtype_name(labels)} {tuple(labels.shape)}")
+        raise bad(f"'labels' must be integer [N], got {M.dtype_name(labels)} {tuple(labels.shape)}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
         raise bad(f"'labels' outside 0..{logits.shape[1] - 1}")
     return h * w
@@ -112,6 +112,10 @@ def check_pair(teacher: Records, student: Records) -> int:
     return grid_locations(student, "student")
 
 
+#: The threshold of AAP and AJS as ``kdt report`` shows it (the ``threshold_tables`` of the metrics below).
+TAU = {"symbol": "τ", "label": "threshold τ"}
+
+
 def _check_taus(params: dict) -> None:
     taus = params["taus"]
     if not taus:
@@ -136,6 +140,8 @@ class AAP:
 
     requires_reference = False
     requires_records = ("min_distances", "argmin")
+    #: ``kdt report`` draws the result ``aap`` (a table keyed by τ) against τ.
+    threshold_tables = {"aap": {"title": "AAP (average number of active patches)", **TAU}}
 
     def __init__(self, *, taus: list[float] = list(M.DEFAULT_TAUS)):
         self.taus = list(taus)
@@ -159,6 +165,8 @@ class AJS:
 
     requires_reference = True
     requires_records = ("min_distances", "argmin")
+    #: ``kdt report`` draws the result ``ajs`` (a table keyed by τ) against τ.
+    threshold_tables = {"ajs": {"title": "AJS (against the teacher)", **TAU}}
 
     def __init__(self, *, taus: list[float] = list(M.DEFAULT_TAUS)):
         self.taus = list(taus)

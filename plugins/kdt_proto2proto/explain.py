@@ -13,7 +13,7 @@ mode, and test images are the stage's un-augmented test split (an image file
 is prepared by the dataset's ``preprocess``, as ``kdt predict`` does): the
 same model state and preprocessing as the stage's evaluation. The drawing is
 in :mod:`kdt_proto2proto.explain_figures`, the maps and boxes in
-:mod:`kdt_protopnet.explain`.
+:mod:`kdt_prototypes.explain`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdt_protopnet import explain as X
-from kdt_protopnet.sheet import GREEN, RED, YELLOW, boxed_tile, crop_tile, fit, tile_scale
-from kdtoolkit.use.rundir import RunDir, StageDir
-from kdtoolkit.foundation.errors import KdtError
-from kdtoolkit.foundation.io import atomic_write_json
-from kdtoolkit.foundation.paths import inside
+from kdt_prototypes import explain as X
+from kdt_prototypes.sheet import GREEN, RED, YELLOW, boxed_tile, crop_tile, fit, tile_scale
+from kdtoolkit.use import RunDir, StageDir
+from kdtoolkit.foundation import KdtError
+from kdtoolkit.foundation import atomic_write_json
+from kdtoolkit.foundation import inside
 
 from . import explain_figures as F
 from .explain_local import explain_local
@@ -170,7 +170,7 @@ def run_explain(
 ) -> dict[str, Any]:
     """``kdt explain`` with its options (see :mod:`kdt_proto2proto.command`); prints what it wrote.
     ``data``: ``KEY=VALUE`` changes to the stages' data tables (``--data``, e.g. ``root=...``)."""
-    from kdtoolkit.foundation.device import check_device_spec
+    from kdtoolkit.foundation import check_device_spec
 
     check_device_spec(device, "--device")
     modes = [m for m, on in (("--global", global_), ("--compare", compare), ("--pairs", pairs)) if on]

@@ -1,8 +1,8 @@
-"""The layouts of ``kdt explain``'s figures, drawn on :class:`kdt_protopnet.sheet.Sheet` canvases.
+"""The layouts of ``kdt explain``'s figures, drawn on :class:`kdt_prototypes.sheet.Sheet` canvases.
 
 Every function takes what to show (images as ``[S, S, 3]`` arrays in
 ``[0, 1]``, boxes, text) and writes one PNG whose size follows from the
-number of entries and the tile side (:func:`kdt_protopnet.sheet.tile_scale`);
+number of entries and the tile side (:func:`kdt_prototypes.sheet.tile_scale`);
 it returns the ``(width, height)`` in pixels.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdt_protopnet.explain import PrototypeView, heat_overlay
-from kdt_protopnet.sheet import CYAN, FONT, GAP, LINE, RED, YELLOW, Sheet, boxed_tile, crop_tile, tile_scale, zoom
+from kdt_prototypes.explain import PrototypeView, heat_overlay
+from kdt_prototypes.sheet import CYAN, FONT, GAP, LINE, RED, YELLOW, Sheet, boxed_tile, crop_tile, tile_scale, zoom
 
 MARGIN = 12
 TITLE = 24  # pixels of the bold title line

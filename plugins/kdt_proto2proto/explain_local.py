@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from kdt_protopnet import explain as X
-from kdt_protopnet.receptive_field import rf_box
-from kdt_protopnet.sheet import CYAN, GREEN, RED, YELLOW, boxed_tile, crop_tile, tile_scale
-from kdtoolkit.foundation.io import atomic_write_json
-from kdtoolkit.foundation.paths import inside
+from kdt_prototypes import explain as X
+from kdt_prototypes.receptive_field import rf_box
+from kdt_prototypes.sheet import CYAN, GREEN, RED, YELLOW, boxed_tile, crop_tile, tile_scale
+from kdtoolkit.foundation import atomic_write_json
+from kdtoolkit.foundation import inside
 
 from . import explain_figures as F
 from .explain_stage import (

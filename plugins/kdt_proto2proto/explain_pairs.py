@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from kdt_protopnet.sheet import CYAN, YELLOW, boxed_tile, crop_tile, fit, tile_scale
-from kdtoolkit.use.rundir import RunDir
-from kdtoolkit.foundation.errors import KdtError
-from kdtoolkit.foundation.io import atomic_write_json
-from kdtoolkit.foundation.paths import inside
+from kdt_prototypes.sheet import CYAN, YELLOW, boxed_tile, crop_tile, fit, tile_scale
+from kdtoolkit.use import RunDir
+from kdtoolkit.foundation import KdtError
+from kdtoolkit.foundation import atomic_write_json
+from kdtoolkit.foundation import inside
 
 from . import explain_figures as F
 from .explain_stage import LoadedStage, class_name, load_stage, prototype_sources, prototype_views
@@ -80,7 +80,10 @@ def _matches(path, hashes: dict) -> bool:
 
 
 def _pair_entry(tld: LoadedStage, sld: LoadedStage, pair: list, counts: np.ndarray, n: int, tv: dict, sv: dict):
-    """``(label lines, tiles, JSON entry)`` of one matched pair; ``tiles`` is ``None`` when a prototype has no source."""
+    """``(label lines, tiles, JSON entry)`` of one matched pair.
+
+    ``tiles`` is ``None`` when a prototype has no source.
+    """
     i, j, sim = int(pair[0]), int(pair[1]), float(pair[2])
     t, s = tv.get(i), sv.get(j)
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from kdt_protopnet import explain as X
-from kdt_protopnet.receptive_field import RFInfo, model_rf_info
-from kdtoolkit.use.rundir import StageDir
-from kdtoolkit.foundation.errors import KdtError
-from kdtoolkit.foundation.paths import inside
+from kdt_prototypes import explain as X
+from kdt_prototypes.receptive_field import RFInfo, model_rf_info
+from kdtoolkit.use import StageDir
+from kdtoolkit.foundation import KdtError
+from kdtoolkit.foundation import inside
 
 
 @dataclass
@@ -38,7 +38,7 @@ class LoadedStage:
         return list(getattr(self.data.test, "classes", []) or [])
 
     def rf_info(self) -> RFInfo | None:
-        """The prototype layer's receptive field (:func:`~kdt_protopnet.receptive_field.model_rf_info`)
+        """The prototype layer's receptive field (:func:`~kdt_prototypes.receptive_field.model_rf_info`)
         for the stage's image size; ``None`` when the backbone's layers cannot be listed."""
         if not hasattr(self, "_rf"):
             size = int(self.data.test[0][0].shape[-1])
@@ -59,7 +59,7 @@ def load_stage(stage: StageDir, device: str = "auto") -> LoadedStage:
 
     :raises KdtError: when the stage's head is not a prototype head with a ``distances`` output.
     """
-    from kdtoolkit.foundation.device import resolve_device
+    from kdtoolkit.foundation import resolve_device
 
     dev = resolve_device(device)
     data = stage.data()
@@ -104,7 +104,7 @@ def prototype_sources(ld: LoadedStage) -> tuple[list[X.PrototypeSource], str]:
 
 
 def prototype_views(ld: LoadedStage, sources: list[X.PrototypeSource]) -> list[X.PrototypeView]:
-    """:func:`kdt_protopnet.explain.explain_prototypes` for the stage, with its receptive field."""
+    """:func:`kdt_prototypes.explain.explain_prototypes` for the stage, with its receptive field."""
     return X.explain_prototypes(ld.model, ld.data.train_eval, sources, ld.rf_info(), ld.device)
 
 
@@ -153,7 +153,7 @@ def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, s
     :raises KdtError: for an index out of range, a path that is neither, or a
         dataset without ``preprocess``.
     """
-    from kdtoolkit.use.predict import load_image
+    from kdtoolkit.use import load_image
 
     path = Path(image)
     if path.is_file():
@@ -172,7 +172,7 @@ def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, s
         x, label = ld.data.test[idx]
         return x, int(label), f"test-{idx}", f"test image {idx}"
     if os.path.lexists(path):  # a FIFO, a device, a socket, a link to one: never opened
-        from kdtoolkit.foundation.limits import special_file_kind
+        from kdtoolkit.foundation import special_file_kind
 
         raise KdtError(f"not a regular file ({special_file_kind(path)})", source=str(image))
     raise KdtError("neither an image file nor a test index", source=str(image))
@@ -181,7 +181,7 @@ def load_input(ld: LoadedStage, image: str) -> tuple[torch.Tensor, int | None, s
 def recorded_prediction(ld: LoadedStage, index: int) -> int | None:
     """The evaluated prediction (argmax of the logits in ``records.safetensors``) of test image
     ``index``, or ``None`` when the stage has no records."""
-    from kdtoolkit.results.records import Records
+    from kdtoolkit.results import Records
 
     path = ld.stage.file("records.safetensors")
     if not path.is_file():

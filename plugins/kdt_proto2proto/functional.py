@@ -4,8 +4,8 @@ Everything here is tensor-in, tensor-out: no ``nn.Module`` state, no device
 or dtype hard-coding.  The functions work on any prototype head: prototypes
 ``[P, D]`` (or ``[P, D, 1, 1]``), add-on features ``[B, D, H, W]``,
 per-prototype minimum distances and their argmin locations ``[B, P]``.  The
-ProtoPNet arithmetic (distances, ProtoPNet losses, push) is in
-:mod:`kdt_protopnet.functional`, ProtoTree's in :mod:`kdt_prototree.functional`.
+arithmetic every prototype head shares (distances, min-pooling, projection,
+input checks) is in :mod:`kdt_prototypes.functional`.
 
 Written from the notes only; no code of ProtoPNet, ProtoTree, Proto2Proto or
 CaBRNet is used.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdt_protopnet.functional import _as_matrix, _check_latent
+from kdt_prototypes import as_matrix, check_latent
 
 __all__ = [
     "global_explanation_loss",
@@ -72,8 +72,8 @@ def global_explanation_loss(student_prototypes: Tensor, teacher_prototypes: Tens
     Raises:
         ValueError: if the flattened shapes differ (message names both shapes).
     """
-    s = _as_matrix(student_prototypes, "student_prototypes")
-    t = _as_matrix(teacher_prototypes, "teacher_prototypes")
+    s = as_matrix(student_prototypes, "student_prototypes")
+    t = as_matrix(teacher_prototypes, "teacher_prototypes")
     if s.shape != t.shape:
         raise ValueError(
             f"student prototypes {tuple(student_prototypes.shape)} and teacher prototypes "
@@ -179,7 +179,7 @@ def patch_prototype_correspondence_loss(teacher_features: Tensor, student_featur
     Raises:
         ValueError: if the shapes do not match.
     """
-    _check_latent(teacher_features, "teacher_features")
+    check_latent(teacher_features, "teacher_features")
     if teacher_features.shape != student_features.shape:
         raise ValueError(
             f"teacher features {tuple(teacher_features.shape)} and student features "
@@ -213,8 +213,8 @@ def prototype_distance_matrix(student_prototypes: Tensor, teacher_prototypes: Te
     Returns:
         ``[Ps, Pt]`` float64 on the CPU (detached: pairing is not differentiated).
     """
-    s = _as_matrix(student_prototypes, "student_prototypes").detach().to("cpu", torch.float64)
-    t = _as_matrix(teacher_prototypes, "teacher_prototypes").detach().to("cpu", torch.float64)
+    s = as_matrix(student_prototypes, "student_prototypes").detach().to("cpu", torch.float64)
+    t = as_matrix(teacher_prototypes, "teacher_prototypes").detach().to("cpu", torch.float64)
     if s.shape[1] != t.shape[1]:
         raise ValueError(f"student prototype depth {s.shape[1]} differs from teacher prototype depth {t.shape[1]}")
     diff = s[:, None, :] - t[None, :, :]
@@ -263,8 +263,8 @@ def paired_global_explanation_loss(
     Returns:
         0-dim tensor.
     """
-    s = _as_matrix(student_prototypes, "student_prototypes")
-    t = _as_matrix(teacher_prototypes, "teacher_prototypes")
+    s = as_matrix(student_prototypes, "student_prototypes")
+    t = as_matrix(teacher_prototypes, "teacher_prototypes")
     if student_index.shape != teacher_index.shape or student_index.dim() != 1:
         raise ValueError(
             f"student_index and teacher_index must be [M], got {tuple(student_index.shape)} "

@@ -5,7 +5,7 @@ trainer's :class:`~kdtoolkit.plugin.contracts.Step`. Proto2Proto adds
 ``10·global_explanation + 10·patch_prototype_correspondence`` to the
 student's own loss (ProtoPNet's in ``kdt_protopnet``, ProtoTree's NLL in
 ``kdt_prototree``). They work with any head satisfying the prototype-head
-protocol (:mod:`kdt_proto2proto.protocol`); ``tree_kd`` also needs both heads
+protocol (:mod:`kdt_prototypes.protocol`); ``tree_kd`` also needs both heads
 to output ``log_probabilities`` (ProtoTree's leaf mixture).
 """
 
@@ -16,11 +16,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kdtoolkit.plugin.contracts import Step
+from kdt_prototypes import prototype_head, prototype_matrix
+from kdtoolkit.plugin import Step
 
 from . import functional as F
 from .checks import check_correspondence_params, check_tree_kd_params
-from .protocol import prototype_head, prototype_matrix
 
 PAIRINGS = ("index", "matched_per_epoch", "matched_fixed")
 

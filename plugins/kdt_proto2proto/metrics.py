@@ -73,6 +73,8 @@ __all__ = [
     "PMSResult",
     "pms_from_colocation",
     "prototype_matching_score",
+    "as_array",
+    "dtype_name",
 ]
 
 #: The thresholds of the original evaluation code (``None`` there means ``inf``).
@@ -180,7 +182,7 @@ def _is_tensor(x: Any) -> bool:
     return tensor is not None and isinstance(x, tensor)
 
 
-def _as_array(x: Any, name: str) -> np.ndarray:
+def as_array(x: Any, name: str) -> np.ndarray:
     """``x`` as a numpy array: a torch tensor is copied to the CPU (bfloat16, which numpy
     lacks, becomes float32: every bfloat16 value is a float32 value); anything else
     goes through ``np.asarray``."""
@@ -202,7 +204,8 @@ def _is_float(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.floating)
 
 
-def _dtype_name(x: Any) -> str:
+def dtype_name(x: Any) -> str:
+    """The dtype of a tensor or array as error messages name it (``float32``, not ``torch.float32``)."""
     return str(x.dtype).removeprefix("torch.")
 
 
@@ -215,11 +218,11 @@ def _check_num_locations(num_locations: Any) -> int:
 
 
 def _check_argmin(argmin: Any, num_locations: int, name: str = "argmin") -> np.ndarray:
-    a = _as_array(argmin, name)
+    a = as_array(argmin, name)
     if a.ndim != 2:
         raise ValueError(f"{name} must have shape [N, P], got {tuple(a.shape)}")
     if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer location indices, got dtype {_dtype_name(a)}")
+        raise ValueError(f"{name} must hold integer location indices, got dtype {dtype_name(a)}")
     if a.size:
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi >= num_locations:
@@ -233,11 +236,11 @@ def _check_argmin(argmin: Any, num_locations: int, name: str = "argmin") -> np.n
 
 def _check_record(min_distances: Any, argmin: Any, num_locations: int, who: str = "") -> tuple[np.ndarray, np.ndarray]:
     prefix = f"{who} " if who else ""
-    d = _as_array(min_distances, f"{prefix}min_distances")
+    d = as_array(min_distances, f"{prefix}min_distances")
     if d.ndim != 2:
         raise ValueError(f"{prefix}min_distances must have shape [N, P], got {tuple(d.shape)}")
     if not (_is_float(d) or np.issubdtype(d.dtype, np.integer) or d.dtype == np.bool_):
-        raise ValueError(f"{prefix}min_distances must hold numbers, got dtype {_dtype_name(d)}")
+        raise ValueError(f"{prefix}min_distances must hold numbers, got dtype {dtype_name(d)}")
     a = _check_argmin(argmin, num_locations, f"{prefix}argmin")
     if d.shape != a.shape:
         raise ValueError(
@@ -474,11 +477,11 @@ def _check_minima(minima: Any, name: str) -> Any:
     if _is_tensor(minima):
         ok = minima.dim() == 2 and minima.dtype.is_floating_point
     else:
-        minima = _as_array(minima, name)
+        minima = as_array(minima, name)
         ok = minima.ndim == 2 and _is_float(minima)
     if not ok:
         raise ValueError(
-            f"{name} must be the float [N, L] output of location_minima, got {_dtype_name(minima)} {tuple(minima.shape)}"
+            f"{name} must be the float [N, L] output of location_minima, got {dtype_name(minima)} {tuple(minima.shape)}"
         )
     if minima.shape[0] == 0:
         raise ValueError(f"{name} hold no images (N = 0); the averages are undefined")

@@ -1,7 +1,7 @@
 """The Proto2Proto bundle's registrations (entry point ``proto2proto``).
 
 The distillation method only; the prototype heads come from the ``protopnet``
-and ``prototree`` bundles (any head satisfying :mod:`.protocol` works).
+and ``prototree`` bundles (any head satisfying :mod:`kdt_prototypes.protocol` works).
 
 - losses ``global_explanation``, ``patch_prototype_correspondence``, ``tree_kd``;
 - metrics ``aap``, ``ajs``, ``pms``;
@@ -11,7 +11,7 @@ and ``prototree`` bundles (any head satisfying :mod:`.protocol` works).
 
 from __future__ import annotations
 
-from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin import hookimpl
 
 
 @hookimpl

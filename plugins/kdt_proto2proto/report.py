@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from kdtoolkit.foundation.tables import Number, Table
+from kdtoolkit.foundation import Number, Table
 
 from .evaluation import at_tau
 from .metrics import tau_key
@@ -106,9 +106,9 @@ def report_tables(results: dict, recipe: dict) -> list[Table]:
                 f"Table 2: loss combinations against teacher '{ref}' (τ = ∞)",
                 ["stage", "L_model", "L_ppc", "L_global", "AAP", "AJS (↑)", "PMS (↑)", "accuracy (↑)"],
                 rows2,
-                note="L_model: the prototype model's own loss (ProtoPNet: cross-entropy, cluster, separation, L1; ProtoTree: "
-                "NLL); L_ppc: patch-prototype correspondence loss; L_global: global explanation loss. A ✓ means the "
-                "loss had a non-zero weight.",
+                note="L_model: the prototype model's own loss (ProtoPNet: cross-entropy, cluster, separation, L1; "
+                "ProtoTree: NLL); L_ppc: patch-prototype correspondence loss; L_global: global explanation loss. "
+                "A ✓ means the loss had a non-zero weight.",
                 key="proto2proto_table2",
             )
         )

@@ -7,7 +7,7 @@ They import no torch, so that checking a recipe does not either (see
 
 from __future__ import annotations
 
-from kdtoolkit.plugin.params import MAX_BATCH_SIZE
+from kdtoolkit.plugin import MAX_BATCH_SIZE
 
 #: The most prototypes per class, the deepest prototype and the largest push batch: bounds that
 #: refuse at validation a value that would only fail allocating memory at run time.

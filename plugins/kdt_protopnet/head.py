@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kdtoolkit.foundation.device import full_precision
+from kdt_prototypes import distance_to_similarity, min_pool_distances, squared_l2_distances
+from kdtoolkit.foundation import full_precision
 
 from . import functional as F
 from .checks import check_head_params
@@ -147,9 +148,9 @@ class ProtoPNetHead(nn.Module):
         # cancels badly in low precision.
         with full_precision(z.device.type):
             z = z.float()
-            distances = F.squared_l2_distances(z, self.prototypes.float())
-            min_d, argmin = F.min_pool_distances(distances)
-            sim = F.distance_to_similarity(min_d, self.similarity)
+            distances = squared_l2_distances(z, self.prototypes.float())
+            min_d, argmin = min_pool_distances(distances)
+            sim = distance_to_similarity(min_d, self.similarity)
             logits = self.last_layer(sim)
         return {
             "logits": logits,

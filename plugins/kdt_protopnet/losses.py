@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kdtoolkit.plugin.contracts import Step
+from kdtoolkit.plugin import Step
 
 from . import functional as F
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin import hookimpl
 
 
 @hookimpl

@@ -2,7 +2,7 @@
 
 Each prototype is replaced by the nearest latent patch among the
 un-augmented training images of its own class. The pass streams over the
-push set in batches (:class:`~kdt_protopnet.functional.PrototypeProjector`):
+push set in batches (:class:`~kdt_prototypes.functional.PrototypeProjector`):
 memory is O(P·D + one batch), whatever the size of the dataset. Where each
 prototype came from (image index, h, w, distance) is written to
 ``push-<phase>.json`` in the stage directory, for explanations, with a
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from kdtoolkit.foundation.io import atomic_write_json
+from kdt_prototypes import PrototypeProjector
+from kdtoolkit.foundation import atomic_write_json
 
 from .checks import check_push_params
-from .functional import PrototypeProjector
 
 
 class PushPhase:
@@ -45,8 +45,7 @@ class PushPhase:
     @staticmethod
     def boxes(ctx, res) -> dict[int, tuple[int, int, int, int]]:
         """Each found prototype's activation box on its source image (pixels, inclusive)."""
-        from .figures import prototype_boxes
-        from .functional import distance_to_similarity
+        from kdt_prototypes import distance_to_similarity, prototype_boxes
 
         head = ctx.model.head
         return prototype_boxes(
@@ -59,7 +58,7 @@ class PushPhase:
 
     def _figure(self, ctx, res, boxes) -> None:
         """``prototypes-<phase>.png``: each prototype's source image and activation box."""
-        from .figures import prototype_figure
+        from kdt_prototypes import prototype_figure
 
         ds = ctx.data.train_eval
         images, labels = [], []

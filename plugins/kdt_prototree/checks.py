@@ -7,7 +7,7 @@ They import no torch, so that checking a recipe does not either (see
 
 from __future__ import annotations
 
-from kdtoolkit.plugin.params import MAX_BATCH_SIZE
+from kdtoolkit.plugin import MAX_BATCH_SIZE
 
 #: The deepest tree the head builds (2**depth leaves).
 MAX_DEPTH = 16

@@ -45,11 +45,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kdt_protopnet.functional import (  # the pieces every prototype head shares: one copy
+from kdt_prototypes.functional import (  # the pieces every prototype head shares: one copy
+    LN2,
     ProjectionResult,
     PrototypeProjector,
-    _as_matrix,
-    _check_latent,
+    l2_distances,
     min_pool_distances,
 )
 
@@ -80,10 +80,6 @@ __all__ = [
     "ProjectionResult",
     "ProtoTreeProjector",
 ]
-
-#: ``ln 2``: the greedy rule "right iff s > 0.5" is "right iff d < ln 2".
-LN2 = math.log(2.0)
-
 
 # --------------------------------------------------------------------------
 # helpers
@@ -116,34 +112,13 @@ def _check_min_distances(min_distances: Tensor, depth: int) -> None:
 # distances (§2)
 # --------------------------------------------------------------------------
 
-
-def l2_distances(z: Tensor, prototypes: Tensor, eps: float = 1e-14) -> Tensor:
-    """True (non-squared) L2 distance of every latent patch to every prototype.
-
-    As the authors compute it: ``sqrt(|‖z‖² − 2⟨z,p⟩ + ‖p‖²| + eps)`` with
-    ``eps = 1e-14`` — the absolute value (not a clamp) of the expansion, so a
-    slightly negative rounding error counts as a small positive distance; the
-    ``eps`` keeps the square root's gradient finite when a prototype equals a
-    patch (distances are at least ``sqrt(eps) = 1e-7``).
-
-    :param z: latent map (add-on output) ``[B, D, H, W]``.
-    :param prototypes: ``[P, D]`` or ``[P, D, 1, 1]`` (1×1 prototypes).
-    :param eps: added under the square root.
-    :return: ``[B, P, H, W]`` distances in ``z``'s dtype and device.
-    """
-    _check_latent(z)
-    p = _as_matrix(prototypes)
-    if p.shape[1] != z.shape[1]:
-        raise ValueError(f"prototype depth {p.shape[1]} does not match latent depth {z.shape[1]}")
-    z_sq = (z * z).sum(dim=1, keepdim=True)  # [B, 1, H, W]
-    p_sq = (p * p).sum(dim=1).view(1, -1, 1, 1)  # [1, P, 1, 1]
-    cross = torch.einsum("bdhw,pd->bphw", z, p)
-    return torch.sqrt((z_sq - 2.0 * cross + p_sq).abs() + eps)
-
+# ProtoTree's distance, the true (non-squared) L2 of every patch to every prototype, is
+# :func:`kdt_prototypes.functional.l2_distances` (imported above, so ``l2_distances`` and
+# ``LN2`` are still importable from here).
 
 #: Minimum of each prototype's distances over the latent grid, and where
-#: (ties: lowest flat location ``h * W + w``): the one implementation shared
-#: with ProtoPNet, :func:`kdt_protopnet.functional.min_pool_distances`.
+#: (ties: lowest flat location ``h * W + w``): the one implementation every
+#: prototype head shares, :func:`kdt_prototypes.functional.min_pool_distances`.
 min_pool = min_pool_distances
 
 
@@ -652,7 +627,7 @@ class ProtoTreeProjector(PrototypeProjector):
     Each prototype is replaced by the nearest latent patch (L2, as
     :func:`l2_distances`) among the images whose label is allowed for its node
     (:func:`projection_allowed_classes`).  The streaming projector shared with
-    ProtoPNet's push (:class:`kdt_protopnet.functional.PrototypeProjector`)
+    ProtoPNet's push (:class:`kdt_prototypes.functional.PrototypeProjector`)
     with ProtoTree's distance: feed batches with :meth:`update`, read
     :meth:`result` (a :class:`ProjectionResult`, distances in L2 units).
     Keeps only the running best per prototype (``O(N·D)``) plus one batch's

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from kdtoolkit.foundation.device import full_precision
+from kdt_prototypes import ProjectionResult, l2_distances, min_pool_distances
+from kdtoolkit.foundation import full_precision
 
 from . import functional as F
 from .checks import check_head_params
@@ -150,8 +151,8 @@ class ProtoTreeHead(nn.Module):
         z = self.add_on(f)
         # float32 even under autocast: the distance expansion cancels badly in low precision
         with full_precision(z.device.type):
-            distances = F.l2_distances(z.float(), self.prototypes.float())
-            min_d, argmin = F.min_pool(distances)
+            distances = l2_distances(z.float(), self.prototypes.float())
+            min_d, argmin = min_pool_distances(distances)
             log_pi = F.leaf_log_probabilities(min_d, self.depth, self.forced)
         return z, min_d, argmin, log_pi, distances
 
@@ -347,7 +348,7 @@ class ProtoTreeHead(nn.Module):
         return F.ProtoTreeProjector(self.prototypes, self.projection_allowed_classes())
 
     @torch.no_grad()
-    def apply_projection(self, result: F.ProjectionResult) -> None:
+    def apply_projection(self, result: ProjectionResult) -> None:
         """Copy projected prototypes in (only where a patch was found).
 
         :param result: :meth:`ProtoTreeProjector.result` of :meth:`projector`.

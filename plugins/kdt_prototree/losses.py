@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
-from kdtoolkit.plugin.contracts import Step
+from kdtoolkit.plugin import Step
 
 
 class ProtoTreeNLL:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from kdtoolkit.results.records import Records
+from kdtoolkit.results import Records
 
 MODES = ("soft", "sample_max", "greedy")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kdtoolkit.foundation.io import atomic_write_json
+from kdtoolkit.foundation import atomic_write_json
 
 from .checks import check_project_params, check_prune_params
 
@@ -85,9 +85,7 @@ class ProjectPhase:
 
     @staticmethod
     def _boxes(ctx, res) -> dict[int, tuple[int, int, int, int]]:
-        from kdt_protopnet.figures import prototype_boxes
-
-        from .functional import l2_distances
+        from kdt_prototypes import l2_distances, prototype_boxes
 
         head = ctx.model.head
         return prototype_boxes(
@@ -138,7 +136,7 @@ class ProjectPhase:
                 info["prototypes"][j]["box"] = list(box)
             atomic_write_json(path, info)
             if self.figure and boxes:
-                from kdt_protopnet.figures import prototype_figure
+                from kdt_prototypes import prototype_figure
 
                 ds = ctx.data.train_eval
                 images = [ds[int(res.sample_id[j])][0] for j in boxes]

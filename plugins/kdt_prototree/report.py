@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdtoolkit.foundation.tables import Number, Table
+from kdtoolkit.foundation import Number, Table
 
 
 def _pct(x):
@@ -56,8 +56,9 @@ def report_tables(results: dict, recipe: dict) -> list[Table]:
                 "leaves kept",
             ],
             rows,
-            note="Fidelity: fraction of test images where the deterministic mode predicts the soft mode's class. Path: mean "
-            "number of decisions (soft uses every path: the longest kept one). Leaves kept: after the prune phase.",
+            note="Fidelity: fraction of test images where the deterministic mode predicts the soft mode's class. "
+            "Path: mean number of decisions (soft uses every path: the longest kept one). "
+            "Leaves kept: after the prune phase.",
             key="prototree_modes",
         )
     ]
