@@ -16,7 +16,7 @@ from kdt_timm.backbone import TimmBackbone
 from kdtoolkit.engine.models import build_model
 from kdtoolkit.cli.commands import main
 from kdtoolkit.foundation.errors import CheckpointError, RecipeError
-from kdtoolkit.plugin.registry import RESERVED_ARGS
+from kdtoolkit.plugin.registry import RESERVED_ARGS, Registry
 from kdt_testutil import TINY_DATA, run_kdt
 
 
@@ -124,9 +124,15 @@ def test_core_passes_num_classes_to_backbones_that_accept_it():
             super().__init__()
             seen["n"] = num_classes
 
+    def head(in_channels: int, num_classes: int) -> nn.Module:
+        return nn.Identity()
+
+    registries = {"backbone": Registry("backbone"), "head": Registry("head")}
+    registries["backbone"].add("p", Probe)
+    registries["head"].add("h", head)
+
     def registry(kind):
-        factory = Probe if kind == "backbone" else (lambda c, n: nn.Identity())
-        return types.SimpleNamespace(get=lambda name: types.SimpleNamespace(factory=factory, build=factory))
+        return registries[kind]
 
     build_model(
         {"model": {"backbone": {"name": "p"}, "head": {"name": "h"}, "weights": None}},

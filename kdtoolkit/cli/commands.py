@@ -111,11 +111,12 @@ def run(
     with Progress(enabled=not quiet and dist.is_main) as progress:
         results = run_recipe(rec, opts, plugins, progress, dist)
     if dist.is_main and as_json:
-        from kdtoolkit.foundation.io import _json_default
+        from kdtoolkit.foundation.io import json_default
 
-        click.echo(json.dumps(results, indent=2, default=_json_default))
-    elif dist.is_main:
-        print_tables(collect_tables(results, rec.resolved, plugins))
+        click.echo(json.dumps(results, indent=2, default=json_default))
+    elif dist.is_main:  # the tables the run built for results.md: each plugin's report hook runs once per run
+        tables = getattr(results, "tables", None)
+        print_tables(tables if tables is not None else collect_tables(results, rec.resolved, plugins))
         click.echo(f"results: {out / 'results.md'}")
 
 

@@ -24,11 +24,11 @@ DATA_OPTION = click.option(
 
 
 def _json_out(obj, target: str) -> None:
-    from kdtoolkit.foundation.io import _json_default, atomic_write_text, is_resource_error
+    from kdtoolkit.foundation.io import atomic_write_text, is_resource_error, json_default
 
     from kdtoolkit.foundation.errors import KdtError
 
-    text = json.dumps(obj, indent=2, default=_json_default)
+    text = json.dumps(obj, indent=2, default=json_default)
     if target == "-":
         click.echo(text)
         return

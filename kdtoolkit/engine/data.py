@@ -18,6 +18,7 @@ import torch
 
 from kdtoolkit.foundation.distributed import Dist
 from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.plugin.instantiation import build_component, factory_kwargs
 from kdtoolkit.plugin.manager import PluginManager
 
 
@@ -41,14 +42,37 @@ class StageData:
         return int(self.train.num_classes)
 
 
+def dataset_params(comp: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a ``data`` table that the dataset factory ``comp`` receives: its own parameters
+    (the core's keys, such as ``batch_size``, are read by the core and never passed): the rule of
+    :func:`kdtoolkit.plugin.instantiation.factory_kwargs`."""
+    return factory_kwargs(comp, spec)
+
+
+def component_split(comp: Any, spec: dict[str, Any], split: str, *, augment: bool = False) -> Any:
+    """``split`` (``train`` or ``test``) of the dataset component ``comp``, built from the ``data``
+    table ``spec`` (:func:`dataset_params`); augmented only when ``augment`` is true.
+
+    Every dataset of the toolkit (training, ``kdt evaluate``, ``predict``, ``export``, ``check``) is
+    built here, so every command reads the same items with the same transforms.
+    """
+    return build_component(comp, spec, split, augment)
+
+
+def dataset_split(spec: dict[str, Any], split: str, plugins: PluginManager, *, augment: bool = False) -> Any:
+    """``split`` of the dataset that the ``data`` table ``spec`` names (``spec["dataset"]``), built by
+    :func:`component_split`."""
+    comp = plugins.registry("dataset").get(spec["dataset"])
+    return component_split(comp, spec, split, augment=augment)
+
+
 def build_data(stage: dict[str, Any], plugins: PluginManager) -> StageData:
     """The stage's datasets: augmented train (unless ``data.augment = false``), un-augmented train, test."""
     spec = dict(stage["data"])
     comp = plugins.registry("dataset").get(spec["dataset"])
-    params = {k: v for k, v in spec.items() if k in comp.params}
-    train = comp.build("train", bool(spec.get("augment", True)), **params)
-    train_eval = comp.build("train", False, **params)
-    test = comp.build("test", False, **params)
+    train = component_split(comp, spec, "train", augment=bool(spec.get("augment", True)))
+    train_eval = component_split(comp, spec, "train")
+    test = component_split(comp, spec, "test")
     return StageData(train, train_eval, test, spec)
 
 

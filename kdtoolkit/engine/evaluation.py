@@ -14,6 +14,7 @@ import torch
 
 from kdtoolkit.plugin.contracts import Model
 from kdtoolkit.foundation.distributed import Dist
+from kdtoolkit.plugin.instantiation import build_component
 from kdtoolkit.plugin.manager import PluginManager
 from kdtoolkit.foundation.progress import Progress
 from kdtoolkit.results.records import Records
@@ -73,9 +74,8 @@ def compute_metrics(
     """All of the stage's metrics from records (one forward pass, any thresholds)."""
     result: dict[str, Any] = {}
     for spec in stage["metrics"]:
-        spec = dict(spec)
-        comp = plugins.registry("metric").get(spec.pop("name"))
-        metric = comp.build(**spec)
+        comp = plugins.registry("metric").get(spec["name"])
+        metric = build_component(comp, spec)
         ref = reference
         if ref is None and comp.attr("requires_reference", False):
             ref = records  # a model against itself (e.g. a teacher: AJS 1 wherever it has active patches)

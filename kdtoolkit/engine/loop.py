@@ -15,7 +15,6 @@ that have no gradient (ProtoTree's leaves) without copying the loop.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from kdtoolkit.engine.data import batch_plan, batches, derive_seed
 from kdtoolkit.engine.losses import LossSet
 from kdtoolkit.engine.models import select, trainable_parameters
 from kdtoolkit.engine.optim import build_optimizer, build_scheduler
-from kdtoolkit.engine.taps import Taps
+from kdtoolkit.engine.taps import Taps, capturing, hook_taps
 from kdtoolkit.engine.teacher import TeacherSource, needed_outputs
 
 if TYPE_CHECKING:
@@ -83,7 +82,7 @@ class Forward(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, info: dict[str, Any]):
         losses, taps = self._extra
-        with taps.capture() if taps else contextlib.nullcontext({}) as feats:
+        with capturing(taps) as feats:
             outputs = self.model(x)
         step = Step(
             x,
@@ -188,7 +187,7 @@ class TrainPhase:
             return None, False
         needs = needed_outputs(s.losses.fns[lid] for lid in self.active)
         tap_names = s.losses.taps(self.active, "requires_teacher_taps")
-        taps = Taps(s.teacher, {t: s.st["teacher_taps"][t] for t in sorted(tap_names)}) if tap_names else None
+        taps = hook_taps(s.teacher, s.st.get("teacher_taps"), tap_names)
         run = needs != set() or bool(tap_names)  # no forward pass when the losses read only the teacher's parameters
         cache = None
         if run and s.st["teacher_cache"] != "off":
@@ -370,7 +369,8 @@ class TrainPhase:
         s, ph = self.s, self.ph
         if not math.isfinite(tval):
             raise TrainingError(
-                f"non-finite loss in stage '{s.name}', phase '{ph['name']}', epoch {epoch + 1}, step {b + 1}: total {tval}; "
+                f"non-finite loss in stage '{s.name}', phase '{ph['name']}', epoch {epoch + 1}, step {b + 1}: "
+                f"total {tval}; "
                 + ", ".join(f"{k} = {v}" for k, v in values.items())
                 + f" (last good checkpoint kept: {s.ckpt_path if s.ckpt_path.exists() else 'none yet'})"
             )
@@ -381,7 +381,8 @@ class TrainPhase:
             )
 
     def backward_and_step(self, total: torch.Tensor, n_local: int, n_global: int, b: int, nb: int, step: Step) -> bool:
-        """Backward pass (scaled for DDP shares, accumulation and fp16); an optimiser step when due. Returns whether it stepped."""
+        """Backward pass (scaled for DDP shares, accumulation and fp16); an optimiser step when due.
+        Returns whether it stepped."""
         dist, ph = self.ctx.dist, self.ph
         loss = total
         if n_local * dist.world != n_global:

@@ -35,19 +35,13 @@ from torch import nn
 
 from kdtoolkit.plugin.contracts import Step
 from kdtoolkit.foundation.errors import CheckpointError, PluginError, RecipeError, TrainingError
+from kdtoolkit.plugin.declared import declared_taps
+from kdtoolkit.plugin.instantiation import build_component, factory_kwargs
 from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.plugin.registry import RESERVED_KEYS
 
-CORE_KEYS = ("name", "id", "weight")
-
-
-def declared_taps(obj: Any, attr: str, params: dict[str, Any]) -> tuple[str, ...]:
-    """The tap names a loss (class or instance) declares in ``attr``, given its parameters."""
-    value = getattr(obj, attr, ())
-    if callable(value):
-        value = value(params)
-    if isinstance(value, str):
-        value = (value,)
-    return tuple(value or ())
+#: Keys of a loss's table the core reads itself (never passed to the factory).
+CORE_KEYS = RESERVED_KEYS["loss"]
 
 
 class LossSet:
@@ -64,11 +58,14 @@ class LossSet:
     def __init__(self, specs: list[dict[str, Any]], plugins: PluginManager, stage: str, source: str | None = None):
         self.stage = stage
         self.specs = {s["id"]: s for s in specs}
-        self.params = {s["id"]: {k: v for k, v in s.items() if k not in CORE_KEYS} for s in specs}
+        #: The parameters each loss was built with (what its tap declarations receive), by id.
+        self.params: dict[str, dict[str, Any]] = {}
         self.fns = {}
         for i, (lid, s) in enumerate(self.specs.items()):
             try:
-                self.fns[lid] = plugins.registry("loss").get(s["name"]).build(**self.params[lid])
+                comp = plugins.registry("loss").get(s["name"])
+                self.params[lid] = factory_kwargs(comp, s)
+                self.fns[lid] = build_component(comp, s)
             except PluginError as exc:
                 raise PluginError(
                     exc.message, source=exc.source or source, key=exc.key or f"stages.{stage}.losses[{i}]"
@@ -132,7 +129,8 @@ class LossSet:
 
     # -- training ---------------------------------------------------------
     def terms(self, step: Step, active: list[str], phase: str, cached: bool) -> dict[str, torch.Tensor]:
-        """The value of every active loss for ``step``, in order; a loss that cannot be computed is a :class:`TrainingError`."""
+        """The value of every active loss for ``step``, in order; a loss that cannot be computed is a
+        :class:`TrainingError`."""
         terms = {}
         for lid in active:
             try:

@@ -18,6 +18,7 @@ from torch import nn
 from kdtoolkit.plugin.contracts import Model, selector_matches
 from kdtoolkit.foundation.errors import CheckpointError, RecipeError
 from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.plugin.instantiation import build_component, instantiate
 from kdtoolkit.foundation.tensorfiles import atomic_save_safetensors, load_external_state_dict, read_kdt_safetensors
 
 MODEL_FORMAT = "kdtoolkit.model/1"
@@ -35,13 +36,11 @@ def build_model(stage: dict[str, Any], num_classes: int, plugins: PluginManager)
 
     :raises PluginError: when the backbone or head factory raises, naming the plugin and the component.
     """
-    bspec = dict(stage["model"]["backbone"])
-    hspec = dict(stage["model"]["head"])
-    bcomp = plugins.registry("backbone").get(bspec.pop("name"))
-    if _accepts(bcomp.factory, "num_classes"):
-        bspec["num_classes"] = num_classes
-    backbone = bcomp.build(**bspec)
-    head = plugins.registry("head").get(hspec.pop("name")).build(backbone.out_channels, num_classes, **hspec)
+    bspec, hspec = stage["model"]["backbone"], stage["model"]["head"]
+    bcomp = plugins.registry("backbone").get(bspec["name"])
+    extra = {"num_classes": num_classes} if _accepts(bcomp.factory, "num_classes") else {}
+    backbone = build_component(bcomp, bspec, **extra)
+    head = instantiate("head", hspec, backbone.out_channels, num_classes, plugins=plugins)
     model = Model(backbone, head)
     if stage["model"].get("weights"):
         path = Path(stage["model"]["weights"])

@@ -146,13 +146,12 @@ def run_seeds(recipe, seeds: list[int], options, plugins, dist, *, as_json: bool
 
 def _record_seeds(out: Path, runs: dict) -> None:
     """``out/seeds.json``: every seed folder's stage seeds (those of earlier commands kept)."""
-    import json
-
     from kdtoolkit.foundation.io import atomic_write_json
+    from kdtoolkit.results.rundir_files import load_json
 
-    try:
-        known = json.loads((out / "seeds.json").read_text(encoding="utf-8")).get("runs", {})
-    except (OSError, ValueError, AttributeError, RecursionError):
+    try:  # a regular file of at most 64 MiB, as every run file read back
+        known = load_json(out / "seeds.json").get("runs", {})
+    except (KdtError, OSError, ValueError, AttributeError, RecursionError):
         known = {}
     known = known if isinstance(known, dict) else {}
     known.update({f"seed-{n}": {s: st["seed"] for s, st in r.resolved["stages"].items()} for n, r in runs.items()})

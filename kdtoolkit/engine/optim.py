@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from kdtoolkit.plugin.instantiation import build_component, instantiate
 from kdtoolkit.plugin.manager import PluginManager
 from kdtoolkit.plugin.registry import RESERVED_KEYS
-from kdtoolkit.engine.optim_checks import _check_adam, _check_cosine, _check_gamma, _check_multistep, _check_sgd
+from kdtoolkit.engine.optim_checks import check_adam, check_cosine, check_gamma, check_multistep, check_sgd
 
 
 def adam(
@@ -34,7 +35,7 @@ def adam(
     :param eps: the denominator term (> 0).
     :param amsgrad: use the AMSGrad variant.
     """
-    return torch.optim.Adam(params, betas=tuple(betas), eps=eps, amsgrad=amsgrad)
+    return torch.optim.Adam(params, betas=(betas[0], betas[1]), eps=eps, amsgrad=amsgrad)
 
 
 def adamw(
@@ -46,7 +47,7 @@ def adamw(
     :param eps: the denominator term (> 0).
     :param amsgrad: use the AMSGrad variant.
     """
-    return torch.optim.AdamW(params, betas=tuple(betas), eps=eps, amsgrad=amsgrad)
+    return torch.optim.AdamW(params, betas=(betas[0], betas[1]), eps=eps, amsgrad=amsgrad)
 
 
 def sgd(
@@ -61,9 +62,10 @@ def sgd(
     return torch.optim.SGD(params, lr=params[0]["lr"], momentum=momentum, nesterov=nesterov, dampening=dampening)
 
 
-adam.check_params = _check_adam
-adamw.check_params = _check_adam
-sgd.check_params = _check_sgd
+# torch-free parameter checks (kdtoolkit.engine.optim_checks); a function's attribute, which mypy does not model
+adam.check_params = check_adam  # type: ignore[attr-defined]
+adamw.check_params = check_adam  # type: ignore[attr-defined]
+sgd.check_params = check_sgd  # type: ignore[attr-defined]
 
 
 def no_schedule(optimizer: torch.optim.Optimizer, epochs: int):
@@ -106,10 +108,11 @@ def exponential(optimizer: torch.optim.Optimizer, epochs: int, *, gamma: float =
     return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
 
 
-step.check_params = _check_gamma
-multistep.check_params = _check_multistep
-exponential.check_params = _check_gamma
-cosine.check_params = _check_cosine
+# torch-free parameter checks (kdtoolkit.engine.optim_checks); a function's attribute, which mypy does not model
+step.check_params = check_gamma  # type: ignore[attr-defined]
+multistep.check_params = check_multistep  # type: ignore[attr-defined]
+exponential.check_params = check_gamma  # type: ignore[attr-defined]
+cosine.check_params = check_cosine  # type: ignore[attr-defined]
 
 #: Keys of a phase's ``optimizer`` table that are not the optimiser's own parameters.
 OPTIMIZER_CORE_KEYS = RESERVED_KEYS["optimizer"]
@@ -121,8 +124,7 @@ def build_optimizer(
     spec: dict[str, Any], groups: list[dict[str, Any]], plugins: PluginManager
 ) -> torch.optim.Optimizer:
     """The phase's optimiser over its parameter groups, from its resolved ``optimizer`` table."""
-    comp = plugins.registry("optimizer").get(spec["name"])
-    return comp.build(groups, **{k: v for k, v in spec.items() if k not in OPTIMIZER_CORE_KEYS})
+    return instantiate("optimizer", spec, groups, plugins=plugins)
 
 
 def build_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer, epochs: int, plugins: PluginManager):
@@ -133,7 +135,7 @@ def build_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer, epochs: in
         linear = torch.optim.lr_scheduler.LinearLR(
             opt, start_factor=spec["warmup_start_factor"], end_factor=1.0, total_iters=warmup
         )
-    main = comp.build(opt, epochs, **{k: v for k, v in spec.items() if k not in SCHEDULER_CORE_KEYS})
+    main = build_component(comp, spec, opt, epochs)
     if not warmup:
         return main
     return linear if main is None else torch.optim.lr_scheduler.ChainedScheduler([linear, main], optimizer=opt)

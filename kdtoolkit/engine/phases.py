@@ -9,7 +9,6 @@ through :class:`~kdtoolkit.engine.loop.TrainPhase`; other phase kinds get a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -22,6 +21,7 @@ import torch
 
 from kdtoolkit.foundation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from kdtoolkit.plugin.contracts import Model, Step
+from kdtoolkit.plugin.instantiation import build_component
 from kdtoolkit.foundation.distributed import Dist
 from kdtoolkit.foundation.errors import CheckpointError, KdtError
 from kdtoolkit.foundation.io import append_line, open_for_update
@@ -32,7 +32,7 @@ from kdtoolkit.engine.data import StageData, batches, derive_seed
 from kdtoolkit.engine.losses import LossSet
 from kdtoolkit.engine.loop import TrainPhase
 from kdtoolkit.engine.models import load_state_strict, model_state
-from kdtoolkit.engine.taps import Taps
+from kdtoolkit.engine.taps import capturing, hook_taps, tapped
 from kdtoolkit.engine.teacher import TeacherCaches
 
 
@@ -150,7 +150,7 @@ class StageTrainer:
         self.teacher_hash, self.teacher_dir = teacher_hash, teacher_dir
         self.ckpt_path = sdir / "checkpoint.safetensors"
         self.metrics_path = sdir / "metrics.jsonl"
-        self.taps = Taps(model, st["model"].get("taps") or {}) if st["model"].get("taps") else None
+        self.taps = hook_taps(model, st["model"].get("taps"))
         self.previous_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         self.state = StageState()
@@ -278,8 +278,7 @@ class StageTrainer:
         if ph["kind"] == "train":
             return TrainPhase(self, i, ph, resume).run()
         comp = self.ctx.plugins.registry("phase").get(ph["kind"])
-        own = {k: v for k, v in ph.items() if k in comp.params}
-        phase = comp.build(**own)
+        phase = build_component(comp, ph)
         if comp.attr("trains", False):
             return TrainPhase(self, i, ph, resume, hook_owner=phase).run()
         ctx = PhaseContext(
@@ -320,13 +319,11 @@ class StageTrainer:
         self.model.eval()
         t_out, t_feats = None, {}
         with torch.no_grad(), self.ctx.autocast():
-            with self.taps.capture() if self.taps else contextlib.nullcontext({}) as feats:
+            with capturing(self.taps) as feats:
                 outputs = self.model(x)
             if self.teacher is not None:
-                ttaps = Taps(self.teacher, self.st.get("teacher_taps") or {})
-                with ttaps.capture() as t_feats:
+                with tapped(self.teacher, self.st.get("teacher_taps")) as t_feats:
                     t_out = self.teacher(x)
-                ttaps.remove()
         probe = Step(
             x,
             y,

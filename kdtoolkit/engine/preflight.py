@@ -27,10 +27,10 @@ import torch
 
 from kdtoolkit.foundation.checkpoint import load_checkpoint
 from kdtoolkit.foundation.errors import KdtError, PluginError
-from kdtoolkit.foundation.limits import read_text_file
+from kdtoolkit.plugin.instantiation import build_component
 from kdtoolkit.engine.losses import LossSet
 from kdtoolkit.engine.models import build_model
-from kdtoolkit.use.rundir import trained_spec
+from kdtoolkit.results.rundir_files import load_json, trained_spec
 from kdtoolkit.engine.taps import check_tap_paths
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def stored_hash(path: Path) -> tuple[str | None, str | None]:
     """``(stage hash, None)`` stored in a ``result.json`` or checkpoint, or ``(None, why it is unreadable)``."""
     try:
         if path.suffix == ".json":
-            found = json.loads(read_text_file(path)).get("stage_hash")
+            found = load_json(path).get("stage_hash")
         else:
             found = load_checkpoint(path).stage_hash
     except KdtError as exc:
@@ -185,7 +185,7 @@ class Preflight:
     def _dry_model(self, owner: str, num_classes: int) -> torch.nn.Module:
         """Stage ``owner``'s backbone + head for ``num_classes`` classes, built without weights on the meta
         device (no memory; initial weights, ``pretrained`` downloads and weight files are left out, as
-        :func:`~kdtoolkit.use.rundir.trained_spec` does: shapes do not depend on them) and with the RNG
+        :func:`~kdtoolkit.results.rundir_files.trained_spec` does: shapes do not depend on them) and with the RNG
         left as it was (:func:`isolated_rng`); kept for the rest of the preflight. A factory that cannot build on the meta device is tried once more on the CPU, so
         only a factory that fails for real stops the run: a :class:`PluginError` naming the plugin, the
         component and the stage's ``model`` key."""
@@ -236,21 +236,12 @@ class Preflight:
             LossSet(st["losses"], plugins, name, source=src)
             built: list[tuple[Any, dict[str, Any], str]] = []
             for i, m in enumerate(st["metrics"]):
-                built.append(
-                    (
-                        plugins.registry("metric").get(m["name"]),
-                        {k: v for k, v in m.items() if k != "name"},
-                        f"stages.{name}.metrics[{i}]",
-                    )
-                )
+                built.append((plugins.registry("metric").get(m["name"]), m, f"stages.{name}.metrics[{i}]"))
             for i, ph in enumerate(st["phases"]):
                 if ph["kind"] != "train":
-                    comp = plugins.registry("phase").get(ph["kind"])
-                    built.append(
-                        (comp, {k: v for k, v in ph.items() if k in comp.params}, f"stages.{name}.phases[{i}]")
-                    )
-            for comp, params, key in built:
+                    built.append((plugins.registry("phase").get(ph["kind"]), ph, f"stages.{name}.phases[{i}]"))
+            for comp, spec, key in built:
                 try:
-                    comp.build(**params)
+                    build_component(comp, spec)
                 except PluginError as exc:
                     raise PluginError(exc.message, source=exc.source or src, key=exc.key or key) from None

@@ -48,20 +48,26 @@ from kdtoolkit import __version__
 from kdtoolkit.foundation.distributed import Dist
 from kdtoolkit.foundation.errors import KdtError, PluginError, RecipeError
 from kdtoolkit.foundation.io import atomic_write_json, atomic_write_text, remove_stale_temps
-from kdtoolkit.foundation.limits import read_text_file
-from kdtoolkit.foundation.paths import inside
+from kdtoolkit.plugin.declared import record_keys
 from kdtoolkit.plugin.manager import PluginManager
 from kdtoolkit.foundation.progress import Progress
 from kdtoolkit.recipe.loader import Recipe
 from kdtoolkit.results.records import Records
-from kdtoolkit.results.report import write_reports
+from kdtoolkit.results.report import RunResults, write_reports
+from kdtoolkit.results.rundir_files import STAGE_RESULT, load_json, stage_path
 from kdtoolkit.foundation.tensorfiles import atomic_save_safetensors
 from kdtoolkit.engine.context import RunContext, StopFlag
 from kdtoolkit.engine.data import StageData, build_data
 from kdtoolkit.foundation.device import resolve_device
 from kdtoolkit.engine.evaluation import compute_metrics, evaluate
 from kdtoolkit.engine.losses import LossSet
-from kdtoolkit.engine.models import build_model, check_phase_selectors, init_from_teacher, save_model_file, trainable_parameters
+from kdtoolkit.engine.models import (
+    build_model,
+    check_phase_selectors,
+    init_from_teacher,
+    save_model_file,
+    trainable_parameters,
+)
 from kdtoolkit.engine.phases import StageTrainer
 from kdtoolkit.engine.preflight import Preflight, model_error
 from kdtoolkit.engine.preflight import isolated_rng, stored_hash  # noqa: F401 -- importable from here, as before
@@ -161,8 +167,9 @@ class Runner:
         return self._data[key]
 
     # -- main -------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        """Preflight, then every stage in order, then the reports."""
+    def run(self) -> RunResults:
+        """Preflight, then every stage in order, then the reports; the results with the report's tables
+        (built once, on rank 0)."""
         self.preflight()
         ctx, dist = self.ctx, self.ctx.dist
         if dist.is_main:
@@ -192,23 +199,25 @@ class Runner:
         for name in self.recipe.order:
             results["stages"][name] = self.run_stage(name)
             dist.barrier()  # every rank sees the stage's files before the next stage reads them
+        tables = None
         if dist.is_main:
-            write_reports(self.out, results, self.recipe.resolved, ctx.plugins)
+            tables = write_reports(self.out, results, self.recipe.resolved, ctx.plugins)
             ctx.plugins.call("kdt_after_run", run_dir=self.out, results=results)
         dist.barrier()
-        return results
+        return RunResults(results, tables)
 
     def stage_dir(self, name: str) -> Path:
-        """``out/<name>``, checked to lie inside the run directory (:func:`kdtoolkit.foundation.paths.inside`)."""
-        return inside(self.out, name, what="run directory")
+        """``out/<name>``, checked to lie inside the run directory
+        (:func:`kdtoolkit.results.rundir_files.stage_path`)."""
+        return stage_path(self.out, name)
 
     def _finished(self, name: str, shash: str) -> dict[str, Any] | None:
         sdir = self.stage_dir(name)
-        result_file = sdir / "result.json"
+        result_file = sdir / STAGE_RESULT
         if not (result_file.exists() and (sdir / "model.safetensors").exists()):
             return None
         try:
-            res = json.loads(read_text_file(result_file))
+            res = load_json(result_file)
         except (
             KdtError,
             OSError,
@@ -368,7 +377,7 @@ class Runner:
             data.test,
             batch_size=st["data"]["eval_batch_size"],
             device=self.ctx.device,
-            record_keys=tuple(head_cls.attr("record_keys", ())),
+            record_keys=record_keys(head_cls),
             meta=meta,
             progress=self.ctx.progress,
             dist=self.ctx.dist,
@@ -394,8 +403,9 @@ def run_recipe(
     progress: Progress,
     dist: Dist | None = None,
     stop: StopFlag | None = None,
-) -> dict[str, Any]:
-    """Run every stage of ``recipe`` into ``options.out``.
+) -> RunResults:
+    """Run every stage of ``recipe`` into ``options.out``; the results (a dict, the content of
+    ``results.json``) with the tables of ``results.md`` (:class:`~kdtoolkit.results.report.RunResults`).
 
     SIGINT (Ctrl-C) writes a checkpoint at the current step (or, outside a
     train phase, at the next phase or stage boundary) and raises

@@ -10,6 +10,8 @@ trains, with a "did you mean" and the module paths.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -107,6 +109,39 @@ class _Capture:
 
     def __exit__(self, *exc: Any) -> None:
         self.taps._sink = None
+
+
+def hook_taps(model: nn.Module, taps: dict[str, str] | None, names: Iterable[str] | None = None) -> Taps | None:
+    """Hooks on ``model`` for the taps ``taps`` (tap name → module path), or ``None`` when there are none.
+
+    Every hook on a tapped module is placed here (the student's taps for a stage, the teacher's for a
+    phase, for the teacher cache and for the loss set-up probe).
+
+    :param names: hook only these taps (the ones the active losses read), in sorted order; by default
+        every tap of ``taps``, in the table's order.
+    """
+    taps = taps or {}
+    if names is not None:
+        taps = {name: taps[name] for name in sorted(names)}
+    return Taps(model, taps) if taps else None
+
+
+def capturing(taps: Taps | None) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+    """A context whose value is the dict of taps the next forward pass fills (``{}`` with no taps)."""
+    return taps.capture() if taps else contextlib.nullcontext({})
+
+
+@contextlib.contextmanager
+def tapped(model: nn.Module, taps: dict[str, str] | None) -> Iterator[dict[str, torch.Tensor]]:
+    """For one forward pass: hook ``model``'s ``taps``, yield the dict that the pass fills, then remove
+    the hooks (also when the pass raises)."""
+    hooks = hook_taps(model, taps)
+    try:
+        with capturing(hooks) as features:
+            yield features
+    finally:
+        if hooks is not None:
+            hooks.remove()
 
 
 def output_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, str, int]]:

@@ -42,7 +42,6 @@ training batch, so a cached run equals an uncached one up to float rounding
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -61,14 +60,10 @@ from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.data import StageData, num_batches
 from kdtoolkit.engine.data import batches as iterate_batches
 from kdtoolkit.engine.models import build_model, load_model_file, load_state_strict
-from kdtoolkit.engine.taps import Taps
+from kdtoolkit.engine.taps import Taps, capturing
 
 #: Prefix of cached teacher taps among the cache's tensors.
 TAP_PREFIX = "tap/"
-
-
-def _capturing(taps: Taps | None):
-    return taps.capture() if taps else contextlib.nullcontext({})
 
 
 CACHE_FORMAT = "kdtoolkit.teacher_cache/1"
@@ -178,7 +173,7 @@ def compute(
     teacher.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     for x, _ in batches:
-        with autocast(), _capturing(taps) as feats:
+        with autocast(), capturing(taps) as feats:
             out = teacher(x.to(device, non_blocking=True))
         names = sorted(k for k, v in out.items() if isinstance(v, torch.Tensor)) if keys is None else sorted(keys)
         for k in names:
@@ -264,7 +259,7 @@ class TeacherSource:
             return {k: v for k, v in got.items() if not k.startswith(TAP_PREFIX)}, feats
         if not self.run:
             return None, {}
-        with torch.no_grad(), _capturing(self.taps) as feats:
+        with torch.no_grad(), capturing(self.taps) as feats:
             out = self.teacher(x)
         return out, dict(feats)
 

@@ -1,7 +1,8 @@
 """Recipes: loading, ``extends``, ``--set`` overrides, validation and the resolved recipe.
 
 Owns TOML loading and the resolved recipe (:mod:`.loader`: :class:`Recipe`, :func:`load_recipe`), complete
-validation (:mod:`.validator`, with the per-stage checks of :mod:`.stage_checks`) and the recipes
+validation as one validator in three layers (:mod:`.checks`: the primitives; :mod:`.stage_checks`: one
+stage; :mod:`.validator`: the recipe as a whole) and the recipes
 shipped inside the package (:mod:`.catalog`).
 
 May import: :mod:`kdtoolkit.plugin`, :mod:`kdtoolkit.foundation`.
@@ -27,6 +28,7 @@ _EXPORTS = {
     "parse_override_value": "loader",
     "apply_override": "loader",
     "load_recipe": "loader",
+    "Checks": "checks",
     "STAGE_KEYS": "stage_checks",
     "TEACHER_CACHE": "stage_checks",
     "MODEL_KEYS": "stage_checks",

@@ -1,7 +1,9 @@
-"""Validation of one stage: model, taps, losses, phases, optimisers, schedules.
+"""Validation of one stage: data, model, taps, losses, phases, optimisers, schedules, metrics.
 
-A mixin of :class:`kdtoolkit.recipe.validator.Validator` (its helpers ``fail``,
-``table``, ``value``, ``number``, ``component``, ... live there).
+:class:`StageChecks` checks a stage's table, and the tables a stage holds, with the primitives of
+:class:`kdtoolkit.recipe.checks.Checks` (``fail``, ``table``, ``value``, ``number``, ``component``, ...),
+which it inherits. The top level (the recipe's keys, stage bases, the order of the stages) is
+:class:`kdtoolkit.recipe.validator.Validator`'s, which inherits these checks.
 """
 
 from __future__ import annotations
@@ -11,8 +13,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kdtoolkit.plugin.params import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEED, REQUIRED, describe_value
+from kdtoolkit.plugin.declared import declared_taps, record_keys
+from kdtoolkit.plugin.params import (
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_INPUT_BATCH_BYTES,
+    MAX_NUM_WORKERS,
+    MAX_SEED,
+    REQUIRED,
+    describe_value,
+)
 from kdtoolkit.plugin.registry import RESERVED_KEYS, suggest
+from kdtoolkit.recipe.checks import Checks
 
 STAGE_KEYS = (
     "base",
@@ -45,17 +57,14 @@ TRAIN_KEYS = (
 GROUP_KEYS = ("params", "lr", "weight_decay")
 OPTIMIZER_CORE_KEYS = RESERVED_KEYS["optimizer"]
 SCHEDULER_CORE_KEYS = RESERVED_KEYS["scheduler"]
+#: The keys of a ``data`` table the core reads itself (the dataset's own parameters are the others).
+DATA_KEYS = RESERVED_KEYS["dataset"]
 
 
-def _taps_of(comp, attr: str, params: dict[str, Any]) -> tuple[str, ...]:
-    value = comp.attr(attr, ())
-    if callable(value):
-        value = value(params)
-    return (value,) if isinstance(value, str) else tuple(value or ())
+class StageChecks(Checks):
+    """Stage-level checks of the recipe validator: a stage's table and the tables it holds."""
 
-
-class StageChecks:
-    """Stage-level checks of the recipe validator."""
+    DATA_KEYS = DATA_KEYS
 
     def stage(
         self, name: str, raw: Any, top: dict[str, Any], top_data: dict[str, Any], evaluate: dict[str, Any]
@@ -91,15 +100,14 @@ class StageChecks:
         for i, m in enumerate(st["metrics"]):
             comp = self.plugins.registry("metric").get(m["name"])
             needs = [
-                r
-                for r in comp.attr("requires_records", ())
-                if r not in set(hd.attr("record_keys", ())) | {"logits", "labels"}
+                r for r in comp.attr("requires_records", ()) if r not in set(record_keys(hd)) | {"logits", "labels"}
             ]
             if needs:
                 where = f"{key}.metrics[{i}]" if "metrics" in raw else f"evaluate.metrics[{i}]"
                 self.fail(
                     f"{where}.name",
-                    f"metric '{comp.name}' needs records {', '.join(needs)}, which head '{hd.name}' of stage '{name}' does not record",
+                    f"metric '{comp.name}' needs records {', '.join(needs)}, which head '{hd.name}' of stage "
+                    f"'{name}' does not record",
                 )
         st["_head_cls"] = hd  # removed after cross-checks
         return st
@@ -180,7 +188,8 @@ class StageChecks:
             if missing:
                 self.fail(
                     f"{lkey}.name",
-                    f"loss '{comp.name}' needs head outputs {', '.join(missing)}, which head '{hd.name}' does not produce",
+                    f"loss '{comp.name}' needs head outputs {', '.join(missing)}, which head '{hd.name}' "
+                    "does not produce",
                 )
             self.loss_inputs(comp, params, lkey, st)
             losses.append({"name": comp.name, "id": lid, "weight": weight, **params})
@@ -192,7 +201,7 @@ class StageChecks:
             ("requires_taps", st["model"].get("taps") or {}, "model.taps"),
             ("requires_teacher_taps", st.get("teacher_taps") or {}, "teacher_taps"),
         ):
-            for tap in _taps_of(comp, attr, params):
+            for tap in declared_taps(comp, attr, params):
                 if tap not in declared:
                     known = ", ".join(declared) or "none"
                     self.fail(
@@ -273,7 +282,8 @@ class StageChecks:
             return
         self.fail(
             where,
-            f"unknown parameter group {sel!r}{suggest(sel, list(groups_ok))}; use one of {', '.join(groups_ok)} (or backbone.<module path>)",
+            f"unknown parameter group {sel!r}{suggest(sel, list(groups_ok))}; use one of {', '.join(groups_ok)} "
+            "(or backbone.<module path>)",
         )
 
     def train_phase(self, raw, key, name, loss_ids, groups_ok, losses) -> dict[str, Any]:
@@ -285,7 +295,8 @@ class StageChecks:
             if lid not in loss_ids:
                 self.fail(
                     f"{key}.losses[{i}]",
-                    f"no loss with id '{lid}' in this stage{suggest(lid, sorted(loss_ids))}; stage losses: {', '.join(sorted(loss_ids)) or 'none'}",
+                    f"no loss with id '{lid}' in this stage{suggest(lid, sorted(loss_ids))}; stage losses: "
+                    f"{', '.join(sorted(loss_ids)) or 'none'}",
                 )
         ph["losses"] = sel
         ph["optimizer"] = self.optimizer(raw.get("optimizer", {}), f"{key}.optimizer")
@@ -347,32 +358,48 @@ class StageChecks:
             )
         return out
 
-    def cross_check(self, name: str, stages: dict[str, Any]) -> None:
-        st = stages[name]
-        key = f"stages.{name}"
-        st.pop("_head_cls")
-        is_list = st.pop("_losses_list", True)
-        teacher = st.get("teacher")
-        for i, l in enumerate(st["losses"]):
-            comp = self.plugins.registry("loss").get(l["name"])
-            if comp.attr("requires_teacher", False) and not teacher and l["weight"] != 0:
+    def data(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        raw = self.table(raw, key)
+        if "dataset" not in raw:
+            self.fail(f"{key}.dataset", 'missing required key: name a dataset (e.g. "digits")')
+        name = self.value(raw, key, "dataset", str)
+        comp = self.plugins.registry("dataset").get(name, source=self.source, key=f"{key}.dataset")
+        params = self.params(comp, raw, key, DATA_KEYS)
+        out = {
+            "dataset": comp.name,
+            "batch_size": self.number(raw, key, "batch_size", 64, lo=1, hi=MAX_BATCH_SIZE, integer=True),
+            "eval_batch_size": self.number(raw, key, "eval_batch_size", 256, lo=1, hi=MAX_BATCH_SIZE, integer=True),
+            "num_workers": self.number(raw, key, "num_workers", 0, lo=0, hi=MAX_NUM_WORKERS, integer=True),
+            "drop_last": self.value(raw, key, "drop_last", bool, False),
+            "augment": self.value(raw, key, "augment", bool, True),
+        }
+        out.update(params)
+        self.input_batch_memory(out, key)
+        return out
+
+    def input_batch_memory(self, data: dict[str, Any], key: str) -> None:
+        """Refuse a batch of input images over :data:`MAX_INPUT_BATCH_BYTES`, estimated from the
+        dataset's ``image_size`` parameter (square float32 RGB images), before anything is built."""
+        size = data.get("image_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            return
+        for name in ("batch_size", "eval_batch_size"):
+            need = data[name] * 3 * size * size * 4
+            if need > MAX_INPUT_BATCH_BYTES:
                 self.fail(
-                    f"{key}.losses[{i}].name" if is_list else f"{key}.losses.{l['id']}.name",
-                    f"loss '{l['name']}' needs a teacher: set {key}.teacher to an earlier stage",
+                    f"{key}.{name}",
+                    f"one batch of {data[name]} images of 3x{size}x{size} float32 takes "
+                    f"{need / 2**30:.1f} GiB, over the {MAX_INPUT_BATCH_BYTES // 2**30} GiB limit of an input "
+                    f"batch: lower {name} or image_size",
                 )
-        if st["model"]["init_from_teacher"] and not teacher:
-            self.fail(f"{key}.model.init_from_teacher", f"needs a teacher: set {key}.teacher")
-        if st.get("teacher_taps") and not teacher:
-            self.fail(f"{key}.teacher_taps", f"taps a teacher: set {key}.teacher")
-        if st["teacher_cache"] != "off":
-            if not teacher:
-                self.fail(
-                    f"{key}.teacher_cache", f'caches a teacher\'s outputs: set {key}.teacher, or teacher_cache = "off"'
-                )
-            if st["data"]["augment"]:
-                self.fail(
-                    f"{key}.teacher_cache",
-                    "the teacher's outputs can be cached only for un-augmented training data "
-                    "(augmentation shows the teacher new images every epoch): set data.augment = false, "
-                    'or teacher_cache = "off"',
-                )
+
+    def metrics(self, raw: Any, key: str) -> list[dict[str, Any]]:
+        out = []
+        seen = set()
+        for i, m in enumerate(self.array(raw, key)):
+            comp, params = self.component("metric", m, f"{key}[{i}]")
+            if comp.name in seen:
+                self.fail(f"{key}[{i}].name", f"metric '{comp.name}' is listed twice")
+            seen.add(comp.name)
+            out.append({"name": comp.name, **params})
+        return out

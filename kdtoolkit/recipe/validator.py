@@ -4,32 +4,24 @@
 and returns it with every default filled in. Any problem raises
 :class:`~kdtoolkit.foundation.errors.RecipeError` naming the file and the key path. The
 recipe keys are documented in ``docs/recipes.md``.
+
+One validator in three layers, each readable alone: the primitives (:class:`kdtoolkit.recipe.checks.Checks`:
+values, numbers, tables, components, paths), the checks of one stage and of the tables a stage holds
+(:class:`kdtoolkit.recipe.stage_checks.StageChecks`: data, model, taps, losses, phases, optimisers,
+schedules, metrics) and, here, the recipe as a whole: its top-level keys, seeds, stage bases, the order
+of the stages and what a stage needs of its teacher.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import os
 from typing import Any
 
 from kdtoolkit.foundation.device import DEVICE_CHOICES, DEVICE_PATTERN
-from kdtoolkit.foundation.errors import KdtError, PluginError, RecipeError
-from kdtoolkit.plugin.params import (
-    MAX_BATCH_SIZE,
-    MAX_INPUT_BATCH_BYTES,
-    MAX_NUM_WORKERS,
-    MAX_SEED,
-    REQUIRED,
-    ParamTypeError,
-    coerce,
-    describe_value,
-    is_path_annotation,
-)
-from kdtoolkit.foundation.paths import NAME_RE, key_name, name_problem, safe_name  # noqa: F401  (NAME_RE: the name rule, kept importable here)
-from kdtoolkit.plugin.manager import PluginManager
-from kdtoolkit.plugin.registry import RESERVED_KEYS, Component, describe_raise, suggest
-from kdtoolkit.recipe.stage_checks import StageChecks
+from kdtoolkit.foundation.paths import NAME_RE, key_name, safe_name  # noqa: F401  (NAME_RE: the name rule, kept importable here)
+from kdtoolkit.plugin.params import MAX_SEED, describe_value
+from kdtoolkit.plugin.registry import suggest
+from kdtoolkit.recipe.stage_checks import DATA_KEYS as DATA_KEYS, StageChecks  # DATA_KEYS: importable here too
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -47,7 +39,6 @@ TOP_KEYS = (
     "channels_last",
     "stages",
 )
-DATA_KEYS = RESERVED_KEYS["dataset"]
 EVAL_KEYS = ("metrics",)
 
 
@@ -76,143 +67,6 @@ class Validator(StageChecks):
     resolves against ``base_dir``. Without ``base_dir`` paths are kept as written.
     """
 
-    DATA_KEYS = DATA_KEYS
-
-    def __init__(
-        self, source: str, plugins: PluginManager, *, base_dir: str | None = None, origins: dict[str, str] | None = None
-    ):
-        self.source = source
-        self.plugins = plugins
-        self.base_dir = base_dir
-        self.origins = origins or {}
-        self.stage_base: dict[str, str] = {}
-        self.stage_names: list[str] = []
-
-    # -- helpers ---------------------------------------------------------
-    def fail(self, key: str, message: str) -> None:
-        raise RecipeError(message, source=self.source, key=key or None)
-
-    def table(self, value: Any, key: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(key, f"expected a table, got {describe_value(value)}")
-        return value
-
-    def array(self, value: Any, key: str) -> list[Any]:
-        if not isinstance(value, list):
-            self.fail(key, f"expected a list, got {describe_value(value)}")
-        return value
-
-    def known(self, d: dict[str, Any], key: str, allowed: tuple[str, ...] | list[str]) -> None:
-        for k in d:
-            if k not in allowed:
-                where = f"{key}.{k}" if key else k
-                hint = suggest(k, list(allowed))
-                self.fail(where, f"unknown key{hint}; allowed here: {', '.join(allowed)}")
-
-    def value(self, d: dict[str, Any], key: str, name: str, ann: Any, default: Any = REQUIRED) -> Any:
-        where = f"{key}.{name}" if key else name
-        if name not in d:
-            if default is REQUIRED:
-                self.fail(where, "missing required key")
-            return copy.deepcopy(default)
-        try:
-            return coerce(d[name], ann)
-        except ParamTypeError as exc:
-            self.fail(where + exc.path_suffix, str(exc))
-
-    def number(self, d, key, name, default=REQUIRED, *, lo=None, hi=None, lo_open=False, integer=False):
-        v = self.value(d, key, name, int if integer else float, default)
-        if v is None:
-            return v
-        where = f"{key}.{name}" if key else name
-        if not integer and math.isinf(v) and (lo is not None or hi is not None):
-            self.fail(where, f"expected a finite number, got {v}")
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            self.fail(where, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
-        if hi is not None and v > hi:
-            self.fail(where, f"must be <= {hi}, got {v}")
-        return v
-
-    def choice(self, d, key, name, choices, default=REQUIRED):
-        v = self.value(d, key, name, str, default)
-        if v not in choices:
-            where = f"{key}.{name}" if key else name
-            self.fail(
-                where, f"expected one of {', '.join(choices)}, got {describe_value(v)}{suggest(str(v), list(choices))}"
-            )
-        return v
-
-    def component(
-        self, kind: str, spec: Any, key: str, core_keys: tuple[str, ...] = ("name",)
-    ) -> tuple[Component, dict[str, Any]]:
-        """Validate ``{name = "...", <params>}`` against the registered factory."""
-        if isinstance(spec, str):
-            spec = {"name": spec}
-        spec = self.table(spec, key)
-        name = self.value(spec, key, "name", str)
-        comp = self.plugins.registry(kind).get(name, source=self.source, key=f"{key}.name")
-        return comp, self.params(comp, spec, key, core_keys)
-
-    def params(self, comp: Component, spec: dict[str, Any], key: str, core_keys: tuple[str, ...]) -> dict[str, Any]:
-        """The component's parameters from ``spec`` (other keys: ``core_keys``), checked."""
-        self.known(spec, key, list(core_keys) + list(comp.params))
-        out: dict[str, Any] = {}
-        for pname, p in comp.params.items():
-            if pname in spec and (is_path_annotation(p.annotation) or (comp.kind == "dataset" and pname == "root")):
-                spec = {**spec, pname: self.resolve_path(spec[pname], f"{key}.{pname}")}
-            out[pname] = self.value(spec, key, pname, p.annotation, p.default)
-        check = comp.check_params()
-        if check is not None:
-            try:
-                check(dict(out))
-            except ValueError as exc:
-                if len(exc.args) == 2:
-                    self.fail(f"{key}.{exc.args[0]}", str(exc.args[1]))
-                self.fail(key, str(exc))
-            except (KdtError, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                raise PluginError(
-                    f"plugin '{comp.owner}': {comp.kind} '{comp.name}': check_params {describe_raise(exc)}",
-                    source=self.source,
-                    key=key,
-                ) from None
-        return out
-
-    def resolve_path(self, value: Any, key: str) -> Any:
-        """A relative path made absolute against the folder of the recipe file that set ``key``
-        (the working directory for a ``--set`` override); other values are returned as they are."""
-        if (
-            self.base_dir is None
-            or not isinstance(value, str)
-            or not value
-            or value.startswith("~")
-            or os.path.isabs(value)
-        ):
-            return value
-        return os.path.normpath(os.path.join(self.origin(key), value))
-
-    def origin(self, key: str) -> str:
-        """The folder that a relative path at ``key`` is relative to: that of the file that set the key
-        (or a table above it), following a stage's ``base`` and the top-level ``data`` a stage inherits;
-        else ``base_dir``."""
-        while True:
-            found = [k for k in self.origins if key == k or key.startswith((k + ".", k + "["))]
-            if found:
-                return self.origins[max(found, key=len)]
-            stages = [n for n in self.stage_names if key.startswith(f"stages.{n}.")]
-            if not stages:
-                return str(self.base_dir)
-            stage = max(stages, key=len)
-            rest = key[len(f"stages.{stage}.") :]
-            if stage in self.stage_base:
-                key = f"stages.{self.stage_base[stage]}.{rest}"
-            elif rest.startswith("data."):
-                key = rest
-            else:
-                return str(self.base_dir)
-
-    # -- sections --------------------------------------------------------
     def recipe(self, raw: dict[str, Any], default_name: str) -> tuple[dict[str, Any], list[str]]:
         self.known(raw, "", TOP_KEYS)
         res: dict[str, Any] = {}
@@ -253,27 +107,6 @@ class Validator(StageChecks):
         for sname in order:
             self.cross_check(sname, stages)
         return res, order
-
-    def path_name(self, name: Any, key: str) -> None:
-        """A name that becomes a file or folder name (stage, phase, recipe): the rule of
-        :func:`kdtoolkit.foundation.paths.name_problem`, failing at ``key``."""
-        problem = name_problem(name)
-        if problem is not None:
-            self.fail(key, problem)
-
-    def path_names(self, names: list[Any], key_of, what: str) -> None:
-        """Each of ``names`` passes :meth:`path_name` (at ``key_of(name)``), and no two differ only in case
-        (one folder or file on a case-insensitive file system)."""
-        seen: dict[str, Any] = {}
-        for name in names:
-            self.path_name(name, key_of(name))
-            other = seen.setdefault(name.casefold(), name)
-            if other != name:
-                self.fail(
-                    key_of(name),
-                    f"{what} names '{other}' and '{name}' differ only in case: one file or folder "
-                    "on a case-insensitive file system",
-                )
 
     def seeds(self, raw: dict[str, Any]) -> list[int] | None:
         """``seeds``: distinct integers >= 0 (``kdt run`` runs once per seed); ``None`` when absent or empty."""
@@ -324,52 +157,6 @@ class Validator(StageChecks):
             resolve(name, ())
         return {name: out[name] for name in stages_raw}
 
-    def data(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
-        raw = self.table(raw, key)
-        if "dataset" not in raw:
-            self.fail(f"{key}.dataset", 'missing required key: name a dataset (e.g. "digits")')
-        name = self.value(raw, key, "dataset", str)
-        comp = self.plugins.registry("dataset").get(name, source=self.source, key=f"{key}.dataset")
-        params = self.params(comp, raw, key, DATA_KEYS)
-        out = {
-            "dataset": comp.name,
-            "batch_size": self.number(raw, key, "batch_size", 64, lo=1, hi=MAX_BATCH_SIZE, integer=True),
-            "eval_batch_size": self.number(raw, key, "eval_batch_size", 256, lo=1, hi=MAX_BATCH_SIZE, integer=True),
-            "num_workers": self.number(raw, key, "num_workers", 0, lo=0, hi=MAX_NUM_WORKERS, integer=True),
-            "drop_last": self.value(raw, key, "drop_last", bool, False),
-            "augment": self.value(raw, key, "augment", bool, True),
-        }
-        out.update(params)
-        self.input_batch_memory(out, key)
-        return out
-
-    def input_batch_memory(self, data: dict[str, Any], key: str) -> None:
-        """Refuse a batch of input images over :data:`MAX_INPUT_BATCH_BYTES`, estimated from the
-        dataset's ``image_size`` parameter (square float32 RGB images), before anything is built."""
-        size = data.get("image_size")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            return
-        for name in ("batch_size", "eval_batch_size"):
-            need = data[name] * 3 * size * size * 4
-            if need > MAX_INPUT_BATCH_BYTES:
-                self.fail(
-                    f"{key}.{name}",
-                    f"one batch of {data[name]} images of 3x{size}x{size} float32 takes "
-                    f"{need / 2**30:.1f} GiB, over the {MAX_INPUT_BATCH_BYTES // 2**30} GiB limit of an input "
-                    f"batch: lower {name} or image_size",
-                )
-
-    def metrics(self, raw: Any, key: str) -> list[dict[str, Any]]:
-        out = []
-        seen = set()
-        for i, m in enumerate(self.array(raw, key)):
-            comp, params = self.component("metric", m, f"{key}[{i}]")
-            if comp.name in seen:
-                self.fail(f"{key}[{i}].name", f"metric '{comp.name}' is listed twice")
-            seen.add(comp.name)
-            out.append({"name": comp.name, **params})
-        return out
-
     def order(self, stages: dict[str, Any]) -> list[str]:
         for name, st in stages.items():
             for ref in ("teacher", "compare_to"):
@@ -404,3 +191,35 @@ class Validator(StageChecks):
         for n in stages:
             visit(n, [], f"stages.{n}")
         return order
+
+    def cross_check(self, name: str, stages: dict[str, Any]) -> None:
+        """What stage ``name`` needs of a teacher (its losses, ``init_from_teacher``, ``teacher_taps``,
+        ``teacher_cache``), once every stage is read; removes the markers :meth:`StageChecks.stage` left."""
+        st = stages[name]
+        key = f"stages.{name}"
+        st.pop("_head_cls")
+        is_list = st.pop("_losses_list", True)
+        teacher = st.get("teacher")
+        for i, l in enumerate(st["losses"]):
+            comp = self.plugins.registry("loss").get(l["name"])
+            if comp.attr("requires_teacher", False) and not teacher and l["weight"] != 0:
+                self.fail(
+                    f"{key}.losses[{i}].name" if is_list else f"{key}.losses.{l['id']}.name",
+                    f"loss '{l['name']}' needs a teacher: set {key}.teacher to an earlier stage",
+                )
+        if st["model"]["init_from_teacher"] and not teacher:
+            self.fail(f"{key}.model.init_from_teacher", f"needs a teacher: set {key}.teacher")
+        if st.get("teacher_taps") and not teacher:
+            self.fail(f"{key}.teacher_taps", f"taps a teacher: set {key}.teacher")
+        if st["teacher_cache"] != "off":
+            if not teacher:
+                self.fail(
+                    f"{key}.teacher_cache", f'caches a teacher\'s outputs: set {key}.teacher, or teacher_cache = "off"'
+                )
+            if st["data"]["augment"]:
+                self.fail(
+                    f"{key}.teacher_cache",
+                    "the teacher's outputs can be cached only for un-augmented training data "
+                    "(augmentation shows the teacher new images every epoch): set data.augment = false, "
+                    'or teacher_cache = "off"',
+                )

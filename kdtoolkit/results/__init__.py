@@ -1,7 +1,9 @@
 """Results: what a run leaves behind and what is read back from it.
 
 Owns evaluation records (:mod:`.records`), a run's result files and tables (:mod:`.report`:
-``results.json``, ``results.md``, ``training.png``), statistics over several runs of one recipe
+``results.json``, ``results.md``, ``training.png``), the one reader of a run directory's files
+(:mod:`.rundir_files`: ``run.json``, ``recipe.resolved.json``, ``results.json``, each stage's
+``result.json``; torch-free), statistics over several runs of one recipe
 (:mod:`.aggregate`), the ``report.md`` over several runs (:mod:`.runs_report`) and its figures
 (:mod:`.plots`).
 
@@ -33,6 +35,8 @@ _EXPORTS = {
     "baseline_of": "aggregate",
     "baseline_deltas": "aggregate",
     "deltas_table": "aggregate",
+    "threshold_series": "plots",
+    "threshold_figure": "plots",
     "tau_series": "plots",
     "tau_figure": "plots",
     "training_figure": "plots",
@@ -46,8 +50,24 @@ _EXPORTS = {
     "phase_marks": "report",
     "training_curves": "report",
     "write_reports": "report",
+    "RunResults": "report",
+    "RESOLVED_RECIPE": "rundir_files",
+    "RESOLVED_TOML": "rundir_files",
+    "RUN_INFO": "rundir_files",
+    "RESULTS": "rundir_files",
+    "STAGE_RESULT": "rundir_files",
+    "load_json": "rundir_files",
+    "read_json": "rundir_files",
+    "resolved_recipe": "rundir_files",
+    "run_info": "rundir_files",
+    "run_results": "rundir_files",
+    "stage_path": "rundir_files",
+    "stage_result": "rundir_files",
+    "trained_spec": "rundir_files",
     "SD_NOTE": "runs_report",
     "Report": "runs_report",
+    "ThresholdTable": "runs_report",
+    "threshold_tables": "runs_report",
     "build_report": "runs_report",
     "write_report": "runs_report",
     "default_output": "runs_report",

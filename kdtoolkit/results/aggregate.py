@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kdtoolkit.results.rundir_files as rundir_files
 from kdtoolkit.foundation.errors import KdtError
 from kdtoolkit.foundation.tables import Number, Table, fmt
 
@@ -77,7 +78,8 @@ class Stat:
         return float(ttest_1samp(self.values, 0.0).pvalue)
 
     def text(self) -> str:
-        """``"0.7621 ± 0.0123"`` (``"+0.0510 ± 0.0123 (p=0.004)"`` if signed), with ``" (n=k)"`` when runs lack the value."""
+        """``"0.7621 ± 0.0123"`` (``"+0.0510 ± 0.0123 (p=0.004)"`` if signed), with ``" (n=k)"`` when runs
+        lack the value."""
         out = _number(self.mean, self.spec, self.signed)
         if self.sd is not None:
             out += f" ± {_number(self.sd, self.spec, False)}"
@@ -100,7 +102,8 @@ class Stat:
 
 
 def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    """``statistics.mean`` and ``statistics.stdev`` (sample sd, n − 1); sd ``None`` below two values, NaN if not finite."""
+    """``statistics.mean`` and ``statistics.stdev`` (sample sd, n − 1); sd ``None`` below two values, NaN if
+    not finite."""
     if not values:
         return math.nan, None
     if not all(math.isfinite(v) for v in values):
@@ -154,22 +157,20 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
-    """Read a finished run directory (``recipe.resolved.json`` and ``results.json``)."""
-    from kdtoolkit.use.rundir import _read_json
-
-    recipe = None
-    if (path / "recipe.resolved.json").is_file():
-        recipe = _read_json(path / "recipe.resolved.json", "resolved recipe")
+    """Read a finished run directory (``recipe.resolved.json`` and ``results.json``, and the seed from
+    ``run.json``), through :mod:`kdtoolkit.results.rundir_files`."""
+    recipe = rundir_files.resolved_recipe(path)
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), dict):
         raise KdtError("not a run directory (no recipe.resolved.json) and no seed-<n> folders in it", source=str(path))
-    if not (path / "results.json").is_file():
+    if not (path / rundir_files.RESULTS).is_file():
         raise KdtError(
             "no results.json: the run has not finished (run the same kdt run command again)", source=str(path)
         )
-    results = _read_json(path / "results.json", "results")
+    results = rundir_files.run_results(path, "results")
     seed = recipe.get("seed")
-    if (path / "run.json").is_file():
-        seed = _read_json(path / "run.json", "run.json").get("seed", seed)
+    info = rundir_files.run_info(path)
+    if isinstance(info, dict):
+        seed = info.get("seed", seed)
     return Run(path=path, recipe=recipe, results=results, seed=seed)
 
 
@@ -373,21 +374,28 @@ def baseline_deltas(runs: list[Run], plugins=None) -> dict[str, tuple[str, dict[
     return out
 
 
-def _headline(path: tuple[str, ...]) -> str | None:
-    """The column of a metric in the differences table: scalars, and per-τ metrics at τ = ∞."""
+def _headline(path: tuple[str, ...], symbols: dict[str, str]) -> str | None:
+    """The column of a metric in the differences table: scalars, and results keyed by a threshold at ∞
+    (``"<key> (<symbol>=∞)"`` with the symbol its metric declares, e.g. ``τ``; ``"<key> (∞)"`` without)."""
     if len(path) == 1:
         return path[0]
     if len(path) == 2 and path[1] == "inf":
-        return f"{path[0]} (τ=∞)"
+        symbol = symbols.get(path[0])
+        return f"{path[0]} ({symbol}=∞)" if symbol else f"{path[0]} (∞)"
     return None
 
 
-def deltas_table(deltas: dict[str, tuple[str, dict[tuple[str, ...], Stat]]]) -> AggTable | None:
-    """The differences from the baseline as a table (scalar metrics and per-τ metrics at τ = ∞)."""
+def deltas_table(
+    deltas: dict[str, tuple[str, dict[tuple[str, ...], Stat]]], symbols: dict[str, str] | None = None
+) -> AggTable | None:
+    """The differences from the baseline as a table (scalar metrics, and results keyed by a threshold at ∞).
+
+    :param symbols: result key → the symbol of its threshold (``threshold_tables`` of its metric component).
+    """
     columns: dict[str, tuple[str, ...]] = {}
     for _, stats in deltas.values():
         for path in stats:
-            label = _headline(path)
+            label = _headline(path, symbols or {})
             if label is not None:
                 columns.setdefault(label, path)
     if not columns:

@@ -75,9 +75,7 @@ class Records:
         return Records({k: as_array(v) for k, v in self.tensors.items()}, dict(self.meta))
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, arrays: str = "torch", require: tuple[str, ...] | list[str] = ()
-    ) -> Records:
+    def load(cls, path: str | os.PathLike, arrays: str = "torch", require: tuple[str, ...] | list[str] = ()) -> Records:
         """Read a records file, as torch tensors or (``arrays="numpy"``) as numpy arrays
         without importing torch (a file with a dtype numpy lacks, e.g. bfloat16, still gives
         torch tensors; see :func:`~kdtoolkit.foundation.tensorfiles.read_safetensors`).

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kdtoolkit.foundation.errors import KdtError
 from kdtoolkit.foundation.io import atomic_savefig, atomic_write_json, atomic_write_text
 from kdtoolkit.foundation.tables import Number, Table, fmt, print_tables  # noqa: F401 -- part of this module's interface
+from kdtoolkit.results.rundir_files import RESULTS, load_json
 
 
 def stages_table(results: dict[str, Any]) -> Table:
@@ -47,8 +49,22 @@ def stages_table(results: dict[str, Any]) -> Table:
     )
 
 
+class RunResults(dict):
+    """A run's results (a dict: the content of ``results.json``) with the result tables the run built.
+
+    :attr:`tables` are the tables of ``results.md`` (the core's table of stages, then every plugin's
+    ``kdt_report_tables``), built once by the run (``None`` where none were built: on a rank other than
+    rank 0 of a distributed run). The summary ``kdt run`` prints reuses them, so every plugin's report
+    hook runs once per run.
+    """
+
+    def __init__(self, results: dict[str, Any], tables: list[Table] | None = None) -> None:
+        super().__init__(results)
+        self.tables = tables
+
+
 def collect_tables(results: dict[str, Any], recipe: dict[str, Any], plugins) -> list[Table]:
-    """The core's table of stages followed by every plugin's ``kdt_report_tables``."""
+    """The core's table of stages followed by every plugin's ``kdt_report_tables`` (each hook called once)."""
     tables = [stages_table(results)]
     for contributed in plugins.call("kdt_report_tables", results=results, recipe=recipe):
         tables.extend(contributed)
@@ -170,12 +186,10 @@ def training_curves(out: Path, stages: list[str], results: dict[str, Any] | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if results is None and (Path(out) / "results.json").is_file():
-        import json
-
+    if results is None and (Path(out) / RESULTS).is_file():
         try:
-            results = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):  # unreadable: the figure without the per-stage panels
+            results = load_json(Path(out) / RESULTS)
+        except (KdtError, OSError, ValueError, RecursionError):  # unreadable: the figure without the stage panels
             results = None
     per_stage = (results if isinstance(results, dict) else {}).get("stages", {})
     extra = -(-len(series) // 2) if per_stage else 0
@@ -210,7 +224,7 @@ def training_curves(out: Path, stages: list[str], results: dict[str, Any] | None
 def write_reports(out: Path, results: dict[str, Any], recipe: dict[str, Any], plugins) -> list[Table]:
     """Write ``results.json``, ``results.md`` and ``training.png`` into ``out``; return the tables."""
     tables = collect_tables(results, recipe, plugins)
-    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / RESULTS, results)
     md = [f"# Results: {recipe.get('name', '')}", ""]
     if recipe.get("description"):
         md += [recipe["description"], ""]

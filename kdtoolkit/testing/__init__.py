@@ -37,6 +37,8 @@ from collections.abc import Iterator
 import pytest
 
 from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin.declared import declares_taps
+from kdtoolkit.plugin.instantiation import build_component, instantiate
 from kdtoolkit.plugin.manager import ENTRY_POINT_GROUP, PluginManager, get_manager, set_manager
 
 #: Plugin name under which the kit registers its own components (the dataset ``tiny``).
@@ -129,9 +131,9 @@ def kdt_plugin() -> Iterator:
     kit's plugin and every module registered so far in the test (a module
     registered again keeps only its latest name).
     """
-    from kdtoolkit.plugin import manager as _plugins
+    from kdtoolkit.plugin.manager import current_manager
 
-    previous = _plugins._MANAGER  # None when no manager was made yet: restored as it was
+    previous = current_manager()  # None when no manager was made yet: restored as it was
     registered: list[tuple[Any, str]] = []
 
     def register(module: Any, name: str) -> PluginManager:
@@ -210,6 +212,8 @@ def check_component(
     missing = [p for p in comp.params if p not in documented]
     assert not missing, f"{label}: parameters not documented in the docstring: {', '.join(missing)}"
     params = dict(params or {})
+    unknown = [p for p in params if p not in comp.params]
+    assert not unknown, f"{label}: not parameters of the factory: {', '.join(unknown)}"
     required = [p for p, spec in comp.params.items() if spec.required and p not in params]
     assert not required, f"{label}: give values for its required parameters: {', '.join(required)}"
     check = {"head": _check_head, "loss": _check_loss, "metric": _check_metric}.get(kind)
@@ -235,7 +239,7 @@ def _tiny_model(plugins: PluginManager, num_classes: int = 3):
             return self.body(x)
 
     torch.manual_seed(0)
-    head = plugins.registry("head").get("linear").factory(8, num_classes)
+    head = instantiate("head", "linear", 8, num_classes, plugins=plugins)
     return Model(Backbone(), head)
 
 
@@ -245,7 +249,7 @@ def _check_head(comp, params, label, plugins):
     assert isinstance(comp.attr("param_groups"), tuple), f"{label}: class attribute 'param_groups' must be a tuple"
     import torch
 
-    head = comp.factory(8, 3, **params)
+    head = build_component(comp, params, 8, 3)
     out = head(torch.rand(2, 8, 4, 4))
     missing = [k for k in outputs if k not in out]
     assert not missing, f"{label}: outputs declared but not returned: {', '.join(missing)}"
@@ -261,11 +265,10 @@ def _check_loss(comp, params, label, plugins):
 
     needs = tuple(comp.attr("requires_outputs", ()) or ()) + tuple(comp.attr("requires_teacher_outputs", ()) or ())
     assert isinstance(comp.attr("requires_outputs", ()), tuple), f"{label}: 'requires_outputs' must be a tuple"
-    loss = comp.factory(**params)
+    loss = build_component(comp, params)
     if (
         set(needs) - {"logits", "features"}
-        or comp.attr("requires_taps")
-        or comp.attr("requires_teacher_taps")
+        or declares_taps(comp)
         or comp.attr("requires_indices")
         or hasattr(loss, "setup")
     ):
@@ -290,7 +293,7 @@ def _check_metric(comp, params, label, plugins):
 
     needs = comp.attr("requires_records", ())
     assert isinstance(needs, tuple), f"{label}: class attribute 'requires_records' must be a tuple"
-    metric = comp.factory(**params)
+    metric = build_component(comp, params)
     if set(needs) - {"logits", "labels"}:
         return metric
     g = torch.Generator().manual_seed(0)

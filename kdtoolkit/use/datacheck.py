@@ -61,11 +61,13 @@ class SplitCheck:
 
 def distinct_data(recipe, plugins: PluginManager) -> list[tuple[Any, dict[str, Any], list[str]]]:
     """``(dataset component, its parameters, stages)`` for every distinct dataset of ``recipe``, in stage order."""
+    from kdtoolkit.engine.data import dataset_params
+
     found: dict[str, tuple[Any, dict[str, Any], list[str]]] = {}
     for name in recipe.order:
         spec = recipe.stage(name)["data"]
         comp = plugins.registry("dataset").get(spec["dataset"])
-        params = {k: v for k, v in spec.items() if k in comp.params}
+        params = dataset_params(comp, spec)
         key = json.dumps({"dataset": comp.name, **params}, sort_keys=True, default=str)
         found.setdefault(key, (comp, params, []))[2].append(name)
     return list(found.values())
@@ -74,8 +76,10 @@ def distinct_data(recipe, plugins: PluginManager) -> list[tuple[Any, dict[str, A
 def build_split(recipe, stage: str, comp, params: dict[str, Any], split: str):
     """The un-augmented ``split`` of a dataset; a :class:`KdtError` names the recipe and the stage's data key,
     as in a run's preflight."""
+    from kdtoolkit.engine.data import component_split
+
     try:
-        return comp.build(split, False, **params)
+        return component_split(comp, params, split)
     except KdtError as exc:
         where = f"stages.{stage}.data" + (f".{exc.key}" if exc.key else "")
         src = f"{recipe.path}: {where}: {exc.source}" if exc.source else str(recipe.path)

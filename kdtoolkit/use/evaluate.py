@@ -20,6 +20,7 @@ from typing import Any
 from kdtoolkit.foundation.errors import DataError, KdtError, RecipeError
 from kdtoolkit.foundation.io import atomic_write_json, is_resource_error
 from kdtoolkit.foundation.paths import inside
+from kdtoolkit.plugin.declared import record_keys
 from kdtoolkit.results.records import Records
 from kdtoolkit.use.rundir import StageDir
 
@@ -50,11 +51,6 @@ def data_spec(stage: StageDir, assignments: tuple[str, ...] | list[str]) -> dict
     for key, value in parsed:
         raw[key] = value
     return Validator("--data", stage.run.plugins).data(raw, "data")
-
-
-def _split_dataset(spec: dict[str, Any], split: str, plugins) -> Any:
-    comp = plugins.registry("dataset").get(spec["dataset"])
-    return comp.build(split, False, **{k: v for k, v in spec.items() if k in comp.params})
 
 
 def default_out(stage: StageDir, spec: dict[str, Any], split: str) -> Path:
@@ -98,7 +94,7 @@ def _records(stage: StageDir, dataset: Any, spec: dict[str, Any], split: str, de
         dataset,
         batch_size=spec["eval_batch_size"],
         device=dev,
-        record_keys=tuple(head.attr("record_keys", ())),
+        record_keys=record_keys(head),
         progress=progress,
         num_workers=spec["num_workers"],
         precision=run_precision(stage, dev),
@@ -167,6 +163,7 @@ def evaluate_stage(
     :return: the content of ``evaluation.json``.
     :raises KdtError: for a bad split, bad data or a stage that is not trained.
     """
+    from kdtoolkit.engine.data import dataset_split
     from kdtoolkit.engine.evaluation import compute_metrics
 
     if split not in SPLITS:
@@ -175,7 +172,7 @@ def evaluate_stage(
     if out is not None:
         check_out(Path(out))
     plugins = stage.run.plugins
-    dataset = _split_dataset(spec, split, plugins)
+    dataset = dataset_split(spec, split, plugins)
     records = _records(stage, dataset, spec, split, device, progress)
     reference = None
     needs_reference = any(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from kdtoolkit.foundation.errors import KdtError
+from kdtoolkit.plugin.declared import record_keys
 from kdtoolkit.use.rundir import StageDir
 
 #: ``--format`` values and the file suffix each writes by default.
@@ -82,7 +83,7 @@ def export_stage(
     model = stage.model("cpu")
     test = stage_test_split(stage, data)
     head = stage.run.plugins.registry("head").get(stage.spec["model"]["head"]["name"])
-    keys = ("logits", *[k for k in head.attr("record_keys", ()) if k != "logits"])
+    keys = ("logits", *[k for k in record_keys(head) if k != "logits"])
     wrapped = ExportedOutputs(model, keys).eval()
     example = _example(stage, test)
     info = {

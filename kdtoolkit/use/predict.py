@@ -83,11 +83,11 @@ def stage_test_split(stage: StageDir, assignments: tuple[str, ...] | list[str] =
         (e.g. ``root=...`` where the data lies elsewhere on this machine), as
         ``kdt evaluate --data`` takes them.
     """
+    from kdtoolkit.engine.data import dataset_split
     from kdtoolkit.use.evaluate import data_spec
 
     spec = data_spec(stage, assignments) if assignments else dict(stage.spec["data"])
-    comp = stage.run.plugins.registry("dataset").get(spec["dataset"])
-    return comp.build("test", False, **{k: v for k, v in spec.items() if k in comp.params})
+    return dataset_split(spec, "test", stage.run.plugins)
 
 
 def _class_name(classes: list[str] | None, i: int) -> str:

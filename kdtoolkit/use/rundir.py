@@ -15,34 +15,16 @@ run already resolved: the run's ``recipe.resolved.json`` is read as it is
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
 from kdtoolkit.foundation.errors import KdtError
-from kdtoolkit.foundation.limits import read_text_file
 from kdtoolkit.foundation.paths import inside
+from kdtoolkit.plugin.declared import record_keys
 from kdtoolkit.plugin.manager import PluginManager, get_manager
-
-
-def _read_json(path: Path, what: str) -> Any:
-    """A run file's JSON (``what`` names it in errors); nested at most 128 levels deep.
-
-    :raises KdtError: naming the file when it is missing, unreadable, not JSON or nested too deeply.
-    """
-    from kdtoolkit.recipe.loader import check_depth
-
-    try:
-        data = json.loads(read_text_file(path))
-        check_depth(data, str(path), limit=128, error=KdtError)
-        return data
-    except FileNotFoundError:
-        raise KdtError(f"no {what}", source=str(path)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KdtError(f"unreadable {what} ({type(exc).__name__})", source=str(path)) from None
-    except RecursionError:
-        raise KdtError(f"unreadable {what} (JSON nested too deeply)", source=str(path)) from None
+import kdtoolkit.results.rundir_files as rundir_files
+from kdtoolkit.results.rundir_files import trained_spec as trained_spec  # importable here, as before
 
 
 def stage_order(stages: dict[str, Any]) -> list[str]:
@@ -62,20 +44,6 @@ def stage_order(stages: dict[str, Any]) -> list[str]:
     return order
 
 
-def trained_spec(stage: dict[str, Any]) -> dict[str, Any]:
-    """A stage's spec for rebuilding its trained model: the initial weights it was trained from
-    (``model.weights``, a backbone's ``pretrained`` download or ``weights`` file) are not loaded again,
-    since ``model.safetensors`` replaces them; so a trained stage needs neither network nor those files."""
-    spec = {**stage, "model": {**stage["model"], "weights": None}}
-    backbone = dict(spec["model"]["backbone"])
-    if backbone.get("pretrained"):
-        backbone["pretrained"] = False
-    if backbone.get("weights"):
-        backbone["weights"] = None
-    spec["model"]["backbone"] = backbone
-    return spec
-
-
 class RunDir:
     """A run directory written by ``kdt run``.
 
@@ -92,16 +60,16 @@ class RunDir:
         self.path = Path(path)
         self.plugins = plugins or get_manager()
         self.data_changes = tuple(data)
-        json_path, toml_path = self.path / "recipe.resolved.json", self.path / "recipe.resolved.toml"
-        if json_path.is_file():
-            self.recipe: dict[str, Any] = _read_json(json_path, "resolved recipe")
-        elif toml_path.is_file():
-            self.recipe = self._validated_toml(toml_path)
-        else:
+        json_path, toml_path = self.path / rundir_files.RESOLVED_RECIPE, self.path / rundir_files.RESOLVED_TOML
+        recipe = rundir_files.resolved_recipe(self.path)
+        if recipe is None and toml_path.is_file():
+            recipe = self._validated_toml(toml_path)
+        elif recipe is None:
             raise KdtError(
                 "not a run directory (no recipe.resolved.json or recipe.resolved.toml)", source=str(self.path)
             )
-        if not isinstance(self.recipe.get("stages"), dict):
+        self.recipe: dict[str, Any] = recipe
+        if not isinstance(self.recipe, dict) or not isinstance(self.recipe.get("stages"), dict):
             raise KdtError("the resolved recipe has no stages", source=str(json_path))
         self.order = stage_order(self.recipe["stages"])
 
@@ -120,13 +88,12 @@ class RunDir:
     @property
     def info(self) -> dict[str, Any]:
         """``run.json``: versions, seed, device, command (``{}`` when absent)."""
-        p = self.path / "run.json"
-        return _read_json(p, "run.json") if p.is_file() else {}
+        return rundir_files.run_info(self.path)
 
     @property
     def results(self) -> dict[str, Any]:
         """``results.json`` of a finished run."""
-        return _read_json(self.path / "results.json", "results.json (has the run finished?)")
+        return rundir_files.run_results(self.path)
 
     def file(self, name: str) -> Path:
         """The path of the file ``name`` of the run directory (whether or not it exists), checked as
@@ -167,7 +134,7 @@ class StageDir:
     def __init__(self, run: RunDir, name: str):
         self.run = run
         self.name = name
-        self.path = inside(run.path, name, what="run directory")  # a hostile recipe.resolved.json cannot leave the run
+        self.path = rundir_files.stage_path(run.path, name)  # a hostile recipe.resolved.json cannot leave the run
         self.spec: dict[str, Any] = run.recipe["stages"][name]
 
     @classmethod
@@ -188,7 +155,7 @@ class StageDir:
     @property
     def result(self) -> dict[str, Any]:
         """``result.json`` of the finished stage."""
-        return _read_json(self.path / "result.json", "result.json (is the stage finished?)")
+        return rundir_files.stage_result(self.path)
 
     def file(self, name: str) -> Path:
         """The path of the file ``name`` of this stage (whether or not it exists), checked.
@@ -281,7 +248,7 @@ class StageDir:
             data.test,
             batch_size=self.spec["data"]["eval_batch_size"],
             device=resolve_device(device),
-            record_keys=tuple(head.attr("record_keys", ())),
+            record_keys=record_keys(head),
             progress=progress,
             meta={
                 "stage": self.name,
