@@ -14,10 +14,13 @@ import inspect
 import re
 import sys
 from pathlib import Path
+from typing import TypeGuard
 
-from kdtoolkit.plugin.params import REQUIRED, type_name
+from kdtoolkit.plugin.params import REQUIRED, ParamChecks, type_name
 from kdtoolkit.plugin.manager import PluginManager
+from kdtoolkit.plugin.protocols import protocol_members
 from kdtoolkit.plugin.registry import KINDS, PLURALS
+from kdtoolkit.plugin.schema_cache import SCHEMA_ATTRS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -31,8 +34,10 @@ CORE_MODULES = (
     "kdtoolkit.recipe.loader",
     "kdtoolkit.recipe.validator",
     "kdtoolkit.recipe.stage_checks",
+    "kdtoolkit.recipe.checks",
     "kdtoolkit.foundation.paths",
     "kdtoolkit.plugin.contracts",
+    "kdtoolkit.plugin.protocols",
     "kdtoolkit.engine.context",
     "kdtoolkit.foundation.device",
     "kdtoolkit.engine.data",
@@ -63,6 +68,7 @@ CORE_MODULES = (
     "kdtoolkit.use.datacheck",
     "kdtoolkit.engine.multiseed",
     "kdtoolkit.results.aggregate",
+    "kdtoolkit.results.rundir_files",
     "kdtoolkit.results.runs_report",
     "kdtoolkit.results.plots",
     "kdtoolkit.plugin.schema_cache",
@@ -192,10 +198,13 @@ def components_md(pm: PluginManager) -> str:
                 out += ["Declares: " + ", ".join(attrs) + ".", ""]
             if comp.params:
                 docs = param_docs(comp.factory)
+                check = getattr(comp.factory, "check_params", None)
                 out += ["| key | type | default | meaning |", "|---|---|---|---|"]
                 for name, p in comp.params.items():
                     text = docs.get(name, "").replace("|", "\\|")
-                    out.append(f"| `{name}` | {type_name(p.annotation)} | {_default(p)} | {text} |")
+                    rules = check.describe(name) if isinstance(check, ParamChecks) else []
+                    shown = type_name(p.annotation) + (f" ({'; '.join(rules)})" if rules else "")
+                    out.append(f"| `{name}` | {shown} | {_default(p)} | {text} |")
                 out.append("")
             else:
                 out += ["No parameters.", ""]
@@ -204,7 +213,7 @@ def components_md(pm: PluginManager) -> str:
 
 def _public(mod) -> list[tuple[str, object]]:
     names = getattr(mod, "__all__", None)
-    items = []
+    items: list[tuple[str, object]] = []
     for name, obj in vars(mod).items():
         if name.startswith("_"):
             continue
@@ -228,6 +237,40 @@ def _signature(obj) -> str:
     return re.sub(r" at 0x[0-9a-f]+", "", sig)
 
 
+def _cell(text: str) -> str:
+    """``text`` on one line of a Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def protocol_table(protocol: type) -> list[str]:
+    """The members of a protocol of :mod:`kdtoolkit.plugin.protocols` as a Markdown table: each attribute
+    with its type and default, each method with its signature, required or optional; then the names of
+    the members it takes from its base protocols (documented with them)."""
+    out = ["| member | kind | type | default | meaning |", "|---|---|---|---|---|"]
+    inherited: dict[str, list[str]] = {}
+    for m in protocol_members(protocol):
+        if m.owner != protocol.__name__:
+            inherited.setdefault(m.owner, []).append(f"`{m.name}`")
+            continue
+        if m.kind == "method":
+            name, kind, typ, default = f"`{m.name}{m.type}`", "method", "", ""
+        else:
+            name, kind, typ = f"`{m.name}`", m.kind, f"`{m.type}`"
+            default = "" if m.required else f"`{m.default!r}`"
+        kind += ", required" if m.required else ", optional"
+        if m.name in SCHEMA_ATTRS:
+            kind += ", read from the registered class"
+        out.append(f"| {_cell(name)} | {kind} | {_cell(typ)} | {_cell(default)} | {_cell(m.doc)} |")
+    out.append("")
+    if inherited:
+        out += ["Also: " + "; ".join(f"{', '.join(names)} (`{owner}`)" for owner, names in inherited.items()) + ".", ""]
+    return out
+
+
+def _is_protocol(obj: object) -> TypeGuard[type]:
+    return inspect.isclass(obj) and bool(getattr(obj, "_is_protocol", False))
+
+
 def api_md() -> str:
     out = [
         "# API reference",
@@ -240,6 +283,11 @@ def api_md() -> str:
         mod = importlib.import_module(modname)
         out += [f"## `{modname}`", "", _first_paragraph(mod), ""]
         for name, obj in _public(mod):
+            if _is_protocol(obj):
+                bases = ", ".join(b.__name__ for b in obj.__bases__)
+                out += [f"### `class {name}({bases})`", "", _first_paragraph(obj) or "(undocumented)", ""]
+                out += protocol_table(obj)
+                continue
             kind = "class" if inspect.isclass(obj) else "def"
             out += [f"### `{kind} {name}{_signature(obj)}`", "", _first_paragraph(obj) or "(undocumented)", ""]
             if inspect.isclass(obj):

@@ -3,8 +3,11 @@
 Owns the hook specifications (:mod:`.hookspecs`), the plugin manager and discovery (:mod:`.manager`), the
 component registries and :class:`Component` (:mod:`.registry`), recipe parameters read from factory
 signatures (:mod:`.params`), the on-disk schema cache that keeps validation torch-free
-(:mod:`.schema_cache`), the objects components receive (:mod:`.contracts`: ``Model``, ``Step``,
-parameter selectors) and the core's own plugin ``kdt.core`` (:mod:`.builtin`).
+(:mod:`.schema_cache`), building a component from its recipe table by one rule for the keys its
+factory receives (:mod:`.instantiation`), what components declare for the core to read (:mod:`.declared`:
+a loss's taps, a head's record keys), the objects components receive (:mod:`.contracts`: ``Model``,
+``Step``, parameter selectors), the typed contract of each component kind (:mod:`.protocols`) and
+the core's own plugin ``kdt.core`` (:mod:`.builtin`).
 
 May import: :mod:`kdtoolkit.foundation`.
 
@@ -18,6 +21,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "NAME_KEYS": "instantiation",
+    "name_key": "instantiation",
+    "factory_kwargs": "instantiation",
+    "build_component": "instantiation",
+    "instantiate": "instantiation",
+    "TAP_ATTRS": "declared",
+    "declared_taps": "declared",
+    "declares_taps": "declared",
+    "record_keys": "declared",
     "Model": "contracts",
     "Step": "contracts",
     "selector_matches": "contracts",
@@ -35,6 +47,7 @@ _EXPORTS = {
     "stdout_to_stderr": "manager",
     "PluginManager": "manager",
     "get_manager": "manager",
+    "current_manager": "manager",
     "set_manager": "manager",
     "REQUIRED": "params",
     "ParamSpec": "params",
@@ -49,6 +62,12 @@ _EXPORTS = {
     "describe_value": "params",
     "ParamTypeError": "params",
     "coerce": "params",
+    "Rule": "params",
+    "Range": "params",
+    "NonEmpty": "params",
+    "RULES": "params",
+    "ParamChecks": "params",
+    "TapsFrom": "params",
     "RESERVED_ARGS": "registry",
     "KINDS": "registry",
     "RESERVED_KEYS": "registry",
@@ -62,6 +81,19 @@ _EXPORTS = {
     "describe_raise": "registry",
     "suggest": "registry",
     "Registry": "registry",
+    "TapNames": "protocols",
+    "ComponentProtocol": "protocols",
+    "StepHooks": "protocols",
+    "BackboneProtocol": "protocols",
+    "HeadProtocol": "protocols",
+    "LossProtocol": "protocols",
+    "MetricProtocol": "protocols",
+    "DatasetProtocol": "protocols",
+    "PhaseProtocol": "protocols",
+    "PROTOCOLS": "protocols",
+    "ProtocolMember": "protocols",
+    "protocol_members": "protocols",
+    "protocol_problems": "protocols",
     "SCHEMA_ATTRS": "schema_cache",
     "CACHE_FILE": "schema_cache",
     "cache_path": "schema_cache",

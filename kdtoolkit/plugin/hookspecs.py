@@ -7,11 +7,25 @@ when one is missing there.
 All hooks are *collect-all* (pluggy calls every implementation and gathers the
 non-``None`` results) unless a hook's docstring says otherwise. A hook
 implementation may accept fewer arguments than its spec.
+
+Every spec is annotated with the types the core passes and expects back; the
+types are imported only for type checkers, so that ``kdt --help`` stays light.
+The components the registration hooks register follow the protocols of
+:mod:`kdtoolkit.plugin.protocols`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from kdtoolkit.foundation.tables import Table
+    from kdtoolkit.plugin.registry import Registry
 
 PROJECT = "kdt"
 
@@ -21,7 +35,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def kdt_register_backbones(registry):
+def kdt_register_backbones(registry: Registry) -> None:
     """Register backbone factories.
 
     :param registry: a :class:`kdtoolkit.plugin.registry.Registry` of kind ``backbone``;
@@ -34,11 +48,12 @@ def kdt_register_backbones(registry):
     ``[B,C,H,W]``, with integer attributes ``out_channels`` (C) and
     ``reduction`` (the stride S/H). A backbone that is a whole classifier
     returns logits ``[B,K]`` instead (use it with the ``identity`` head).
+    The contract: :class:`kdtoolkit.plugin.protocols.BackboneProtocol`.
     """
 
 
 @hookspec
-def kdt_register_heads(registry):
+def kdt_register_heads(registry: Registry) -> None:
     """Register head factories.
 
     :param registry: a registry of kind ``head``.
@@ -53,13 +68,15 @@ def kdt_register_heads(registry):
     Optional methods the core calls: ``record_meta(outputs) -> dict``
     (metadata of the evaluation records, e.g. the latent grid ``H``/``W`` that
     a prototype head's ``argmin`` indexes, from the first batch's outputs),
-    and the per-step hooks ``on_epoch_start(state)`` and
-    ``on_optimizer_step(state)`` (see :mod:`kdtoolkit.engine.loop`).
+    ``top_prototypes(outputs, k)`` (for ``kdt predict``), and the per-step
+    hooks ``on_epoch_start(state)`` and ``on_optimizer_step(state)`` (see
+    :mod:`kdtoolkit.engine.loop`). The contract:
+    :class:`kdtoolkit.plugin.protocols.HeadProtocol`.
     """
 
 
 @hookspec
-def kdt_register_losses(registry):
+def kdt_register_losses(registry: Registry) -> None:
     """Register loss factories.
 
     :param registry: a registry of kind ``loss``.
@@ -79,18 +96,21 @@ def kdt_register_losses(registry):
     a parameter decides what is read). ``requires_taps`` and
     ``requires_teacher_taps`` name the taps read from ``step.features`` and
     ``step.teacher_features`` (a tuple, or a callable receiving the loss's
-    parameters), checked against the stage's ``model.taps`` and
-    ``teacher_taps`` during validation; ``requires_labels`` (default true)
-    and ``requires_indices`` likewise. A loss that is an ``nn.Module`` may own
-    parameters (selectable as ``loss.<id>`` in phase groups) and buffers,
-    saved in checkpoints; ``setup(probe)`` builds connectors from a dry
-    forward pass; the per-step hooks apply as for heads. See
-    :mod:`kdtoolkit.engine.losses`.
+    parameters, e.g. :class:`kdtoolkit.plugin.params.TapsFrom`), checked
+    against the stage's ``model.taps`` and ``teacher_taps`` during
+    validation; ``requires_labels`` (default true) and ``requires_indices``
+    likewise. A loss that is an ``nn.Module`` may own parameters (selectable
+    as ``loss.<id>`` in phase groups) and buffers, saved in checkpoints;
+    ``setup(probe)`` builds connectors from a dry forward pass;
+    ``check_models(model, teacher)`` refuses an incompatible pair of models
+    before training; the per-step hooks apply as for heads. See
+    :mod:`kdtoolkit.engine.losses`. The contract:
+    :class:`kdtoolkit.plugin.protocols.LossProtocol`.
     """
 
 
 @hookspec
-def kdt_register_metrics(registry):
+def kdt_register_metrics(registry: Registry) -> None:
     """Register evaluation metric factories.
 
     :param registry: a registry of kind ``metric``.
@@ -100,12 +120,13 @@ def kdt_register_metrics(registry):
     computed from evaluation records (:class:`kdtoolkit.results.records.Records`);
     ``reference`` holds the records of the stage's teacher (or ``compare_to``
     stage) or ``None``. Class attributes: ``requires_reference`` (bool),
-    ``requires_records`` (tuple of record keys).
+    ``requires_records`` (tuple of record keys). The contract:
+    :class:`kdtoolkit.plugin.protocols.MetricProtocol`.
     """
 
 
 @hookspec
-def kdt_register_datasets(registry):
+def kdt_register_datasets(registry: Registry) -> None:
     """Register dataset factories.
 
     :param registry: a registry of kind ``dataset``.
@@ -114,31 +135,36 @@ def kdt_register_datasets(registry):
     A dataset factory is called as ``factory(split, augment, **params)`` with
     ``split`` in ``{"train", "test"}`` and returns a map-style dataset of
     ``(image [3,S,S] float tensor, label int)`` with attributes ``classes``,
-    ``num_classes`` and ``name``.
+    ``num_classes`` and ``name``; the class attribute ``provides_labels``
+    (default true) and the methods ``preprocess``, ``check_item`` and
+    ``get_batch`` are optional. The contract:
+    :class:`kdtoolkit.plugin.protocols.DatasetProtocol`.
     """
 
 
 @hookspec
-def kdt_register_phases(registry):
+def kdt_register_phases(registry: Registry) -> None:
     """Register training phase kinds.
 
     :param registry: a registry of kind ``phase``.
     :return: nothing (collect-all).
 
     A phase factory is called with the phase's own recipe parameters and
-    returns an object with ``run(ctx) -> dict`` where ``ctx`` is a
-    :class:`kdtoolkit.engine.phases.PhaseContext`. The ``train`` kind is built
+    returns an object with ``run(ctx) -> dict | None`` where ``ctx`` is a
+    :class:`kdtoolkit.engine.phases.PhaseContext`; the class attribute
+    ``requires_outputs`` names the head outputs it reads. The ``train`` kind is built
     into the engine (its keys are part of the recipe schema); the Proto2Proto
     bundle registers ``push``. A phase kind with the class attribute
     ``trains = True`` is a training loop of its own: its table takes every
     ``train`` key beside its own parameters, the engine runs the standard
     loop, and the phase object's ``on_epoch_start``/``on_optimizer_step``
-    methods are called as per-step hooks.
+    methods are called as per-step hooks. The contract:
+    :class:`kdtoolkit.plugin.protocols.PhaseProtocol`.
     """
 
 
 @hookspec
-def kdt_register_optimizers(registry):
+def kdt_register_optimizers(registry: Registry) -> None:
     """Register optimiser factories.
 
     :param registry: a registry of kind ``optimizer``.
@@ -154,7 +180,7 @@ def kdt_register_optimizers(registry):
 
 
 @hookspec
-def kdt_register_schedulers(registry):
+def kdt_register_schedulers(registry: Registry) -> None:
     """Register learning-rate schedule factories.
 
     :param registry: a registry of kind ``scheduler``.
@@ -172,7 +198,7 @@ def kdt_register_schedulers(registry):
 
 
 @hookspec
-def kdt_add_commands(cli):
+def kdt_add_commands(cli: click.Group) -> None:
     """Add sub-commands to the ``kdt`` command line.
 
     :param cli: the root ``click.Group``; call ``cli.add_command(cmd)``.
@@ -181,7 +207,7 @@ def kdt_add_commands(cli):
 
 
 @hookspec
-def kdt_report_tables(results, recipe):
+def kdt_report_tables(results: dict[str, Any], recipe: dict[str, Any]) -> list[Table] | None:
     """Contribute tables to ``results.md`` at the end of a run.
 
     :param results: the run's results (``results.json`` content: a dict with
@@ -193,7 +219,7 @@ def kdt_report_tables(results, recipe):
 
 
 @hookspec
-def kdt_after_epoch(stage, phase, epoch, metrics):
+def kdt_after_epoch(stage: str, phase: str, epoch: int, metrics: dict[str, Any]) -> None:
     """Called after every training epoch of every phase.
 
     :param stage: the stage name.
@@ -208,7 +234,7 @@ def kdt_after_epoch(stage, phase, epoch, metrics):
 
 
 @hookspec
-def kdt_after_stage(stage, result, stage_dir):
+def kdt_after_stage(stage: str, result: dict[str, Any], stage_dir: Path) -> None:
     """Called when a stage has been trained and evaluated.
 
     :param stage: the stage name.
@@ -221,7 +247,7 @@ def kdt_after_stage(stage, result, stage_dir):
 
 
 @hookspec
-def kdt_after_run(run_dir, results):
+def kdt_after_run(run_dir: Path, results: dict[str, Any]) -> None:
     """Called once a run has finished and its reports are written.
 
     :param run_dir: ``pathlib.Path`` of the run directory.

@@ -386,6 +386,12 @@ def get_manager() -> PluginManager:
     return _MANAGER
 
 
+def current_manager() -> PluginManager | None:
+    """The process-wide plugin manager as it is now: ``None`` when none was made yet (nothing is loaded);
+    what a test gives back to :func:`set_manager` once it is done."""
+    return _MANAGER
+
+
 def set_manager(manager: PluginManager | None) -> None:
     """Replace the process-wide manager (tests; ``None`` forces a reload)."""
     global _MANAGER

@@ -31,7 +31,7 @@ from typing import Any
 from collections.abc import Callable
 
 from kdtoolkit.foundation.errors import KdtError, PluginError, RecipeError
-from kdtoolkit.plugin.params import ParamSpec, signature_params
+from kdtoolkit.plugin.params import ParamChecks, ParamSpec, signature_params
 
 #: Positional arguments the core passes itself, per component kind; they are
 #: not recipe keys.
@@ -119,6 +119,7 @@ class Component:
     def factory(self) -> Callable[..., Any]:
         """The class or function that builds the component (imported on first use)."""
         if self._factory is None:
+            assert self.reference is not None  # registered by reference, or given a factory
             module_name, _, attr = self.reference.partition(":")
             try:
                 obj: Any = importlib.import_module(module_name)
@@ -136,6 +137,7 @@ class Component:
 
             cache = schema_cache()
             if cache.get(self.reference) is None:  # read from the module itself: kept for the next process
+                assert self._params is not None  # read by _read_params
                 cache.put(self.reference, obj, self._params, since_ns=_STARTED_NS)
         return self._factory
 
@@ -152,6 +154,7 @@ class Component:
         return self._schema
 
     def _read_params(self) -> None:
+        assert self._factory is not None
         try:
             params = signature_params(self._factory, skip=RESERVED_ARGS[self.kind])
         except (TypeError, ValueError) as exc:  # ValueError: no signature (a built-in callable)
@@ -165,6 +168,11 @@ class Component:
                 f"({', '.join(RESERVED_KEYS[self.kind])}), so it would never reach the {self.kind}: "
                 "rename it"
             )
+        checks = getattr(self._factory, "check_params", None)
+        problem = checks.problem(params) if isinstance(checks, ParamChecks) else None
+        if problem:
+            self._factory = None if self.reference else self._factory
+            raise self._fail(problem)
         self._params = params
 
     @property
@@ -176,6 +184,7 @@ class Component:
                 self._params = schema["params"]
             else:
                 self.factory  # noqa: B018 -- resolves and reads the signature
+        assert self._params is not None  # read with the factory
         return self._params
 
     @property
@@ -223,10 +232,13 @@ class Component:
         return getattr(self.factory, name, default)
 
     def check_params(self) -> Callable[[dict], None] | None:
-        """The factory's ``check_params`` (``None`` without one); with a kept schema, imported from
-        the module that defines it, without importing the factory's module."""
+        """The factory's ``check_params`` (``None`` without one); with a kept schema, rebuilt from its
+        data when declared as :class:`~kdtoolkit.plugin.params.ParamChecks`, else imported from the module
+        that defines it, without importing the factory's module."""
         schema = self._cached_schema()
         if schema is not None:
+            if schema.get("checks") is not None:
+                return schema["checks"]
             if schema["check"] is None:
                 return None
             from kdtoolkit.plugin.schema_cache import import_reference

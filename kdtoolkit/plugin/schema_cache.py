@@ -9,9 +9,13 @@ check. The first time a lazily registered component is read, its schema is
 written to a small JSON file in the per-user cache folder (``$KDT_CACHE_DIR``,
 or ``$XDG_CACHE_HOME/kdtoolkit``, default ``~/.cache/kdtoolkit``):
 ``component-schemas-v2.json``. Later checks read the schema instead of
-importing the factory's module, and call ``check_params`` from the module
-that defines it, which imports no torch when the plugin keeps its parameter
-checks in a module of their own (``docs/plugins.md``, "Fast start-up").
+importing the factory's module. A ``check_params`` declared as rules
+(:class:`~kdtoolkit.plugin.params.ParamChecks`) and taps declared with
+:class:`~kdtoolkit.plugin.params.TapsFrom` are kept as data, so they import
+nothing; a ``check_params`` function (and a function rule) is kept as a
+reference and called from the module that defines it, which imports no torch
+when the plugin keeps it in a module of its own (``docs/plugins.md``, "Fast
+start-up").
 
 An entry is used only while every module it was read from (the factory's,
 those of its classes and of its ``check_params``) would be imported from the
@@ -39,9 +43,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kdtoolkit.plugin.params import REQUIRED, ParamSpec
+from kdtoolkit.plugin.params import REQUIRED, RULES, ParamChecks, ParamSpec, Rule, TapsFrom
 
-#: The class attributes of components that recipe validation reads.
+#: The class attributes of components that recipe validation (and ``kdt report``: ``threshold_tables``) reads.
 SCHEMA_ATTRS = (
     "outputs",
     "param_groups",
@@ -57,6 +61,7 @@ SCHEMA_ATTRS = (
     "requires_indices",
     "requires_taps",
     "requires_teacher_taps",
+    "threshold_tables",
 )
 
 CACHE_FILE = "component-schemas-v2.json"
@@ -85,7 +90,12 @@ def _version(dist: str) -> str:
 
 
 def _environment() -> dict[str, str]:
-    return {"python": sys.version.split()[0], "kdtoolkit": _version("kdtoolkit"), "torch": _version("torch")}
+    return {
+        "python": sys.version.split()[0],
+        "kdtoolkit": _version("kdtoolkit"),
+        "torch": _version("torch"),
+        "attrs": ",".join(SCHEMA_ATTRS),  # an attribute read since: entries written without it are not used
+    }
 
 
 # --------------------------------------------------------------------------- values and annotations
@@ -142,27 +152,63 @@ def _unannotation(obj: Any) -> Any:
     if isinstance(obj, str):
         return _SIMPLE[obj]
     if "optional" in obj:
-        return typing.Optional[_unannotation(obj["optional"])]
+        return _unannotation(obj["optional"]) | None
     if "literal" in obj:
         return typing.Literal[tuple(_unvalue(a) for a in obj["literal"])]
-    if "list" in obj:
-        return list if obj["list"] is None else list[_unannotation(obj["list"])]
-    return dict if obj["dict"] is None else dict[tuple(_unannotation(a) for a in obj["dict"])]
+    if "list" in obj:  # list[T], dict[K, V] built from their arguments
+        return list if obj["list"] is None else types.GenericAlias(list, (_unannotation(obj["list"]),))
+    return dict if obj["dict"] is None else types.GenericAlias(dict, tuple(_unannotation(a) for a in obj["dict"]))
+
+
+def _function(v: types.FunctionType) -> dict[str, str]:
+    """A named function as its reference (a lambda or a local function is not importable by name)."""
+    if "<" in v.__qualname__:
+        raise _NotKept(v.__qualname__)
+    return {"ref": f"{v.__module__}:{v.__qualname__}"}
 
 
 def _attr(v: Any) -> Any:
-    """An attribute: a plain value, or a named function (e.g. ``requires_taps``) as its reference."""
+    """An attribute: a plain value, a :class:`TapsFrom`, or a named function (e.g. ``requires_taps``) as
+    its reference."""
     if isinstance(v, types.FunctionType):
-        if "<" in v.__qualname__:  # a lambda or a local function: not importable by name
-            raise _NotKept(v.__qualname__)
-        return {"ref": f"{v.__module__}:{v.__qualname__}"}
+        return _function(v)
+    if type(v) is TapsFrom:
+        return {"taps_from": list(v.keys)}
     return _value(v)
 
 
 def _unattr(v: Any) -> Any:
     if isinstance(v, dict) and "ref" in v:
         return import_reference(v["ref"])
+    if isinstance(v, dict) and "taps_from" in v:
+        return TapsFrom(*v["taps_from"])
     return _unvalue(v)
+
+
+def _checks(checks: ParamChecks) -> list[Any]:
+    """Declared checks as data: each rule of :data:`~kdtoolkit.plugin.params.RULES` by its fields,
+    each function by its reference."""
+    out: list[Any] = []
+    for rule in checks.rules:
+        if isinstance(rule, types.FunctionType):
+            out.append(_function(rule))
+        elif isinstance(rule, Rule) and RULES.get(type(rule).__name__) is type(rule):
+            fields = {f: _value(getattr(rule, f)) for f in rule.__dataclass_fields__}  # type: ignore[attr-defined]
+            out.append({"rule": type(rule).__name__, "fields": fields})
+        else:
+            raise _NotKept(repr(rule))
+    return out
+
+
+def _unchecks(data: list[Any]) -> ParamChecks:
+    return ParamChecks(
+        *(
+            import_reference(r["ref"])
+            if "ref" in r
+            else RULES[r["rule"]](**{k: _unvalue(v) for k, v in r["fields"].items()})
+            for r in data
+        )
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -193,7 +239,9 @@ def _current(stamp: list) -> bool:
     except (ImportError, ValueError):
         return False
     origin = getattr(spec, "origin", None)
-    return bool(origin) and str(Path(origin).resolve()) == path and _stamp(module_name, path) == stamp
+    if not origin:
+        return False
+    return str(Path(origin).resolve()) == path and _stamp(module_name, path) == stamp
 
 
 def _sources(factory: Any, functions: list[Any]) -> list[str]:
@@ -242,22 +290,28 @@ class SchemaCache:
                 for name, p in entry["params"].items()
             }
             attrs = {k: _unattr(v) for k, v in entry["attrs"].items()}
+            checks = _unchecks(entry["checks"]) if "checks" in entry else None
         except (KeyError, TypeError, ValueError, AttributeError, ImportError):
             return None
-        return {"params": params, "attrs": attrs, "check": entry.get("check")}
+        return {"params": params, "attrs": attrs, "check": entry.get("check"), "checks": checks}
 
     def put(self, reference: str, factory: Any, params: dict[str, ParamSpec], since_ns: int = 0) -> None:
         """Keep the schema of ``factory`` (already imported) under ``reference``; skipped when it
         holds something JSON cannot, when a source file changed after ``since_ns`` (it may differ
         from what was imported), or when the file cannot be written."""
         check = getattr(factory, "check_params", None)
-        if check is not None and not (
-            isinstance(getattr(check, "__module__", None), str)
-            and isinstance(getattr(check, "__qualname__", None), str)
-        ):
-            return  # e.g. a functools.partial: not importable by name
+        checks = check if type(check) is ParamChecks else None  # declared: kept as data
+        if checks is not None:
+            check_ref = f"{factory.__module__}:{factory.__qualname__}.check_params"
+        elif check is not None:
+            if not (
+                isinstance(getattr(check, "__module__", None), str)
+                and isinstance(getattr(check, "__qualname__", None), str)
+            ):
+                return  # e.g. a functools.partial: not importable by name
+            check_ref = f"{check.__module__}:{check.__qualname__}"
         try:
-            entry = {
+            entry: dict[str, Any] = {
                 "params": {
                     name: (
                         {"annotation": _annotation(p.annotation), "required": True}
@@ -267,22 +321,28 @@ class SchemaCache:
                     for name, p in params.items()
                 },
                 "attrs": {a: _attr(getattr(factory, a)) for a in SCHEMA_ATTRS if hasattr(factory, a)},
-                "check": None if check is None else f"{check.__module__}:{check.__qualname__}",
+                "check": None if check is None else check_ref,
             }
+            if checks is not None:
+                entry["checks"] = _checks(checks)
         except _NotKept:
             return
-        if check is not None and "<" in check.__qualname__:  # a lambda or a local function: not importable
+        if checks is None and check is not None and "<" in check.__qualname__:  # a lambda or a local function
             return
         functions = [
             getattr(factory, a) for a in SCHEMA_ATTRS if isinstance(getattr(factory, a, None), types.FunctionType)
         ]
-        modules = _sources(factory, functions + ([check] if check is not None else []))
-        files = [_module_file(m) for m in modules]
-        if None in files:
-            return
-        stamps = [_stamp(m, f) for m, f in zip(modules, files)]
-        if None in stamps or any(s[2] > since_ns for s in stamps):
-            return
+        if checks is not None:
+            functions += [r for r in checks.rules if isinstance(r, types.FunctionType)]
+        elif check is not None:
+            functions.append(check)
+        stamps = []
+        for module in _sources(factory, functions):
+            file = _module_file(module)
+            stamp = _stamp(module, file) if file else None
+            if stamp is None or stamp[2] > since_ns:  # no file, or one changed since it was imported
+                return
+            stamps.append(stamp)
         entry["files"] = stamps
         data = self._load()
         data["components"][reference] = entry

@@ -14,7 +14,7 @@ def _chw(shape: Sequence[int], what: str) -> tuple[int, int, int]:
     shape = tuple(int(v) for v in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"{what} must be a positive [C, H, W] shape, got {shape}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 class ConvRegressor(nn.Module):

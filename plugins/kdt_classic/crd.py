@@ -97,6 +97,11 @@ class CRD(nn.Module):
     :param nce_m: momentum of the memory update, in ``[0, 1]``.
     """
 
+    # the buffers registered in __init__ (torch types a module's attributes as Tensor | Module)
+    memory_s: torch.Tensor
+    memory_t: torch.Tensor
+    z: torch.Tensor
+
     def __init__(
         self,
         student_dim: int,
@@ -237,4 +242,7 @@ class CRD(nn.Module):
         self._z_known = False
 
     def extra_repr(self) -> str:
-        return f"n_data={self.n_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, nce_t={self.nce_t}, nce_m={self.nce_m}"
+        return (
+            f"n_data={self.n_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, "
+            f"nce_t={self.nce_t}, nce_m={self.nce_m}"
+        )

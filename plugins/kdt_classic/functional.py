@@ -299,6 +299,7 @@ def at_loss(
             f_t = F.adaptive_avg_pool2d(f_t, size)
         term = (_attention_map(f_s, p) - _attention_map(f_t, p)).pow(2).mean()
         total = term if total is None else total + term
+    assert total is not None  # at least one pair, checked above
     return total
 
 

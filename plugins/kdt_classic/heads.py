@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import check_linear_head_params
+from kdtoolkit.plugin import ParamChecks, Range
 
 
 class LinearHead(nn.Module):
@@ -25,7 +25,7 @@ class LinearHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(in_channels, num_classes)
 
-    check_params = staticmethod(check_linear_head_params)
+    check_params = ParamChecks(Range("dropout", ge=0, lt=1))
 
     def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = f.mean(dim=(2, 3))
@@ -46,7 +46,7 @@ class IdentityHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
         if in_channels != num_classes:
-            from kdtoolkit.foundation.errors import RecipeError
+            from kdtoolkit.foundation import RecipeError
 
             raise RecipeError(
                 f"head 'identity' needs a backbone that outputs logits for the {num_classes} classes "

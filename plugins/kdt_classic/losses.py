@@ -26,22 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtoolkit.plugin.contracts import Step
+from kdtoolkit.plugin import NonEmpty, ParamChecks, Range, Step, TapsFrom
 
-from .checks import (
-    check_attention_params,
-    student_tap,
-    student_taps_list,
-    teacher_tap,
-    teacher_taps_list,
-    check_crd_params,
-    check_cross_entropy_params,
-    check_dist_params,
-    check_dkd_params,
-    check_hinton_kd_params,
-    check_paired_taps_params,
-    check_rkd_params,
-)
+from .checks import check_attention_pairs
 from .connectors import ConvRegressor
 from .crd import CRD
 from .functional import at_loss, dist_loss, dkd_loss, fitnet_loss, kd_loss, pkt_loss, rkd_loss, sp_loss
@@ -75,6 +62,13 @@ def _tap(step: Step, name: str, teacher: bool) -> torch.Tensor:
     return t.detach() if teacher else t
 
 
+#: The checks of the tap names of a loss reading one student tap and one teacher tap.
+_TAP_NAMES = (
+    NonEmpty("student_tap", "must name a tap declared in the stage"),
+    NonEmpty("teacher_tap", "must name a tap declared in the stage"),
+)
+
+
 class _PairedTaps:
     """Declarations shared by the losses reading one student tap and one teacher tap."""
 
@@ -82,10 +76,10 @@ class _PairedTaps:
     requires_outputs = ()
     requires_teacher_outputs = ()
     requires_labels = False
-    requires_taps = staticmethod(student_tap)
-    requires_teacher_taps = staticmethod(teacher_tap)
+    requires_taps = TapsFrom("student_tap")
+    requires_teacher_taps = TapsFrom("teacher_tap")
 
-    check_params = staticmethod(check_paired_taps_params)
+    check_params = ParamChecks(*_TAP_NAMES)
 
 
 # --------------------------------------------------------------------------
@@ -105,7 +99,7 @@ class CrossEntropyLoss:
     def __init__(self, *, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
 
-    check_params = staticmethod(check_cross_entropy_params)
+    check_params = ParamChecks(Range("label_smoothing", ge=0, lt=1))
 
     def __call__(self, step: Step) -> torch.Tensor:
         return cross_entropy(step.outputs["logits"], step.targets, self.label_smoothing)
@@ -134,7 +128,7 @@ class HintonKDLoss:
         self.temperature = temperature
         self.standardize = standardize
 
-    check_params = staticmethod(check_hinton_kd_params)
+    check_params = ParamChecks(Range("temperature", gt=0))
 
     def __call__(self, step: Step) -> torch.Tensor:
         return kd_loss(
@@ -146,7 +140,8 @@ class HintonKDLoss:
 
 
 class DKDLoss:
-    """Decoupled knowledge distillation (Zhao et al., CVPR 2022): target-class and non-target-class terms weighted apart.
+    """Decoupled knowledge distillation (Zhao et al., CVPR 2022): target-class and non-target-class terms
+    weighted apart.
 
     ``ramp · (alpha · TCKD + beta · NCKD)`` where TCKD matches the binary
     (target class, rest) distributions of teacher and student and NCKD their
@@ -169,7 +164,9 @@ class DKDLoss:
     def __init__(self, *, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: int = 20):
         self.alpha, self.beta, self.temperature, self.warmup_epochs = alpha, beta, temperature, warmup_epochs
 
-    check_params = staticmethod(check_dkd_params)
+    check_params = ParamChecks(
+        Range("alpha", ge=0), Range("beta", ge=0), Range("warmup_epochs", ge=0), Range("temperature", gt=0)
+    )
 
     def ramp(self, epoch: int) -> float:
         """The warm-up factor ``min(epoch / warmup_epochs, 1)`` (1 without warm-up)."""
@@ -210,7 +207,7 @@ class DISTLoss:
     def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
         self.beta, self.gamma, self.temperature = beta, gamma, temperature
 
-    check_params = staticmethod(check_dist_params)
+    check_params = ParamChecks(Range("beta", ge=0), Range("gamma", ge=0), Range("temperature", gt=0))
 
     def __call__(self, step: Step) -> torch.Tensor:
         return dist_loss(
@@ -278,13 +275,15 @@ class AttentionLoss:
     requires_outputs = ()
     requires_teacher_outputs = ()
     requires_labels = False
-    requires_taps = staticmethod(student_taps_list)
-    requires_teacher_taps = staticmethod(teacher_taps_list)
+    requires_taps = TapsFrom("taps")
+    requires_teacher_taps = TapsFrom("teacher_taps")
 
     def __init__(self, *, taps: list[str], teacher_taps: list[str], p: float = 2.0):
         self.taps, self.teacher_taps, self.p = list(taps), list(teacher_taps), p
 
-    check_params = staticmethod(check_attention_params)
+    check_params = ParamChecks(
+        NonEmpty("taps", "name at least one student tap"), check_attention_pairs, Range("p", gt=0)
+    )
 
     def __call__(self, step: Step) -> torch.Tensor:
         return at_loss(
@@ -312,7 +311,8 @@ class SimilarityPreservingLoss(_PairedTaps):
 
 
 class PKTLoss(_PairedTaps):
-    """Probabilistic knowledge transfer (Passalis and Tefas, ECCV 2018): match cosine-similarity distributions of embeddings.
+    """Probabilistic knowledge transfer (Passalis and Tefas, ECCV 2018): match cosine-similarity distributions
+    of embeddings.
 
     Each sample's cosine similarities to the others in the batch, made a
     probability distribution, are matched by KL divergence. Tap the pooled
@@ -350,7 +350,7 @@ class RKDLoss(_PairedTaps):
         self.student_tap, self.teacher_tap = student_tap, teacher_tap
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
-    check_params = staticmethod(check_rkd_params)
+    check_params = ParamChecks(*_TAP_NAMES, Range("distance_weight", ge=0), Range("angle_weight", ge=0))
 
     def __call__(self, step: Step) -> torch.Tensor:
         return rkd_loss(
@@ -401,7 +401,9 @@ class CRDLoss(_PairedTaps, nn.Module):
         self.feat_dim, self.nce_k, self.nce_t, self.nce_m = feat_dim, nce_k, nce_t, nce_m
         self.crd: CRD | None = None
 
-    check_params = staticmethod(check_crd_params)
+    check_params = ParamChecks(
+        *_TAP_NAMES, Range("feat_dim", ge=1), Range("nce_k", ge=1), Range("nce_t", gt=0), Range("nce_m", ge=0, le=1)
+    )
 
     def setup(self, probe: Step) -> None:
         """Build the embeddings and memory banks from the taps' sizes and the number of training images."""

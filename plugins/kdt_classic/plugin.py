@@ -17,7 +17,7 @@ each method.
 
 from __future__ import annotations
 
-from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin import hookimpl
 
 
 @hookimpl
