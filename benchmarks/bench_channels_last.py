@@ -47,7 +47,11 @@ separation = {{ weight = -0.08 }}
 [[stages.student.phases]]
 name = "joint"
 epochs = {epochs}
-groups = [{{ params = "backbone", lr = 1e-3 }}, {{ params = "head.add_on", lr = 3e-3 }}, {{ params = "head.prototypes", lr = 3e-3 }}]
+groups = [
+    {{ params = "backbone", lr = 1e-3 }},
+    {{ params = "head.add_on", lr = 3e-3 }},
+    {{ params = "head.prototypes", lr = 3e-3 }},
+]
 """
 
 
@@ -102,8 +106,9 @@ def main() -> None:
         return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    precision = " bf16" if dev.type == "cuda" else f" fp32, {torch.get_num_threads()} threads"
     print(
-        f"torch {torch.__version__}, {dev}{' bf16' if dev.type == 'cuda' else f' fp32, {torch.get_num_threads()} threads'}, "
+        f"torch {torch.__version__}, {dev}{precision}, "
         f"batch {args.batch}, {args.size} px, {args.steps} steps x {args.repeat} repeats (median per step)"
     )
     print()
@@ -122,7 +127,7 @@ def main() -> None:
             models[layout], opts[layout] = m, torch.optim.Adam(m.parameters(), lr=1e-3)
         inputs = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
 
-        def step(layout: str) -> None:
+        def step(layout: str, opts: dict = opts, models: dict = models, inputs: dict = inputs, y=y) -> None:
             opts[layout].zero_grad(set_to_none=True)
             with amp():
                 loss = torch.nn.functional.cross_entropy(models[layout](inputs[layout])["logits"].float(), y)

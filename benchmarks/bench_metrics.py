@@ -205,8 +205,8 @@ def main(argv=None) -> int:
         dt_old_c, old_counts = timed(lambda: old_colocation(ta, sa, num_locations))
         dt_new_c, counts = timed(lambda: M.colocation_matrix(ta, sa, num_locations))
         same &= bool((old_counts == counts).all())
-        dt_old_h, old_res = timed(lambda: old_pms_from_colocation(counts, n))
-        dt_new_h, res = timed(lambda: M.pms_from_colocation(counts, n))
+        dt_old_h, old_res = timed(lambda counts=counts: old_pms_from_colocation(counts, n))
+        dt_new_h, res = timed(lambda counts=counts: M.pms_from_colocation(counts, n))
         same &= res.matching == old_res[2]
         same &= abs(res.score - old_res[0]) <= 1e-9 and all(abs(a - b) <= 1e-9 for a, b in zip(res.costs, old_res[1]))
         for name, dt in (

@@ -65,7 +65,11 @@ separation = {{ weight = -0.08 }}
 name = "joint"
 epochs = 1
 limit_batches = 5
-groups = [{{ params = "backbone", lr = 1e-3 }}, {{ params = "head.add_on", lr = 3e-3 }}, {{ params = "head.prototypes", lr = 3e-3 }}]
+groups = [
+    {{ params = "backbone", lr = 1e-3 }},
+    {{ params = "head.add_on", lr = 3e-3 }},
+    {{ params = "head.prototypes", lr = 3e-3 }},
+]
 
 [stages.off_1]
 teacher = "teacher"
@@ -88,7 +92,12 @@ groups = [{{ params = "head.add_on", lr = 3e-3 }}, {{ params = "head.prototypes"
 [[stages.off_1.phases]]
 name = "joint"
 epochs = {epochs}
-groups = [{{ params = "backbone", lr = 1e-3 }}, {{ params = "head.add_on", lr = 3e-3 }}, {{ params = "head.prototypes", lr = 3e-3 }}, {{ params = "head.last_layer", lr = 1e-4 }}]
+groups = [
+    {{ params = "backbone", lr = 1e-3 }},
+    {{ params = "head.add_on", lr = 3e-3 }},
+    {{ params = "head.prototypes", lr = 3e-3 }},
+    {{ params = "head.last_layer", lr = 1e-4 }},
+]
 
 [stages.memory_1]
 base = "off_1"

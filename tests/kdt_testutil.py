@@ -61,7 +61,11 @@ groups = [{{ params = "head.add_on", lr = 3e-3 }}, {{ params = "head.prototypes"
 name = "joint"
 epochs = 1
 limit_batches = 2
-groups = [{{ params = "backbone", lr = 1e-3 }}, {{ params = "head.add_on", lr = 3e-3 }}, {{ params = "head.prototypes", lr = 3e-3 }}]
+groups = [
+    {{ params = "backbone", lr = 1e-3 }},
+    {{ params = "head.add_on", lr = 3e-3 }},
+    {{ params = "head.prototypes", lr = 3e-3 }},
+]
 [[stages.{name}.phases]]
 name = "push"
 kind = "push"

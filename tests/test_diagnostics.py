@@ -86,7 +86,8 @@ def test_hook_functions_without_hookimpl_are_reported():
     info = pm.infos["plain"]
     assert info.status == "loaded" and info.components == {}
     assert info.warnings == [
-        "kdt_register_losses not decorated with @hookimpl, so never called (from kdtoolkit.plugin.hookspecs import hookimpl)"
+        "kdt_register_losses not decorated with @hookimpl, so never called "
+        "(from kdtoolkit.plugin.hookspecs import hookimpl)"
     ]
     assert info.to_json()["warnings"] == info.warnings
 

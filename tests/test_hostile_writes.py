@@ -589,7 +589,9 @@ def test_no_writer_bypasses_the_atomic_helpers():
             for line in path.read_text(encoding="utf-8").splitlines():
                 if WRITE_CALLS.search(line) and (rel, line.strip()) not in ALLOWED:
                     found.append(f"{rel}: {line.strip()}")
-    assert not found, "write through kdtoolkit.foundation.io (atomic_write_bytes, atomic_savefig, ...):\n" + "\n".join(found)
+    assert not found, "write through kdtoolkit.foundation.io (atomic_write_bytes, atomic_savefig, ...):\n" + "\n".join(
+        found
+    )
 
 
 # --------------------------------------------------------------------------- a real full disk (tmpfs)
@@ -752,7 +754,7 @@ def test_a_full_disk_on_rank_0_of_a_distributed_run_ends_every_rank_with_one_lin
         f"kdt: error: {out / 'teacher' / 'checkpoint.safetensors'}: no space left on device; nothing finished was lost",
         "another process of the distributed run",
     ]
-    for ((stdout, stderr), code), words in zip(results, expected):
+    for ((_stdout, stderr), code), words in zip(results, expected):
         assert code == 2, stderr
         assert "Traceback" not in stderr
         lines = [l for l in stderr.splitlines() if l.startswith("kdt: error:")]

@@ -307,7 +307,10 @@ teacher = "teacher"
 """
     + TAPS
     + """
-losses = [{ name = "cross_entropy" }, { name = "attention", weight = 100.0, taps = ["f", "g"], teacher_taps = ["f", "g"] }]
+losses = [
+    { name = "cross_entropy" },
+    { name = "attention", weight = 100.0, taps = ["f", "g"], teacher_taps = ["f", "g"] },
+]
 [[stages.at.phases]]
 epochs = 1
 limit_batches = 2
@@ -318,8 +321,11 @@ teacher = "teacher"
 """
     + TAPS
     + """
-losses = [{ name = "cross_entropy" }, { name = "crd", weight = 0.8, student_tap = "emb", teacher_tap = "emb", nce_k = 64 },
-          { name = "interrupter" }]
+losses = [
+    { name = "cross_entropy" },
+    { name = "crd", weight = 0.8, student_tap = "emb", teacher_tap = "emb", nce_k = 64 },
+    { name = "interrupter" },
+]
 [[stages.crd.phases]]
 epochs = 2
 limit_batches = 2

@@ -70,7 +70,6 @@ def test_stage_dirs_without_records_are_evaluated_once(proto_run, tmp_path, caps
 
 def test_records_files_and_mismatched_grids(proto_run, tmp_path, capsys):
     _, out, _ = proto_run
-    t = Records.load(out / "teacher" / "records.safetensors")
     s = Records.load(out / "kd" / "records.safetensors")
     # the same records on a different grid: AJS/PMS cannot compare locations
     other = Records(dict(s.tensors), {**s.meta, "H": 1, "W": 4})

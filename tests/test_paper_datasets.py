@@ -352,7 +352,8 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch,
         tmp_path / "recipes" / "base.toml",
         "cub200",
         "../data/CUB_200_2011",
-        '[stages.t]\nbase = "s"\nmodel.backbone = { name = "timm", model = "resnet10t", weights = "w/backbone.safetensors" }\n',
+        '[stages.t]\nbase = "s"\n'
+        'model.backbone = { name = "timm", model = "resnet10t", weights = "w/backbone.safetensors" }\n',
     )
     child = tmp_path / "recipes" / "sub" / "child.toml"
     child.parent.mkdir()

@@ -70,7 +70,8 @@ def _shrink(raw: dict, root: Path, weights: Path | None) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread: these tiny models only lose to thread synchronisation (20x slower on a busy 2-core machine)."""
+    """One intra-op thread: these tiny models only lose to thread synchronisation (20x slower on a busy
+    2-core machine)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -28,7 +28,7 @@ def test_tables_and_metrics_in_results(proto_run):
     _, out, results = proto_run
     stages = results["stages"]
     assert set(stages) == {"teacher", "baseline", "kd"}
-    for name, r in stages.items():
+    for r in stages.values():
         assert 0 <= r["accuracy"] <= 1
         assert set(r["aap"]) == {M.tau_key(t) for t in M.DEFAULT_TAUS}
         assert set(r["ajs"]) == set(r["aap"])
@@ -148,7 +148,7 @@ def test_push_phase_equals_brute_force_nearest_patch_of_own_class():
     with torch.no_grad():
         z_all = head.latent(data.x)  # [N, D, H, W]
         old = head.prototypes.detach().clone()
-    out = PushPhase(batch_size=5).run(ctx)
+    PushPhase(batch_size=5).run(ctx)
     assert ctx.state.values == {"pushed": True} and ctx.state.watch == {"pushed": "head.prototypes"}
     N, D, H, W = z_all.shape
     for j in range(head.num_prototypes):

@@ -47,7 +47,9 @@ RECIPE = (
     DATA
     + f"""
 [evaluate]
-metrics = [{{ name = "accuracy" }}, {{ name = "tree_modes" }}, {{ name = "aap" }}, {{ name = "ajs" }}, {{ name = "pms" }}]
+metrics = [
+    {{ name = "accuracy" }}, {{ name = "tree_modes" }}, {{ name = "aap" }}, {{ name = "ajs" }}, {{ name = "pms" }}
+]
 
 [stages.teacher]
 model.backbone = {{ name = "timm", model = "resnet10t", out_index = 2 }}

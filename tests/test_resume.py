@@ -60,7 +60,11 @@ gate = { weight = 1.0 }
 name = "warm"
 epochs = 2
 limit_batches = 2
-groups = [{ params = "backbone", lr = 1e-3 }, { params = "head.add_on", lr = 3e-3 }, { params = "head.prototypes", lr = 3e-3 }]
+groups = [
+    { params = "backbone", lr = 1e-3 },
+    { params = "head.add_on", lr = 3e-3 },
+    { params = "head.prototypes", lr = 3e-3 },
+]
 [[stages.teacher.phases]]
 name = "push"
 kind = "gated_push"

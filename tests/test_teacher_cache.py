@@ -41,7 +41,8 @@ def _cached_recipe() -> str:
     r = r[:start] + r[end:]  # teacher and kd only
     return (
         r
-        + '\n[stages.kd_disk]\nbase = "kd"\nteacher_cache = "disk"\n\n[stages.kd_mem]\nbase = "kd"\nteacher_cache = "memory"\n'
+        + '\n[stages.kd_disk]\nbase = "kd"\nteacher_cache = "disk"\n'
+        + '\n[stages.kd_mem]\nbase = "kd"\nteacher_cache = "memory"\n'
     )
 
 

@@ -106,7 +106,7 @@ def resource_error_message(exc: BaseException) -> str | None:
     if not is_resource_error(exc):
         return None
     assert isinstance(exc, OSError)
-    what, todo = _RESOURCE_ADVICE.get(exc.errno, (exc.strerror or "resource error", "fix it"))
+    what, todo = _RESOURCE_ADVICE.get(exc.errno or 0, (exc.strerror or "resource error", "fix it"))
     where = f"{exc.filename}: " if exc.filename not in (None, "") else ""
     return (
         f"{where}{what}; nothing finished was lost (every file is written atomically and a run "
@@ -114,12 +114,12 @@ def resource_error_message(exc: BaseException) -> str | None:
     )
 
 
-def _named(exc: OSError, path: Path) -> OSError:
-    """``exc`` naming ``path`` (the file the user asked for, not a temporary file beside it)."""
+def _named(exc: OSError, path: Path) -> None:
+    """Make ``exc`` name ``path`` (the file the user asked for, not a temporary file beside it), before it
+    is raised again."""
     if exc.filename is None or str(exc.filename) != str(path):
         exc.filename = str(path)
         exc.filename2 = None
-    return exc
 
 
 def _write_fd(fd: int, data: bytes | memoryview, path: Path) -> None:
@@ -157,7 +157,7 @@ def _fsync_dir(directory: Path) -> None:
         pass
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` atomically: temporary file, fsync, rename.
 
     This is the one writer of every file kdtoolkit writes (the other
@@ -177,7 +177,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         _sweep_once(path.parent)
         fd, tmp = _new_temp(path.parent, path.name)
     except OSError as exc:
-        raise _named(exc, path)
+        _named(exc, path)
+        raise
     try:
         try:
             _write_fd(fd, data, path)
@@ -191,7 +192,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise _named(exc, path)
+            _named(exc, path)
         raise
     _fsync_dir(path.parent)
 
@@ -248,7 +249,8 @@ def open_for_update(path: Path, flags: int) -> int:
             raise KdtError(
                 "refusing to write through a symbolic link (a run directory's files are its own)", source=str(path)
             ) from None
-        raise _named(exc, path)
+        _named(exc, path)
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise KdtError("refusing to write: not a regular file", source=str(path))
@@ -279,7 +281,8 @@ def append_line(path: Path, line: str) -> None:
                 os.ftruncate(fd, size)
             except OSError:
                 pass
-            raise _named(exc, path)
+            _named(exc, path)
+            raise
     finally:
         os.close(fd)
 
@@ -362,10 +365,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """The ``default`` of :func:`json.dumps` for kdtoolkit's values: a path as its string, a one-element
+    tensor or array as its number; anything else is a :class:`TypeError`."""
     if isinstance(o, Path):
         return str(o)
     torch, numpy = sys.modules.get("torch"), sys.modules.get("numpy")
@@ -376,7 +381,8 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-#: Names that moved to :mod:`kdtoolkit.foundation.limits` and :mod:`kdtoolkit.foundation.tensorfiles`, still importable from here.
+#: Names that moved to :mod:`kdtoolkit.foundation.limits` and :mod:`kdtoolkit.foundation.tensorfiles`, still
+#: importable from here.
 _MOVED = {
     **dict.fromkeys(("special_file_kind", "open_regular_file", "available_memory"), "kdtoolkit.foundation.limits"),
     **dict.fromkeys(

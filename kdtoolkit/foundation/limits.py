@@ -171,7 +171,8 @@ def available_memory(needed: int) -> tuple[int, str] | None:
     return None
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a message: ``"1.5 GB"``, ``"12.0 MB"``, ``"3.2 kB"`` or ``"512 bytes"``."""
     for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 
 from kdtoolkit.foundation.errors import CheckpointError, KdtError
 from kdtoolkit.foundation.io import atomic_write_bytes
-from kdtoolkit.foundation.limits import _size, available_memory, open_regular_file, special_file_kind
+from kdtoolkit.foundation.limits import available_memory, format_bytes, open_regular_file, special_file_kind
 
 # torch is imported where tensors are read or written as torch tensors: reading
 # records as numpy arrays (``kdt metrics`` on records files) never imports it.
@@ -135,7 +135,9 @@ class SafetensorsHeader:
     def sparse_note(self) -> str:
         """``" (the file is sparse: 4.1 kB on disk of its 4.0 GB)"``, or ``""`` for a file mostly on disk."""
         if self.file_size >= 2**26 and self.disk_bytes * 4 < self.file_size:
-            return f" (the file is sparse: {_size(self.disk_bytes)} on disk of its {_size(self.file_size)})"
+            return (
+                f" (the file is sparse: {format_bytes(self.disk_bytes)} on disk of its {format_bytes(self.file_size)})"
+            )
         return ""
 
 
@@ -203,7 +205,8 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             raise CheckpointError("not a safetensors file or truncated (bad header length)", source=src)
         if header_len > MAX_HEADER_BYTES:
             raise CheckpointError(
-                f"not a safetensors file (a header of {_size(header_len)}, over the {_size(MAX_HEADER_BYTES)} limit)",
+                f"not a safetensors file (a header of {format_bytes(header_len)}, "
+                f"over the {format_bytes(MAX_HEADER_BYTES)} limit)",
                 source=src,
             )
         raw_header = fh.read(header_len)
@@ -275,7 +278,7 @@ def _check_loadable(
     short = available_memory(header.data_bytes)
     if short is not None:
         raise CheckpointError(
-            f"its tensors take {_size(header.data_bytes)}, more than the {_size(short[0])} of "
+            f"its tensors take {format_bytes(header.data_bytes)}, more than the {format_bytes(short[0])} of "
             f"{short[1]}; it was not read" + header.sparse_note(),
             source=src,
         )
@@ -324,6 +327,7 @@ def read_safetensors(
     _check_loadable(header, tuple(require), fmt, what, check)
     dtypes = {dtype for dtype, _ in header.tensors.values()}
     numpy_direct = arrays == "numpy" and dtypes <= _NUMPY_DTYPES
+    st_load_file: Callable[[str], dict[str, Any]]
     if numpy_direct:
         from safetensors.numpy import load_file as st_load_file
     else:
@@ -334,7 +338,8 @@ def read_safetensors(
         tensors = st_load_file(str(path))
     except MemoryError:
         raise CheckpointError(
-            f"out of memory loading {_size(header.data_bytes)} of tensors" + header.sparse_note(), source=str(path)
+            f"out of memory loading {format_bytes(header.data_bytes)} of tensors" + header.sparse_note(),
+            source=str(path),
         ) from None
     except (SafetensorError, ValueError, RuntimeError, OverflowError, OSError) as exc:
         raise CheckpointError(
@@ -404,7 +409,7 @@ def load_external_state_dict(path: Path) -> dict[str, torch.Tensor]:
     short = available_memory(path.stat().st_size)
     if short is not None:
         raise CheckpointError(
-            f"the file takes {_size(path.stat().st_size)}, more than the {_size(short[0])} of "
+            f"the file takes {format_bytes(path.stat().st_size)}, more than the {format_bytes(short[0])} of "
             f"{short[1]}; it was not read",
             source=str(path),
         )

@@ -67,7 +67,7 @@ CUB-200 and Stanford Cars ran all four: ``ops`` selects the set.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
@@ -150,6 +150,7 @@ def _skew_corners(w: int, h: int, magnitude: float, generator) -> list[list[int]
     amount = _randint(1, max(1, math.ceil(max(w, h) * magnitude)), generator)
     corners = [[0, 0], [w, 0], [w, h], [0, h]]
     kind = _randint(0, 3, generator)  # Augmentor's TILT, TILT_LEFT_RIGHT, TILT_TOP_BOTTOM, CORNER
+    moves: tuple[tuple[int, bool], ...]
     if kind == 3:
         k = _randint(0, 7, generator)
         moves = ((k // 2, k % 2 == 0),)  # even: the corner moves along x, odd: along y
@@ -254,7 +255,12 @@ def hflip(img: Any, generator: Any = None, p: float = 0.5) -> Any:
     return F.horizontal_flip(img) if _uniform(0.0, 1.0, generator) < p else img
 
 
-_OP_FUNCTIONS = {"rotate": rotate, "skew": skew, "shear": shear, "distort": distort}
+_OP_FUNCTIONS: dict[str, Callable[[Any, Any], Any]] = {
+    "rotate": rotate,
+    "skew": skew,
+    "shear": shear,
+    "distort": distort,
+}
 
 
 def apply_op(img: Any, op: str, generator: Any = None) -> Any:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from kdtoolkit.foundation.errors import DataError
+from kdtoolkit.foundation import DataError
 from kdt_data.checks import MAX_DIGITS_IMAGE_SIZE, MAX_RESIZE, check_digits_params, check_image_folder_params
 from kdt_data.imagelist import (
     DEFAULT_CACHE_MB,
@@ -58,7 +58,8 @@ def _is_number(value):
 
 # --------------------------------------------------------------------------- digits
 
-_DIGITS_CACHE = {}
+#: ``"arrays"``: the images and labels; ``("split", fraction, seed)``: the train and test indices.
+_DIGITS_CACHE: dict[str | tuple[str, float, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _load_digits():
@@ -499,7 +500,8 @@ def image_folder(
                 source=str(split_path),
             )
 
-    samples, special = [], []
+    samples: list[tuple[str, int]] = []
+    special: list[str] = []
     for label, cls in enumerate(classes):
         class_dir = split_path / cls
         files, odd = _image_files(class_dir)
@@ -529,9 +531,10 @@ def image_folder(
     )
 
 
-# torch-free checks of the recipe parameters, run by kdt validate (see kdt_data.checks)
-digits.check_params = check_digits_params
-image_folder.check_params = check_image_folder_params
+# torch-free checks of the recipe parameters, run by kdt validate (see kdt_data.checks); a function's
+# attribute, which mypy does not model
+digits.check_params = check_digits_params  # type: ignore[attr-defined]
+image_folder.check_params = check_image_folder_params  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- metadata

@@ -19,11 +19,12 @@ every time (each would hold a copy, and workers start anew every epoch).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from kdtoolkit.foundation.errors import DataError
+from kdtoolkit.foundation import DataError
 from kdt_data.checks import MAX_IMAGE_SIZE
 
 __all__ = [
@@ -50,8 +51,9 @@ DEFAULT_CACHE_MB = 1024
 
 def load_rgb(path):
     """Open ``path`` with Pillow as a fully decoded RGB image, or raise DataError naming it: also for a
-    special file (never opened) and an image over the pixel limit (see :func:`kdtoolkit.foundation.images.open_image`)."""
-    from kdtoolkit.foundation.images import open_image
+    special file (never opened) and an image over the pixel limit (see
+    :func:`kdtoolkit.foundation.images.open_image`)."""
+    from kdtoolkit.foundation import open_image
 
     im = open_image(path)
     return im.convert("RGB")
@@ -122,8 +124,8 @@ def _in_worker() -> bool:
     return torch.utils.data.get_worker_info() is not None
 
 
-#: Decoded images kept by the image datasets of this process: ``(path, box)`` → RGB image.
-_KEPT: dict[tuple, object] = {}
+#: Decoded images kept by the image datasets of this process: ``(path, box)`` → RGB image (Pillow's).
+_KEPT: dict[tuple, Any] = {}
 _KEPT_BYTES = [0]
 _BYTES_PER_PIXEL = 4  # Pillow stores an RGB pixel in 4 bytes
 

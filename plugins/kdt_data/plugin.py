@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin import hookimpl
 
 
 @hookimpl

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdtoolkit.foundation.errors import DataError, KdtError
+from kdtoolkit.foundation import DataError, KdtError
 from kdt_data.augment import OPS, apply_op, hflip
 from kdt_data.datasets import IMAGE_EXTENSIONS
 
@@ -139,7 +139,7 @@ def _check_manifest(out: Path, src: Path, seed: int) -> None:
     already there would be kept as they are, so a resumed folder would mix two augmentations."""
     import json
 
-    from kdtoolkit.foundation.io import atomic_write_json
+    from kdtoolkit.foundation import atomic_write_json
 
     path = out / MANIFEST
     want = {"src": str(src), "seed": seed}
@@ -201,7 +201,7 @@ def _remove_legacy_part(dest: Path) -> None:
 
 
 def _load(path: str):
-    from kdtoolkit.foundation.images import open_image
+    from kdtoolkit.foundation import open_image
 
     im = open_image(path)  # DataError naming the file: unreadable, special, over the pixel limit
     return im if im.mode in ("RGB", "L") else im.convert("RGB")
@@ -210,7 +210,7 @@ def _load(path: str):
 def _write_atomic(img, dest: Path) -> None:
     """Save ``img`` atomically (:func:`kdtoolkit.foundation.io.atomic_save_image`: a hidden temporary file beside
     ``dest``, fsync, rename). A resource error (a full disk) is left to the command line's one line."""
-    from kdtoolkit.foundation.io import atomic_save_image, is_resource_error
+    from kdtoolkit.foundation import atomic_save_image, is_resource_error
 
     jpeg = dest.suffix in _JPEG_SUFFIXES
     try:
@@ -282,7 +282,7 @@ def run_prepare(
         workers: worker threads (0: none, everything in the calling thread).
         quiet: no progress bar.
     """
-    from kdtoolkit.foundation.progress import Progress
+    from kdtoolkit.foundation import Progress
 
     for name, value, low in (("--copies", copies, 1), ("--seed", seed, 0), ("--workers", workers, 0)):
         if not isinstance(value, int) or value < low:

@@ -88,7 +88,7 @@ class TimmBackbone(nn.Module):
         super().__init__()
         import timm
 
-        from kdtoolkit.foundation.errors import RecipeError
+        from kdtoolkit.foundation import RecipeError
 
         kwargs = dict(model_kwargs or {})
         if drop_path_rate:
@@ -110,7 +110,8 @@ class TimmBackbone(nn.Module):
                 # construction only advances the generator exactly as before,
                 # so a fixed seed gives the same weights (and the same head
                 # init after it). timm itself resolves a negative out_index.
-                probe = timm.create_model(model, pretrained=False, features_only=True, **kwargs)
+                # a timm model: its feature_info is timm's (torch's stubs type module attributes as Tensor | Module)
+                probe: Any = timm.create_model(model, pretrained=False, features_only=True, **kwargs)
                 n = len(probe.feature_info)
                 del probe
                 if not -n <= out_index < n:
@@ -121,8 +122,9 @@ class TimmBackbone(nn.Module):
                 self.body = timm.create_model(
                     model, pretrained=pretrained, features_only=True, out_indices=(out_index,), **kwargs
                 )
-                self.out_channels = int(self.body.feature_info.channels()[-1])
-                self.reduction = int(self.body.feature_info.reduction()[-1])
+                info: Any = self.body.feature_info
+                self.out_channels = int(info.channels()[-1])
+                self.reduction = int(info.reduction()[-1])
         except TypeError as exc:
             if not model_kwargs:
                 raise
@@ -148,6 +150,7 @@ class TimmBackbone(nn.Module):
 
         Built on the meta device (no memory, no random numbers drawn).
         """
+        full: Any  # a timm model (get_classifier is timm's)
         if self.classifier:
             full = self.body
         else:
@@ -190,8 +193,7 @@ class TimmBackbone(nn.Module):
         rename: dict[str, str] | None = None,
         ignore: list[str] | None = None,
     ) -> dict[str, int]:
-        from kdtoolkit.foundation.errors import CheckpointError
-        from kdtoolkit.foundation.tensorfiles import load_external_state_dict
+        from kdtoolkit.foundation import CheckpointError, load_external_state_dict
 
         full_shapes, head_keys = self._reference_keys(kwargs)
         try:

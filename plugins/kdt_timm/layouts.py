@@ -39,8 +39,8 @@ def apply_recipe_mapping(
 
     :returns: the new state and the number of keys dropped.
     """
-    ignore = tuple(ignore or ())
-    kept = {k: v for k, v in state.items() if not k.startswith(ignore)} if ignore else dict(state)
+    ignored = tuple(ignore or ())
+    kept = {k: v for k, v in state.items() if not k.startswith(ignored)} if ignored else dict(state)
     dropped = len(state) - len(kept)
     if not rename:
         return kept, dropped

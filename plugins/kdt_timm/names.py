@@ -63,7 +63,7 @@ def model_names() -> list[str]:
     except (OSError, ValueError, AttributeError, RecursionError):
         pass
     names = _from_timm()
-    from kdtoolkit.foundation.io import atomic_write_text
+    from kdtoolkit.foundation import atomic_write_text
 
     try:
         atomic_write_text(path, json.dumps({"timm": version, "models": names}))

@@ -6,7 +6,7 @@ torch nor timm.
 
 from __future__ import annotations
 
-from kdtoolkit.plugin.hookspecs import hookimpl
+from kdtoolkit.plugin import hookimpl
 
 
 @hookimpl
