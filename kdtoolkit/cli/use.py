@@ -161,23 +161,28 @@ def evaluate(
     if as_json:
         _json_out(result, "-")
         return
-    rows = _metric_rows(result)
+    from kdtoolkit.results import threshold_tables
+
+    symbols = {key: table.symbol for key, table in threshold_tables(stage.run.recipe, stage.run.plugins).items()}
+    rows = _metric_rows(result, symbols)
     print_tables(
         [Table(f"kdt evaluate · {stage.name} on {result['data']['dataset']} ({split})", ["metric", "value"], rows)]
     )
     click.echo(f"written: {result['out']}")
 
 
-def _metric_rows(result: dict) -> list[list[str]]:
-    """One row per value; a per-τ dict (AAP, AJS) gives one row per τ."""
+def _metric_rows(result: dict, symbols: dict[str, str]) -> list[list[str]]:
+    """One row per value; a result keyed by a threshold gives one row per threshold, labelled with the
+    symbol its metric declares in ``threshold_tables`` (``t`` without one)."""
     from kdtoolkit.foundation.tables import fmt
 
-    rows = []
+    rows: list[list[str]] = []
     for k, v in result.items():
         if k in ("stage", "split", "data", "out", "precision"):
             continue
         if isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
-            rows.extend([f"{k} τ={t}", fmt(x)] for t, x in v.items())
+            symbol = symbols.get(k, "t")
+            rows.extend([f"{k} {symbol}={t}", fmt(x)] for t, x in v.items())
         else:
             rows.append([k, fmt(v) if isinstance(v, float) else json.dumps(v, default=str).strip('"')])
     return rows
