@@ -24,6 +24,9 @@ What it provides:
 - :func:`check_component`: checks a registered component's contract.
 
 See ``docs/plugins.md``, "Testing your plugin".
+
+The top layer of kdtoolkit: may import every other package (it runs recipes through the engine and
+documents parameters as :mod:`kdtoolkit.cli.docgen` does); nothing in kdtoolkit imports it.
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ def run_recipe(
         path = out.parent / f"{out.name}.recipe.toml"
         from kdtoolkit.foundation.io import atomic_write_text
 
+        assert isinstance(text_or_path, str)  # path is None only for recipe text
         atomic_write_text(path, text_or_path)
     plugins = get_manager()
     rec = load_recipe(path, tuple(overrides), plugins=plugins)
