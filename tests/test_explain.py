@@ -352,3 +352,13 @@ def test_explain_takes_data_changes_and_refuses_bad_ones(run_copy, tmp_path, cap
     assert main(["explain", str(run / "kd"), "--image", "3", "--data", "nosuch=1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--data: data.nosuch: unknown key" in err and err.count("\n") == 1
+
+
+def test_compare_naming_no_stage_is_one_line(tmp_path, capsys):
+    """`--compare ","` names no stage: one line, exit 2, before the run directory is read."""
+    code = main(["explain", str(tmp_path), "--compare", " , ", "--image", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "kdt: error: kdt explain: --compare names no stage (got ' , '); e.g. --compare teacher,kd"
+    ]

@@ -23,7 +23,7 @@ from kdtoolkit.foundation.errors import KdtError
 from kdtoolkit.plugin.manager import get_manager, stdout_to_stderr
 
 
-def _err(message: str) -> None:
+def _err(message: str | Exception) -> None:
     click.echo(f"kdt: error: {' '.join(str(message).split())}", err=True)
 
 

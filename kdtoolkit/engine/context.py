@@ -9,7 +9,7 @@ phase code receives it instead of a reference back to the runner.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from kdtoolkit.foundation.errors import Interrupted
 from kdtoolkit.plugin.manager import PluginManager
 from kdtoolkit.foundation.progress import Progress
 from kdtoolkit.foundation.device import autocast, collective_device
+
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class StopFlag:
@@ -72,10 +75,11 @@ class RunContext:
         for every convolutional network tried, see docs/performance.md)."""
         return uses_channels_last(self.channels_last, module)
 
-    def place(self, module: nn.Module) -> nn.Module:
+    def place(self, module: _M) -> _M:
         """``module`` on the run's device; with channels-last its 4-D weights in that layout."""
         if self.channels_last_for(module):
-            return module.to(self.device, memory_format=torch.channels_last)
+            # torch's stubs have no Module.to(device, memory_format=...), which torch accepts
+            return module.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         return module.to(self.device)
 
     def stop_requested(self) -> bool:

@@ -172,7 +172,7 @@ def batches(
     if plan is None:
         plan = batch_plan(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, limit=limit)
     plan = plan[start:]
-    if world > 1:
+    if dist is not None and world > 1:  # world > 1 only with a dist
         plan = [p[dist.rank :: world] for p in plan]
         plan = [p for p in plan if p]
     if not plan:

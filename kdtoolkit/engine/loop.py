@@ -191,6 +191,7 @@ class TrainPhase:
         run = needs != set() or bool(tap_names)  # no forward pass when the losses read only the teacher's parameters
         cache = None
         if run and s.st["teacher_cache"] != "off":
+            assert s.teacher_hash is not None and s.teacher_dir is not None  # given with the teacher
             cache = s.caches.get(s.name, s.st, s.teacher, s.data, needs, taps, s.teacher_hash, s.teacher_dir)
         return TeacherSource(s.teacher, taps, cache, run), cache is not None
 

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from collections.abc import Iterator
 
 import torch
@@ -336,5 +336,5 @@ class StageTrainer:
             indices=torch.arange(len(y), device=self.ctx.device),
             phase="setup",
         )
-        probe.num_train = len(self.data.train)  # for losses with per-sample memory (CRD's memory bank)
+        cast(Any, probe).num_train = len(self.data.train)  # for losses with per-sample memory (CRD's memory bank)
         return probe

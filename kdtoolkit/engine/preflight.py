@@ -52,7 +52,7 @@ def isolated_rng() -> Iterator[None]:
             yield
     finally:
         random.setstate(py_state)
-        if np_state is not None:
+        if np_random is not None and np_state is not None:  # np_state is set exactly when np_random is
             np_random.set_state(np_state)
 
 
@@ -186,9 +186,9 @@ class Preflight:
         """Stage ``owner``'s backbone + head for ``num_classes`` classes, built without weights on the meta
         device (no memory; initial weights, ``pretrained`` downloads and weight files are left out, as
         :func:`~kdtoolkit.results.rundir_files.trained_spec` does: shapes do not depend on them) and with the RNG
-        left as it was (:func:`isolated_rng`); kept for the rest of the preflight. A factory that cannot build on the meta device is tried once more on the CPU, so
-        only a factory that fails for real stops the run: a :class:`PluginError` naming the plugin, the
-        component and the stage's ``model`` key."""
+        left as it was (:func:`isolated_rng`); kept for the rest of the preflight. A factory that cannot build on
+        the meta device is tried once more on the CPU, so only a factory that fails for real stops the run: a
+        :class:`PluginError` naming the plugin, the component and the stage's ``model`` key."""
         key = (owner, num_classes)
         if key not in self._dry_models:
             spec = trained_spec(self.recipe.stage(owner))  # no initial weights: no download, no file read twice

@@ -324,6 +324,7 @@ class TeacherCaches:
         return cache
 
     def _reuse(self, name: str, path: Path, meta: dict[str, Any], disk: bool) -> None:
+        assert self.current is not None  # called only with a current cache
         if self.user == name:
             return
         self.user = name
@@ -342,6 +343,7 @@ class TeacherCaches:
             if cache is None and path.exists():
                 self.ctx.progress.log(f"stage [bold]{name}[/]: teacher cache {path} {why}; computing it again")
             return None
+        assert cache is not None  # a None here would have made dist.any(...) true on this rank
         self.ctx.progress.log(f"stage [bold]{name}[/]: teacher outputs read from {path.name} ({describe(cache)})")
         return cache
 

@@ -227,7 +227,8 @@ class StageChecks(Checks):
         if not phases_raw:
             self.fail(f"{key}.phases", "a stage needs at least one phase")
         head_outputs = set(hd.attr("outputs", ("logits",)))
-        phases, names = [], {}
+        phases: list[dict[str, Any]] = []
+        names: dict[str, str] = {}
         for i, praw in enumerate(phases_raw):
             pkey = f"{key}.phases[{i}]"
             praw = self.table(praw, pkey)

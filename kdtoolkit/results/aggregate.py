@@ -22,7 +22,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kdtoolkit.results.rundir_files as rundir_files
 from kdtoolkit.foundation.errors import KdtError
@@ -231,7 +231,8 @@ def aggregate_cell(cells: list[Any], total: int, label: bool = False) -> Stat | 
         return None
     nums = [_numeric(c) for c in present]
     if not label and all(x is not None for x in nums):
-        return Stat([x[0] for x in nums], total, nums[0][1])
+        found = cast("list[tuple[float, str | None]]", nums)  # none is None (checked just above)
+        return Stat([x[0] for x in found], total, found[0][1])
     texts = list(dict.fromkeys(fmt(c) for c in present))
     return " / ".join(texts)
 

@@ -87,7 +87,7 @@ def build_split(recipe, stage: str, comp, params: dict[str, Any], split: str):
 
 
 def _item_name(dataset, split: str, i: int) -> str:
-    samples = getattr(dataset, "samples", None)
+    samples: Any = getattr(dataset, "samples", None)
     try:
         return str(samples[i][0])
     except Exception:  # no sample list: name the item by its index
@@ -172,7 +172,7 @@ def check_data(
                 ds = build_split(recipe, stages[0], comp, params, split)
                 start = time.perf_counter()
                 problems = check_split(ds, split, bar, workers, label=comp.name)
-                special = [special_files_line(p) for p in (getattr(ds, "special_files", None) or ())]
+                special_lines = [special_files_line(p) for p in (getattr(ds, "special_files", None) or ())]
                 checks.append(
                     SplitCheck(
                         str(getattr(ds, "name", comp.name)),
@@ -180,9 +180,9 @@ def check_data(
                         stages,
                         len(ds),
                         int(getattr(ds, "num_classes", 0)),
-                        problems + special,
+                        problems + special_lines,
                         time.perf_counter() - start,
-                        len(special),
+                        len(special_lines),
                     )
                 )
     bad = [p for c in checks for p in c.problems]

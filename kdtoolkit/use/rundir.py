@@ -206,7 +206,8 @@ class StageDir:
         if uses_channels_last(self.run.recipe.get("channels_last", False), model):
             import torch
 
-            return model.to(resolve_device(device), memory_format=torch.channels_last).eval()
+            # torch's stubs have no Module.to(device, memory_format=...), which torch accepts
+            return model.to(resolve_device(device), memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
         return model.to(resolve_device(device)).eval()
 
     def num_classes(self) -> int:

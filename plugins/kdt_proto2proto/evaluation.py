@@ -202,7 +202,7 @@ class PMS:
         reference = reference if reference is not None else records
         locations = check_pair(reference, records)
         res = M.prototype_matching_score(reference["argmin"], records["argmin"], locations)
-        out = {"pms": res.score, "pms_costs": res.costs}
+        out: dict[str, Any] = {"pms": res.score, "pms_costs": res.costs}
         if res.reason:
             out["pms_note"] = res.reason
         return out

@@ -19,7 +19,7 @@ in :mod:`kdt_proto2proto.explain_figures`, the maps and boxes in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -127,6 +127,8 @@ def explain_compare(
 ) -> dict[str, Any]:
     """Several stages side by side on one test image (or image file): each one's prediction and
     ``top`` most activated prototypes, where they fire and the training patch of each."""
+    if not names:
+        raise KdtError("--compare names no stage", source=str(run.path))
     columns, models, first = [], {}, None
     for name in names:
         ld = load_stage(run.stage(name), device)
@@ -141,6 +143,7 @@ def explain_compare(
         col, info = _stage_column(ld, x, label, top, side)
         columns.append(col)
         models[name] = info
+    assert first is not None  # names is not empty
     x, label, tag, what, ld0 = first
     lines = [what] + ([f"true class '{class_name(ld0.classes, label)}'"] if label is not None else [])
     legend = [
@@ -184,6 +187,10 @@ def run_explain(
         if image is None:
             raise KdtError("--compare needs --image (a test index or an image file)", source="kdt explain")
         names = [n.strip() for n in compare.split(",") if n.strip()]
+        if not names:
+            raise KdtError(
+                f"--compare names no stage (got {compare!r}); e.g. --compare teacher,kd", source="kdt explain"
+            )
         run = RunDir(path, data=data)
         info = explain_compare(run, names, image, top or 3, out_dir_for(out, run.path), device)
     elif pairs:
@@ -200,7 +207,8 @@ def run_explain(
             )
         ld = load_stage(StageDir.open(path, data=data), device)
         out_dir = out_dir_for(out, ld.stage.path)
-        info = explain_global(ld, out_dir) if global_ else explain_local(ld, image, top or 5, out_dir)
+        # without --global, --image is given (checked above)
+        info = explain_global(ld, out_dir) if global_ else explain_local(ld, cast(str, image), top or 5, out_dir)
     else:
         raise KdtError("say what to explain: --global, --image, --compare or --pairs", source="kdt explain")
     for fig in info.get("figures", [info]):

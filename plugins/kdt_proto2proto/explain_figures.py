@@ -181,9 +181,9 @@ def compare_figure(
         x = MARGIN + side + 4 * GAP + c * col_w
         for k, (text, color, bold) in enumerate(col.header):
             sheet.text(top + k * LINE, x, text, color=color, bold=bold)
-        for r, (bold, detail, tiles) in enumerate(col.entries):
+        for r, (label, detail, tiles) in enumerate(col.entries):
             y = y0 + r * (2 * LINE + side + 2 * GAP)
-            sheet.text(y, x, bold, bold=True)
+            sheet.text(y, x, label, bold=True)
             sheet.text(y + LINE, x, detail, color="dimgray")
             for k, tile in enumerate(tiles):
                 sheet.paste(y + 2 * LINE, x + k * (side + GAP), tile)

@@ -41,8 +41,10 @@ def _tiles(ld: LoadedStage, ex: dict, row: dict, view, present: bool = True) -> 
     size = ex["image"].shape[0]
     boxes = []
     if present:
-        if ld.rf_info() is not None:
-            boxes.append((rf_box(size, *row["location"], ld.rf_info()), CYAN))
+        info = ld.rf_info()
+        if info is not None:
+            h, w = row["location"]
+            boxes.append((rf_box(size, h, w, info), CYAN))
         boxes.append((row["box"], YELLOW))
     first = boxed_tile(X.heat_overlay(ex["image"], row["up"]), scale, boxes)
     if view is None:
@@ -84,7 +86,7 @@ def _protopnet_rows(ld: LoadedStage, ex: dict, views: dict) -> list[F.Row]:
     rows = []
     for r, row in enumerate(ex["top"], 1):
         view = views.get(row["prototype"])
-        lines = [
+        lines: list[tuple[str, str | tuple, bool]] = [
             (f"#{r}  p{row['prototype']} · class '{class_name(ld.classes, row['class'])}'", "black", True),
             (f"similarity {row['similarity']:.3f}", "black", False),
             (f"× last-layer weight to '{pred}' {row['weight']:+.3f}", "black", False),
@@ -111,13 +113,14 @@ def _tree_rows(ld: LoadedStage, ex: dict, path: dict, views: dict, sources: dict
             "box": X.activation_box(act[j], size),
             "up": X.upsample_map(act[j], size),
         }
+        verdict: tuple[str, str | tuple]
         if node["forced"]:
             verdict = (f"pruned node: every input goes {'right' if node['right'] else 'left'}", "dimgray")
         elif node["right"]:
             verdict = ("s > 0.5 → right: prototype present", GREEN)
         else:
             verdict = ("s ≤ 0.5 → left: prototype absent", RED)
-        lines = [
+        lines: list[tuple[str, str | tuple, bool]] = [
             (f"depth {depth}: " + prototype_label(ld, sources[j]), "black", True),
             (f"d = {node['distance']:.3f}, similarity s = exp(−d) = {node['similarity']:.3f}", "black", False),
             (verdict[0], verdict[1], True),

@@ -43,7 +43,7 @@ class LoadedStage:
         if not hasattr(self, "_rf"):
             size = int(self.data.test[0][0].shape[-1])
             try:
-                self._rf = model_rf_info(self.model, size)
+                self._rf: RFInfo | None = model_rf_info(self.model, size)
             except Exception:  # e.g. a backbone that is not a stack of 2-D convolutions and poolings
                 self._rf = None
         return self._rf

@@ -45,6 +45,9 @@ class GlobalExplanationLoss(nn.Module):
     requires_teacher = True
     requires_outputs = ("min_distances",)
     requires_teacher_outputs = ()  # the teacher's prototypes only: no teacher forward pass
+    # buffers of the matched pairings, registered by setup() (declared here for their type)
+    student_index: torch.Tensor
+    teacher_index: torch.Tensor
 
     def __init__(self, *, pairing: Literal["index", "matched_per_epoch", "matched_fixed"] = "index"):
         super().__init__()
@@ -81,6 +84,7 @@ class GlobalExplanationLoss(nn.Module):
 
     def rematch(self, model) -> None:
         """Recompute the matching from the student's current prototypes."""
+        assert self._teacher_prototypes is not None  # callers check that setup() ran
         s_idx, t_idx = F.match_prototypes(prototype_matrix(model.head), self._teacher_prototypes)
         self.student_index.copy_(s_idx.to(self.student_index.device))
         self.teacher_index.copy_(t_idx.to(self.teacher_index.device))
@@ -134,8 +138,8 @@ class PatchPrototypeCorrespondenceLoss:
     """
 
     requires_teacher = True
-    requires_outputs = ("min_distances", "argmin", "features", "distances")
-    requires_teacher_outputs = ("features", "min_distances", "argmin", "distances")
+    requires_outputs: tuple[str, ...] = ("min_distances", "argmin", "features", "distances")
+    requires_teacher_outputs: tuple[str, ...] = ("features", "min_distances", "argmin", "distances")
 
     def __init__(
         self,

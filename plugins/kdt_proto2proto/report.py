@@ -66,7 +66,7 @@ def report_tables(results: dict, recipe: dict) -> list[Table]:
     )
     tables = [t1]
     # Table 2: loss ablations, grouped by reference model
-    refs = {}
+    refs: dict[str, list[str]] = {}
     for name, r in stages.items():
         ref = r.get("teacher") or r.get("compare_to")
         if ref and ref in stages:

@@ -76,6 +76,7 @@ class ProtoPNetHead(nn.Module):
     outputs = ("logits", "min_distances", "argmin", "features", "distances", "similarities")
     param_groups = ("add_on", "prototypes", "last_layer")
     record_keys = ("min_distances", "argmin")
+    class_identity: torch.Tensor  # buffer registered in __init__ (declared here for its type)
 
     def __init__(
         self,

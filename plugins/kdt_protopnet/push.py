@@ -11,6 +11,8 @@ figure ``prototypes-<phase>.png``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kdt_prototypes import PrototypeProjector
@@ -99,7 +101,7 @@ class PushPhase:
         with torch.no_grad():
             head.prototypes.copy_(res.prototypes.to(head.prototypes.device, head.prototypes.dtype))
         moved = (head.prototypes.detach() - old).norm(dim=1)
-        info = {
+        info: dict[str, list[dict[str, Any]]] = {
             "prototypes": [
                 {
                     "prototype": j,

@@ -91,6 +91,11 @@ class ProtoTreeHead(nn.Module):
         "greedy_path_length",
         "sample_max_path_length",
     )
+    # buffers registered in __init__ (declared here for their type)
+    leaves_epoch_start: Tensor
+    forced: Tensor
+    node_kept: Tensor
+    leaf_kept: Tensor
 
     def __init__(
         self,
