@@ -22,7 +22,7 @@ import typing
 import pytest
 
 from kdtoolkit.foundation.errors import PluginError, RecipeError
-from kdtoolkit.plugin import hookspecs
+from kdtoolkit.plugin import hookimpl, hookspecs
 from kdtoolkit.plugin.manager import PluginManager
 from kdtoolkit.plugin.params import NonEmpty, ParamChecks, Range, TapsFrom
 from kdtoolkit.plugin.protocols import PROTOCOLS, protocol_members, protocol_problems
@@ -376,3 +376,39 @@ def test_a_kept_schema_rebuilds_declared_checks_and_taps(tmp_path, monkeypatch):
             {**{p: s.default for p, s in fresh.params.items()}, "student_tap": "a", "teacher_tap": "b", "nce_m": 2.0}
         )
     assert info.value.args == ("nce_m", "must be in [0, 1], got 2.0")
+
+
+def test_check_component_holds_a_component_to_its_protocol(kdt_plugin):
+    """The testing kit's check_component fails, naming the protocol, on a metric whose declared
+    requires_records has the wrong type; the same metric declared right passes."""
+    import types
+
+    from kdtoolkit.testing import check_component
+
+    class Wrong:
+        """A metric that declares requires_records as a string."""
+
+        requires_records = "logits"
+
+        def __call__(self, records, reference=None):
+            return {"n": float(len(records["logits"]))}
+
+    class Right(Wrong):
+        """The same metric, requires_records a tuple."""
+
+        requires_records = ("logits",)
+
+    module = types.ModuleType("kdt_protocol_probe")
+
+    @hookimpl
+    def kdt_register_metrics(registry):
+        registry.add("wrong_records", Wrong)
+        registry.add("right_records", Right)
+
+    module.kdt_register_metrics = kdt_register_metrics  # type: ignore[attr-defined]
+    kdt_plugin(module, "protocol_probe")
+    with pytest.raises(
+        AssertionError, match=r"metric 'wrong_records'.*does not satisfy MetricProtocol: .*requires_records"
+    ):
+        check_component("metric", "wrong_records")
+    check_component("metric", "right_records")

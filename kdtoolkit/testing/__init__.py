@@ -41,6 +41,7 @@ import pytest
 
 from kdtoolkit.plugin.hookspecs import hookimpl
 from kdtoolkit.plugin.declared import declares_taps
+from kdtoolkit.plugin.protocols import PROTOCOLS, protocol_problems
 from kdtoolkit.plugin.instantiation import build_component, instantiate
 from kdtoolkit.plugin.manager import ENTRY_POINT_GROUP, PluginManager, get_manager, set_manager
 
@@ -194,6 +195,8 @@ def check_component(
     - its parameters are annotated (the registry reads them) and each is
       documented in the factory's docstring (``:param x:`` or an ``Args:``
       section), and its docstring has a summary;
+    - it satisfies its kind's protocol (:mod:`kdtoolkit.plugin.protocols`: the class attributes
+      the core reads, with their types, and the required methods; :func:`protocol_problems`);
     - what the core reads is declared: a head's ``outputs`` (with
       ``logits``) and ``param_groups``; a loss's ``requires_outputs``; a
       metric's ``requires_records``;
@@ -220,6 +223,9 @@ def check_component(
     assert not unknown, f"{label}: not parameters of the factory: {', '.join(unknown)}"
     required = [p for p, spec in comp.params.items() if spec.required and p not in params]
     assert not required, f"{label}: give values for its required parameters: {', '.join(required)}"
+    if kind in PROTOCOLS:
+        problems = protocol_problems(comp.factory, kind)
+        assert not problems, f"{label}: does not satisfy {PROTOCOLS[kind].__name__}: {'; '.join(problems)}"
     check = {"head": _check_head, "loss": _check_loss, "metric": _check_metric}.get(kind)
     if check is None:
         return None
