@@ -22,7 +22,7 @@ Names are imported lazily, so ``import kdtoolkit.engine`` costs nothing until on
 
 from __future__ import annotations
 
-import importlib
+from kdtoolkit.foundation.lazy import lazy_exports
 
 _EXPORTS = {
     "RunContext": "context",
@@ -61,18 +61,4 @@ _MOVED = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    if name in _MOVED:
-        import warnings
-
-        warnings.warn(
-            f"kdtoolkit.engine.{name} moved to {_MOVED[name].rsplit('.', 1)[0]}.{name}; "
-            "the old name goes in the next version",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _MOVED)

@@ -17,8 +17,7 @@ the package costs nothing until one is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kdtoolkit.foundation.lazy import lazy_exports
 
 _EXPORTS = {
     "NAME_KEYS": "instantiation",
@@ -104,12 +103,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
